@@ -1,0 +1,46 @@
+"""`tinygpt <command> ...`: one entry point for every stage; `tinygpt X args` is `python -m tinygpt.X args`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from tinygpt.common import run_cli
+
+# command -> (module, one-line description), in pipeline order
+COMMANDS = {
+    "download": ("download", "fetch or generate raw text (builtin stories, TinyStories, URLs, local files)"),
+    "clean": ("clean", "normalize, split into documents, deduplicate"),
+    "train_bpe": ("train_bpe", "learn a byte-level BPE tokenizer (tokenizer.json)"),
+    "encode": ("encode", "tokenize the corpus into train.bin / val.bin memmaps"),
+    "train": ("train", "train the GPT (resumable)"),
+    "sample": ("sample", "generate text from a checkpoint or a GGUF file"),
+    "export": ("export", "write a Hugging Face GPT-2 folder (safetensors)"),
+    "gguf_convert": ("gguf_convert", "convert the export folder to a GGUF file"),
+    "quantize": ("quantize", "quantize a GGUF file (q4_k_m, q6_k, q8_0, ...)"),
+    "llama": ("llama", "run a GGUF file with llama.cpp (llama-cli or llama-cpp-python)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: tinygpt <command> [options]   (tinygpt <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    name = argv[0].replace("-", "_")
+    if name not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(f"tinygpt.{COMMANDS[name][0]}")
+    run_cli(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    main()

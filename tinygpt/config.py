@@ -1,0 +1,52 @@
+"""Checking config.yaml against its JSON Schema, with one readable sentence per mistake."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import yaml
+from jsonschema import Draft202012Validator, ValidationError
+
+from tinygpt.common import TinyGPTError
+
+
+def load_schema(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def check_config(config: dict, schema: dict, source: str = "config.yaml") -> dict:
+    """Return `config` with every default filled in, or raise a TinyGPTError naming the first wrong key."""
+    errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        raise TinyGPTError(f"{source}: {describe(errors[0])}")
+    return with_defaults(config, schema)
+
+
+def describe(error: ValidationError) -> str:
+    key = ".".join(map(str, error.absolute_path)) or "(top level)"
+    if error.validator == "additionalProperties":
+        known = list(error.schema.get("properties", {}))
+        unknown = [k for k in error.instance if k not in known]
+        where = f"{key}." if error.absolute_path else ""
+        hints = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean '{hints[0]}'? " if hints else ""
+        return f"unknown key '{where}{unknown[0]}': {hint}known keys here are {', '.join(known)}"
+    if error.validator == "enum":
+        return f"{key} is {error.instance!r}; choose one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "oneOf" and "oneOf" in error.schema:
+        return f"{key} is {error.instance!r}; it should be: {error.schema.get('description', 'see the schema')}"
+    return f"{key} is {error.instance!r}: {error.message}"
+
+
+def with_defaults(config: dict, schema: dict) -> dict:
+    """Fill in the schema's defaults, section by section (a missing section gets all its defaults)."""
+    config = copy.deepcopy(config)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in config and "default" in sub:
+            config[key] = copy.deepcopy(sub["default"])
+        if isinstance(config.get(key), dict) and sub.get("type") == "object":
+            config[key] = with_defaults(config[key], sub)
+    return config

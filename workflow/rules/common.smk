@@ -1,0 +1,82 @@
+# Shared helpers for the rules: where the package lives, and how settings become command-line flags.
+
+import glob
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
+
+ROOT = Path(workflow.basedir)  # the folder holding the Snakefile, config.yaml and tinygpt/
+
+
+def shell_environment():
+    """The rules run `python -m tinygpt.<stage>`; let that import tinygpt from this checkout, and make
+    `python` the interpreter running Snakemake (the project's environment, even when snakemake is called by
+    its full path), unless a conda environment per rule was asked for, which then comes first on PATH."""
+    # (doubled braces: Snakemake formats the prefix like a shell command)
+    exports = [f"PYTHONPATH={shlex.quote(str(ROOT))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}", "PYTHONUNBUFFERED=1"]
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+        exports.append(f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH")
+    return "export " + " ".join(exports) + "; "
+
+
+shell.prefix("set -euo pipefail; " + shell_environment())
+
+
+def sources(*modules):
+    """The source files of a stage: editing one reruns that stage and what follows, nothing upstream."""
+    return [str(ROOT / "tinygpt" / f"{m}.py") for m in modules]
+
+
+def flags(settings, skip=()):
+    """{'max_steps': 10, 'compile': True, 'n_layer': None} -> '--max_steps 10 --compile' (None means unset)."""
+    parts = []
+    for key, value in settings.items():
+        if key in skip or value is None or value is False:
+            continue
+        if value is True:
+            parts.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            parts += [f"--{key} {shlex.quote(str(v))}" for v in value]
+        else:
+            parts.append(f"--{key} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def download_flags(settings):
+    """The download CLI's flags for the chosen source: only what that source uses, so that an unused
+    setting (say the TinyStories URL while generating stories) never makes the text stale."""
+    source = settings["source"]
+    args = {"source": source}
+    if source == "builtin":
+        args |= {"size": settings["size"], "seed": settings["seed"]}
+    elif source == "tinystories":
+        args |= {"size": settings["size"], "url": settings["tinystories_url"]}
+    elif source == "url":
+        args["url"] = [u["url"] for u in settings["urls"]]
+        args["sha256"] = [u.get("sha256", "-") for u in settings["urls"]]
+    elif source == "file":
+        args["path"] = settings["paths"]
+    if source in ("tinystories", "url"):
+        args |= {"timeout": settings["timeout"], "retries": settings["retries"]}
+    return flags(args)
+
+
+def local_files(settings):
+    """Source `file`: the files themselves are inputs, so that editing one reruns clean and what follows."""
+    if settings["source"] != "file":
+        return []
+    return sorted({p for pattern in settings["paths"] for p in glob.glob(str(Path(pattern).expanduser()))})
+
+
+def train_launcher(settings):
+    """One process per GPU through torchrun (DistributedDataParallel) when more than one is asked for."""
+    if settings["gpus"] > 1:
+        return f"python -m torch.distributed.run --standalone --nproc_per_node {settings['gpus']} -m tinygpt.train"
+    return "python -m tinygpt.train"
+
+
+def train_flags(model, train):
+    """Model shape and optimisation settings, in one string so that a change to either reruns training."""
+    return f"{flags(model)} {flags(train, skip=('gpus',))}"

@@ -1,0 +1,84 @@
+# Data: download -> clean -> train_bpe -> encode
+
+
+rule download:
+    input:
+        code=sources("download", "stories"),
+        files=local_files(config["download"]),
+    output:
+        text=f"data/raw/{config['download']['source']}.txt",
+    params:
+        args=download_flags(config["download"]),
+    log:
+        "logs/download.log",
+    benchmark:
+        "benchmarks/download.tsv"
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.download {params.args} --out {output.text} 2>&1 | tee {log}"
+
+
+rule clean:
+    input:
+        text=rules.download.output.text,
+        code=sources("clean"),
+    output:
+        corpus="data/clean/corpus.txt",
+        stats="data/clean/corpus.stats.json",
+    params:
+        args=flags(config["clean"]),
+    log:
+        "logs/clean.log",
+    benchmark:
+        "benchmarks/clean.tsv"
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.clean --input {input.text} --out {output.corpus} --stats {output.stats}"
+        " {params.args} 2>&1 | tee {log}"
+
+
+rule train_bpe:
+    input:
+        corpus=rules.clean.output.corpus,
+        code=sources("tokenizer", "train_bpe"),
+    output:
+        tokenizer="data/tokenizer/tokenizer.json",
+    params:
+        args=flags(config["train_bpe"]),
+    log:
+        "logs/train_bpe.log",
+    benchmark:
+        "benchmarks/train_bpe.tsv"
+    threads: 4
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.train_bpe --corpus {input.corpus} --out {output.tokenizer} {params.args}"
+        " --threads {threads} 2>&1 | tee {log}"
+
+
+rule encode:
+    input:
+        corpus=rules.clean.output.corpus,
+        tokenizer=rules.train_bpe.output.tokenizer,
+        code=sources("tokenizer", "encode"),
+    output:
+        train="data/tokens/train.bin",
+        val="data/tokens/val.bin",
+        meta="data/tokens/meta.json",
+    params:
+        args=flags(config["encode"]),
+    log:
+        "logs/encode.log",
+    benchmark:
+        "benchmarks/encode.tsv"
+    threads: 4
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.encode --corpus {input.corpus} --tokenizer {input.tokenizer}"
+        " --out_dir $(dirname {output.meta}) {params.args} --threads {threads} 2>&1 | tee {log}"

@@ -1,0 +1,66 @@
+# GGUF: export -> gguf_convert -> quantize
+
+EXPORT_FILES = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+wildcard_constraints:
+    outtype="f16|f32|bf16",
+    qtype="q4_k_m|q5_k_m|q6_k|q8_0|q5_0|q4_0",
+
+
+rule export:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        code=sources("export"),
+    output:
+        files=[f"exports/tinygpt/{name}" for name in EXPORT_FILES],
+        config="exports/tinygpt/config.json",
+    log:
+        "logs/export.log",
+    benchmark:
+        "benchmarks/export.tsv"
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.export --checkpoint {input.checkpoint} --out_dir $(dirname {output.config})"
+        " 2>&1 | tee {log}"
+
+
+rule gguf_convert:
+    input:
+        files=rules.export.output.files,
+        config=rules.export.output.config,
+        code=sources("gguf_convert"),
+    output:
+        gguf="exports/tinygpt/model-{outtype}.gguf",
+    params:
+        name=config["export"]["name"],
+    log:
+        "logs/gguf_convert-{outtype}.log",
+    benchmark:
+        "benchmarks/gguf_convert-{outtype}.tsv"
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.gguf_convert --model_dir $(dirname {input.config}) --out {output.gguf}"
+        " --outtype {wildcards.outtype} --name {params.name} 2>&1 | tee {log}"
+
+
+rule quantize:
+    input:
+        gguf=f"exports/tinygpt/model-{config['quantize']['input']}.gguf",
+        code=sources("quants", "quantize"),
+    output:
+        gguf="exports/tinygpt/model-{qtype}.gguf",
+    log:
+        "logs/quantize-{qtype}.log",
+    benchmark:
+        "benchmarks/quantize-{qtype}.tsv"
+    threads: config["quantize"]["threads"]
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.quantize --input {input.gguf} --out {output.gguf} --type {wildcards.qtype}"
+        " --threads {threads} 2>&1 | tee {log}"

@@ -1,0 +1,51 @@
+# Model: train -> samples
+
+
+rule train:
+    input:
+        train=rules.encode.output.train,
+        val=rules.encode.output.val,
+        meta=rules.encode.output.meta,
+        tokenizer=rules.train_bpe.output.tokenizer,
+        code=sources("model", "train", "checkpoint", "data"),
+    output:
+        # Only the final checkpoint is declared: the resumable state (last.pt) lives in a run folder under
+        # checkpoints/runs/ that Snakemake never deletes, so Ctrl-C and the same command resume training.
+        checkpoint="checkpoints/best.pt",
+    params:
+        launcher=train_launcher(config["train"]),
+        args=train_flags(config["model"], config["train"]),
+        runs="checkpoints/runs",
+    log:
+        "logs/train.log",
+    benchmark:
+        "benchmarks/train.tsv"
+    threads: 4
+    resources:
+        gpu=config["train"]["gpus"] if config["train"]["device"] != "cpu" else 0,
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "{params.launcher} --data_dir $(dirname {input.meta}) --tokenizer {input.tokenizer}"
+        " --out {output.checkpoint} --runs_dir {params.runs} {params.args} --threads {threads} 2>&1 | tee {log}"
+
+
+rule samples:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        code=sources("sample", "model"),
+    output:
+        text=report("reports/samples.txt", category="Samples", caption="../report/samples.rst"),
+    params:
+        args=flags(config["sample"], skip=("count",)),
+        n=config["sample"]["count"],
+    log:
+        "logs/samples.log",
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "for i in $(seq 1 {params.n}); do"
+        " echo \"--- sample $i ---\";"
+        " python -m tinygpt.sample --checkpoint {input.checkpoint} {params.args} --seed $i;"
+        " echo; done > {output.text} 2> {log}"
