@@ -19,6 +19,7 @@ def load_schema(path: str | Path) -> dict:
 
 def check_config(config: dict, schema: dict, source: str = "config.yaml") -> dict:
     """Return `config` with every default filled in, or raise a TinyGPTError naming the first wrong key."""
+    config = parse_strings(config, schema)
     errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
         raise TinyGPTError(f"{source}: {describe(errors[0])}")
@@ -39,6 +40,21 @@ def describe(error: ValidationError) -> str:
     if error.validator == "oneOf" and "oneOf" in error.schema:
         return f"{key} is {error.instance!r}; it should be: {error.schema.get('description', 'see the schema')}"
     return f"{key} is {error.instance!r}: {error.message}"
+
+
+def parse_strings(value, schema: dict):
+    """`snakemake --config train='{lr: 0.001}'` delivers '0.001' as text: read such values as YAML where
+    the schema wants something other than a string."""
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        return {k: parse_strings(v, props.get(k, {})) for k, v in value.items()}
+    wants_text = "string" in str(schema.get("type", "")) or any(isinstance(v, str) for v in schema.get("enum", []))
+    if isinstance(value, str) and schema and not wants_text:
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
 
 
 def with_defaults(config: dict, schema: dict) -> dict:

@@ -1,6 +1,7 @@
 # Shared helpers for the rules: where the package lives, and how settings become command-line flags.
 
 import glob
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -25,8 +26,9 @@ shell.prefix("set -euo pipefail; " + shell_environment())
 
 
 def sources(*modules):
-    """The source files of a stage: editing one reruns that stage and what follows, nothing upstream."""
-    return [str(ROOT / "tinygpt" / f"{m}.py") for m in modules]
+    """The source files of a stage: editing one reruns that stage and what follows, nothing upstream.
+    Relative to the working directory, so that a copied or moved project keeps its Snakemake records."""
+    return [os.path.relpath(ROOT / "tinygpt" / f"{m}.py") for m in modules]
 
 
 def flags(settings, skip=()):

@@ -1,0 +1,75 @@
+"""The config schema: the shipped config.yaml is valid, and each kind of mistake is named in one sentence."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tinygpt.common import TinyGPTError
+from tinygpt.config import check_config, load_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = load_schema(ROOT / "workflow/schemas/config.schema.yaml")
+CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_shipped_config_is_valid_and_complete():
+    checked = check_config(CONFIG, SCHEMA)
+    assert checked == CONFIG, "config.yaml should spell out every setting the schema knows"
+
+
+def test_every_schema_default_matches_config_yaml():
+    for section, spec in SCHEMA["properties"].items():
+        for key, sub in spec["properties"].items():
+            if "default" in sub:
+                assert CONFIG[section][key] == sub["default"], f"{section}.{key}"
+
+
+def test_missing_sections_get_defaults():
+    checked = check_config({"train": {"max_steps": 7}}, SCHEMA)
+    assert checked["train"]["max_steps"] == 7
+    assert checked["train"]["lr"] == SCHEMA["properties"]["train"]["properties"]["lr"]["default"]
+    assert checked["download"]["source"] == "builtin"
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("train", "max_step", 10, "unknown key 'train.max_step': did you mean 'max_steps'?"),
+        ("train", "max_steps", -3, "train.max_steps is -3"),
+        ("train", "lr", "fast", "train.lr is 'fast'"),
+        ("model", "attention", "flash", "choose one of sdpa, explicit"),
+        ("download", "size", "huge", "download.size is 'huge'"),
+        ("download", "source", "s3", "choose one of builtin, tinystories, url, file"),
+        ("encode", "val_fraction", 0.9, "encode.val_fraction is 0.9"),
+        ("train_bpe", "vocab_size", 100, "train_bpe.vocab_size is 100"),
+    ],
+)
+def test_mistakes_are_named(section, key, value, expected):
+    config = copy.deepcopy(CONFIG)
+    config[section][key] = value
+    with pytest.raises(TinyGPTError) as info:
+        check_config(config, SCHEMA)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_section():
+    with pytest.raises(TinyGPTError, match="unknown key 'tokenizer'"):
+        check_config({**CONFIG, "tokenizer": {}}, SCHEMA)
+
+
+def test_url_entries_need_a_url_and_a_valid_checksum():
+    config = copy.deepcopy(CONFIG)
+    config["download"]["urls"] = [{"url": "https://example.com/a.txt", "sha256": "abc"}]
+    with pytest.raises(TinyGPTError, match="sha256"):
+        check_config(config, SCHEMA)
+
+
+def test_command_line_values_are_read_as_yaml():
+    # `snakemake --config train='{lr: 0.001, compile: true}'` hands over the leaves as text
+    checked = check_config({"train": {"lr": "0.001", "compile": "true"}, "download": {"size": "2000"}}, SCHEMA)
+    assert checked["train"]["lr"] == 0.001 and checked["train"]["compile"] is True
+    assert checked["download"]["size"] == 2000
+    assert check_config({"sample": {"prompt": "42"}}, SCHEMA)["sample"]["prompt"] == "42"

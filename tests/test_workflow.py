@@ -1,0 +1,150 @@
+"""The Snakemake workflow end to end: a tiny pipeline in a temporary folder, then proof that an edit to one
+setting or one stage's source reruns exactly the stale stages, nothing upstream."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = "exports/tinygpt/model-q4_k_m.gguf"
+PIPELINE = ["download", "clean", "train_bpe", "encode", "train", "export", "gguf_convert", "quantize"]
+
+# Small enough to run in about a minute on 2 cores; every stage still does its real work.
+TINY = {
+    "download": {"size": 300_000},
+    "train_bpe": {"vocab_size": 400},
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
+    "train": {"max_steps": 12, "batch_size": 4, "warmup_steps": 2, "eval_interval": 6, "eval_batches": 2, "ckpt_interval": 6},
+    "sample": {"max_tokens": 16, "count": 1},
+}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TINYGPT_NO_PROGRESS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def jobs_that_would_run(workdir: Path, target: str = TARGET) -> set[str]:
+    """The rules `snakemake -n` lists in its job table."""
+    out = snakemake(workdir, "-n", target).stdout
+    if "Nothing to be done" in out:
+        return set()
+    table = out.split("Job stats:", 1)[1].splitlines()
+    rows = [line.split() for line in table[3:]]
+    return {row[0] for row in rows if len(row) == 2 and row[0] not in ("total", "all")}
+
+
+def copy_project(dest: Path) -> Path:
+    """The workflow, package and config in a fresh folder, so tests may edit sources without touching the repo."""
+    for name in ("Snakefile", "workflow", "tinygpt"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for section, values in TINY.items():
+        config[section].update(values)
+    (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
+def edit_config(workdir: Path, section: str, key: str, value) -> None:
+    path = workdir / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config[section][key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    workdir = copy_project(tmp_path_factory.mktemp("workflow"))
+    snakemake(workdir, TARGET)
+    return workdir
+
+
+@pytest.fixture
+def project(built: Path, tmp_path: Path) -> Path:
+    """A private copy of the built project (outputs and Snakemake's metadata included) for one edit."""
+    dest = tmp_path / "project"
+    shutil.copytree(built, dest, symlinks=True, copy_function=shutil.copy2)
+    return dest
+
+
+def test_pipeline_builds_every_stage(built: Path):
+    for path in [
+        "data/raw/builtin.txt", "data/clean/corpus.txt", "data/clean/corpus.stats.json",
+        "data/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/val.bin", "data/tokens/meta.json",
+        "checkpoints/best.pt", "exports/tinygpt/model.safetensors", "exports/tinygpt/config.json",
+        "exports/tinygpt/model-f16.gguf", TARGET,
+    ]:
+        assert (built / path).stat().st_size > 0, path
+    for rule in PIPELINE:
+        assert (built / "logs").glob(f"{rule}*.log"), rule
+        assert list((built / "benchmarks").glob(f"{rule}*.tsv")), rule
+    assert jobs_that_would_run(built) == set(), "a finished pipeline has nothing stale"
+
+
+def test_lint_is_clean(built: Path):
+    result = snakemake(built, "--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "section, key, value, first_stale",
+    [
+        ("download", "seed", 7, "download"),
+        ("clean", "max_bytes", 200_000, "clean"),
+        ("train_bpe", "vocab_size", 420, "train_bpe"),
+        ("encode", "val_fraction", 0.1, "encode"),
+        ("model", "attention", "explicit", "train"),
+        ("train", "lr", 0.001, "train"),
+        ("export", "name", "renamed", "gguf_convert"),
+    ],
+)
+def test_a_changed_setting_reruns_its_stage_and_what_follows(project, section, key, value, first_stale):
+    edit_config(project, section, key, value)
+    assert jobs_that_would_run(project) == set(PIPELINE[PIPELINE.index(first_stale):])
+
+
+@pytest.mark.parametrize(
+    "module, first_stale",
+    [
+        ("stories", "download"),
+        ("clean", "clean"),
+        ("train_bpe", "train_bpe"),
+        ("encode", "encode"),
+        ("train", "train"),
+        ("export", "export"),
+        ("gguf_convert", "gguf_convert"),
+        ("quants", "quantize"),
+    ],
+)
+def test_an_edited_stage_source_reruns_its_stage_and_what_follows(project, module, first_stale):
+    source = project / "tinygpt" / f"{module}.py"
+    source.write_text(source.read_text() + "\n# edited\n")
+    assert jobs_that_would_run(project) == set(PIPELINE[PIPELINE.index(first_stale):])
+
+
+def test_a_config_typo_stops_before_any_job(project):
+    edit_config(project, "train", "max_step", 5)
+    result = snakemake(project, "-n", TARGET, check=False)
+    assert result.returncode != 0
+    assert "unknown key 'train.max_step': did you mean 'max_steps'?" in result.stdout + result.stderr
+
+
+def test_other_quantization_types_reuse_the_f16_file(project):
+    assert jobs_that_would_run(project, "exports/tinygpt/model-q8_0.gguf") == {"quantize"}
