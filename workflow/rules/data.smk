@@ -1,6 +1,11 @@
 # Data: download -> clean -> train_bpe -> encode
 
 
+# Fetching runs where Snakemake runs (on a cluster: the login node), since compute nodes often have no internet.
+localrules:
+    download,
+
+
 rule download:
     input:
         code=sources("download", "stories"),
