@@ -1,0 +1,178 @@
+"""The tokenizer against independent implementations: Hugging Face tokenizers and tiktoken, same merges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tinygpt import tokenizer as tokenizer_module
+from tinygpt.common import TinyGPTError
+from tinygpt.tokenizer import BYTE_TO_UNICODE, EOT, GPT2_PATTERN, Tokenizer, pretokenize
+from tinygpt.train_bpe import train_bpe
+
+tokenizers = pytest.importorskip("tokenizers")
+tiktoken = pytest.importorskip("tiktoken")
+
+TRAINING_TEXT = [
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine.",
+    "One day, she saw a big, red ball in the park! \"Can I play?\" she asked. Her mom said, \"Yes, you can.\"",
+    "Café, naïve, résumé, façade, jalapeño, Ångström, Übermäßig, smörgåsbord, crème brûlée.",
+    "東京は日本の首都です。私は猫が好きです。北京是中国的首都。서울은 한국의 수도입니다.",
+    "Emoji time 🎉🎉 🐱 🚀🚀🚀 👩‍👩‍👧 ❤️ done.",
+    "Numbers 12345 and 3.14159 and 2024-01-01, 1,000,000 or 42nd.",
+    "def f(x):\n    return x  +  1\n\n\n\tindented\ttabs   and   spaces    end",
+    "It's, they're, we've, I'm, you'll, he'd: contractions'S and 'T too.",
+]
+SAMPLES = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé — «guillemets» and ‘quotes’ ÀÉÎÕÜ",
+    "日本語のテキストと中文文本，还有한국어.",
+    "🎉 party 🐱‍👤 👍🏽 🇫🇷 flags",
+    "π ≈ 3.14159, e = 2.71828; 10000000 and ٣٤٥ and ⅷ",
+    "   leading spaces\n\n\ntrailing   \n \n\t\t mixed\r\nwindows\r\n",
+    "two docs<|endoftext|>glued <|endoftext|> and spaced\n<|endoftext|>\n",
+    "<|endoftext|>",
+    "<|endoftext",
+    "'s 'S 't 're 've 'm 'll 'd don't I'LL",
+    "",
+    " ",
+    "\n",
+    "a" * 300,
+    "\x00\x01\x7f control \u200b zero-width \ufeff bom",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_bpe(TRAINING_TEXT * 3 + [t.upper() for t in TRAINING_TEXT], vocab_size=700, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(path)
+    return tokenizers.Tokenizer.from_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiktoken_enc(tok):
+    ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
+    return tiktoken.Encoding("tinygpt-test", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: tok.eot_id})
+
+
+def test_byte_alphabet_matches_hf_bytelevel():
+    assert len(set(BYTE_TO_UNICODE.values())) == 256
+    assert set(BYTE_TO_UNICODE.values()) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    assert BYTE_TO_UNICODE[ord(" ")] == "Ġ" and BYTE_TO_UNICODE[ord("\n")] == "Ċ" and BYTE_TO_UNICODE[65] == "A"
+
+
+def test_id_layout(tok):
+    assert tok.vocab_size == 700 and len(tok.merges) == 700 - 257
+    assert tok.eot_id == tok.vocab_size - 1 == tok.special_tokens[EOT]
+    assert tok.vocab[:256] == [bytes([i]) for i in range(256)]
+    for rank, (a, b) in enumerate(tok.merges):
+        assert a < 256 + rank and b < 256 + rank and tok.vocab[256 + rank] == tok.vocab[a] + tok.vocab[b]
+    assert len(set(tok.vocab)) == tok.vocab_size  # every token is a distinct byte string
+
+
+@pytest.mark.parametrize("text", SAMPLES + TRAINING_TEXT)
+def test_pretokenize_matches_hf_split(text):
+    split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(GPT2_PATTERN), behavior="isolated")
+    assert pretokenize(text) == [piece for piece, _ in split.pre_tokenize_str(text)]
+
+
+@pytest.mark.parametrize("text", SAMPLES + TRAINING_TEXT)
+def test_matches_hf_tokenizers(tok, hf_tok, text):
+    assert tok.encode(text) == hf_tok.encode(text).ids
+
+
+@pytest.mark.parametrize("text", SAMPLES + TRAINING_TEXT)
+def test_matches_tiktoken(tok, tiktoken_enc, text):
+    assert tok.encode(text) == tiktoken_enc.encode(text, allowed_special="all")
+    assert tok.encode_ordinary(text) == tiktoken_enc.encode_ordinary(text)
+
+
+def test_special_token(tok):
+    assert tok.encode(f"a{EOT}b") == tok.encode("a") + [tok.eot_id] + tok.encode("b")
+    assert tok.eot_id not in tok.encode_ordinary(EOT)
+    assert tok.decode(tok.encode_ordinary(EOT)) == EOT
+    assert tok.decode([tok.eot_id]) == EOT
+
+
+def test_token_strings_match_hf(tok, hf_tok):
+    strings = tok.token_strings()
+    assert strings == [hf_tok.id_to_token(i) for i in range(tok.vocab_size)]
+    assert strings[ord(" ")] == "Ġ" and strings[-1] == EOT
+    assert all(" " not in s for s in strings[:-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_roundtrip_any_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode_bytes(tok.encode_ordinary(text)) == text.encode("utf-8")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(list("ab é日🎉1 \n\t'sS.,") + [EOT, "  ", "\n\n"]), max_size=40).map("".join))
+def test_parity_random_text(tok, hf_tok, tiktoken_enc, text):
+    ours = tok.encode(text)
+    assert ours == hf_tok.encode(text).ids == tiktoken_enc.encode(text, allowed_special="all")
+
+
+def test_decode_invalid_utf8_replaces(tok):
+    assert tok.decode_bytes([0xC3]) == b"\xc3"  # the first byte of "é" alone
+    assert tok.decode([0xC3, ord("a")]) == "\ufffda"
+
+
+def test_save_load_roundtrip(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    loaded = Tokenizer.load(path)
+    assert loaded == tok and loaded.vocab == tok.vocab and loaded.eot_id == tok.eot_id
+    assert Tokenizer.from_json_str(tok.to_json_str()) == tok
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    assert spec["model"]["type"] == "BPE" and spec["model"]["merges"] == tok.merge_strings()
+    assert spec["added_tokens"][0]["content"] == EOT and spec["added_tokens"][0]["special"] is True
+
+
+def test_load_accepts_pair_style_merges(tok):
+    spec = json.loads(tok.to_json_str())
+    spec["model"]["merges"] = [m.split(" ") for m in spec["model"]["merges"]]
+    assert Tokenizer.from_json_str(json.dumps(spec)) == tok
+
+
+def test_from_token_strings_roundtrip(tok):
+    rebuilt = Tokenizer.from_token_strings(tok.token_strings(), tok.merge_strings())
+    assert rebuilt == tok and rebuilt.eot_id == tok.eot_id
+
+
+def test_load_errors(tok, tmp_path):
+    with pytest.raises(TinyGPTError, match="not found"):
+        Tokenizer.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(TinyGPTError, match="not a valid"):
+        Tokenizer.load(bad)
+    spec = json.loads(tok.to_json_str())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # GPT-2's own layout orders bytes differently
+    with pytest.raises(TinyGPTError, match="id layout"):
+        Tokenizer.from_json_str(json.dumps(spec))
+    tokens, merges = tok.token_strings(), tok.merge_strings()
+    with pytest.raises(TinyGPTError, match="id layout"):
+        Tokenizer.from_token_strings(tokens, merges[1:] + merges[:1])
+    with pytest.raises(TinyGPTError, match="not found"):
+        Tokenizer.from_token_strings(tokens[:-1] + ["<|other|>"], merges)
+
+
+def test_cache_is_bounded_and_transparent(tok, monkeypatch):
+    fresh = Tokenizer(tok.merges)
+    monkeypatch.setattr(tokenizer_module, "CACHE_SIZE", 3)
+    text = " ".join(TRAINING_TEXT)
+    assert fresh.encode(text) == tok.encode(text)
+    assert len(fresh._cache) <= 3
