@@ -1,0 +1,243 @@
+"""The `quantize` stage: an f16/f32/bf16 GGUF in, a quantized GGUF out, equal tensor by tensor to llama-quantize's.
+
+    python -m tinygpt.quantize --input model-f16.gguf --out model-q4_k_m.gguf --type q4_k_m [--threads N]
+
+Which tensor gets which type follows llama.cpp's src/llama-quant.cpp for the file types we offer (GGUF_SPEC.md
+section 3); the bytes come from tinygpt.quants. Tensors are written in llama.cpp's order (by layer, then name)
+and the metadata is copied with general.quantization_version and general.file_type set last, as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli
+from tinygpt.quants import quantize
+
+QT = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class FileType:
+    """A llama.cpp file type (LLAMA_FTYPE_*): its number in general.file_type and its default tensor type."""
+    ftype: int
+    default: GGMLQuantizationType
+
+
+FILE_TYPES: dict[str, FileType] = {
+    "q4_k_m": FileType(15, QT.Q4_K),
+    "q5_k_m": FileType(17, QT.Q5_K),
+    "q6_k": FileType(18, QT.Q6_K),
+    "q8_0": FileType(7, QT.Q8_0),
+    "q5_0": FileType(8, QT.Q5_0),
+    "q4_0": FileType(2, QT.Q4_0),
+}
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+# A row length that does not fit a type's blocks falls back to this type (then to F16 if that does not fit either).
+FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: GGMLQuantizationType
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
+
+
+def llama_order(names: Sequence[str]) -> list[str]:
+    """llama.cpp's tensor order: layer number first (non-layer tensors count as layer -1), then name."""
+    def key(name: str) -> tuple[int, str]:
+        m = re.match(r"blk\.(\d+)\.", name)
+        return (int(m.group(1)) if m else -1, name)
+    return sorted(names, key=key)
+
+
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """The layers whose attention V / ffn_down llama.cpp gives more bits in the _M mixes."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def allows_quantization(t: TensorInfo) -> bool:
+    """llama.cpp's tensor_allows_quantization, for the tensor names a GPT-style model can have."""
+    n_dims = max((i + 1 for i, n in enumerate(t.ne) if n > 1), default=1)  # ggml_n_dims ignores trailing 1s
+    return (n_dims >= 2 and t.name.endswith("weight") and "_norm.weight" not in t.name
+            and t.name not in ("position_embd.weight", "token_types.weight"))
+
+
+def _is_attn_v(name: str) -> bool:
+    """Attention V weights, fused or not: llama.cpp counts them to spread extra bits over the layers."""
+    return any(part in name for part in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight"))
+
+
+def plan_tensor_types(tensors: Sequence[TensorInfo], file_type: str, n_layer: int) -> dict[str, GGMLQuantizationType]:
+    """The type llama-quantize gives each tensor (tensors in llama_order, whose counters this walk reproduces)."""
+    ft = FILE_TYPES[file_type]
+    mixed = file_type in ("q4_k_m", "q5_k_m")
+    tied = not any(t.name == "output.weight" for t in tensors)  # the token embedding doubles as the output
+    n_attn_v = sum(_is_attn_v(t.name) for t in tensors)
+    i_attn_v = i_ffn_down = 0
+    plan: dict[str, GGMLQuantizationType] = {}
+    for t in tensors:
+        if not allows_quantization(t):
+            plan[t.name] = t.type
+            continue
+        new = ft.default
+        if t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
+            if t.ne[0] % GGML_QUANT_SIZES[new][0] != 0:
+                new = QT.Q8_0
+            elif new != QT.Q8_0:
+                new = QT.Q6_K
+        elif t.name == "token_embd.weight":
+            pass
+        elif _is_attn_v(t.name):
+            if mixed and use_more_bits(i_attn_v, n_attn_v):
+                new = QT.Q6_K
+            i_attn_v += 1
+        elif "ffn_down" in t.name:
+            if mixed and use_more_bits(i_ffn_down, n_layer):
+                new = QT.Q6_K
+            i_ffn_down += 1
+        plan[t.name] = _fallback(new, t.ne[0])
+    return plan
+
+
+def _fallback(qtype: GGMLQuantizationType, row_length: int) -> GGMLQuantizationType:
+    if row_length % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    qtype = FALLBACK.get(qtype, qtype)
+    return qtype if row_length % GGML_QUANT_SIZES[qtype][0] == 0 else QT.F16
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def _read_gguf(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on truncated or foreign files
+        raise TinyGPTError(f"{path} is not a readable GGUF file, truncated or of another format ({e}); "
+                           "pass the f16 GGUF written by tinygpt.gguf_convert") from None
+
+
+def _field_value(field) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
+    """(value, type, array item type) of a metadata field, strings kept as raw bytes so they copy exactly."""
+    vtype = field.types[0]
+    if vtype == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]), vtype, None
+    if vtype != GGUFValueType.ARRAY:
+        return field.parts[field.data[0]].tolist()[0], vtype, None
+    sub = field.types[-1]
+    if len(field.types) != 2:
+        raise TinyGPTError(f"metadata key {field.name} is a nested array, which tinygpt.quantize does not copy")
+    if sub == GGUFValueType.STRING:
+        return [bytes(field.parts[i]) for i in field.data], vtype, sub
+    return [v for i in field.data for v in field.parts[i].tolist()], vtype, sub
+
+
+def _numpy_shape(t) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(t.shape))
+
+
+def _as_float32(t) -> np.ndarray:
+    """A float tensor of the reader as float32 in its numpy shape; BF16 widened exactly."""
+    flat = np.asarray(t.data).reshape(-1)
+    if t.tensor_type == QT.BF16:
+        flat = (flat.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return flat.astype(np.float32).reshape(_numpy_shape(t))
+
+
+def _raw_bytes(t) -> np.ndarray:
+    """A tensor's stored bytes, shaped (*numpy shape[:-1], bytes per row) so GGUFWriter restores shape and type."""
+    block, size = GGML_QUANT_SIZES[t.tensor_type]
+    shape = _numpy_shape(t)
+    return np.asarray(t.data).reshape(-1).view(np.uint8).reshape(*shape[:-1], shape[-1] // block * size)
+
+
+def _convert(t, qtype: GGMLQuantizationType, threads: int) -> np.ndarray:
+    if t.tensor_type not in FLOAT_TYPES:
+        raise TinyGPTError(f"tensor {t.name} is already {t.tensor_type.name} and would need {qtype.name}; "
+                           "quantize from the f16 (or f32/bf16) GGUF instead")
+    values = _as_float32(t)
+    if qtype == QT.F16:
+        return values.astype(np.float16)
+    if qtype == QT.F32:
+        return values
+    return quantize(values, qtype, threads=threads)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, file_type: str = "q4_k_m",
+                  threads: int | None = None) -> dict[str, GGMLQuantizationType]:
+    """Quantize a float GGUF to `file_type`, like `llama-quantize input out <TYPE>`. Returns name -> new type."""
+    if file_type not in FILE_TYPES:
+        raise TinyGPTError(f"unknown quantization type {file_type!r}; supported: {', '.join(FILE_TYPES)}")
+    input_path = require_file(input_path, "input GGUF", "make it with: python -m tinygpt.gguf_convert")
+    out_path = Path(out_path)
+    if out_path.exists() and out_path.resolve() == input_path.resolve():
+        raise TinyGPTError(f"--out {out_path} is the input file; choose another output path")
+    threads = threads or os.cpu_count() or 1
+
+    reader = _read_gguf(input_path)
+    fields = {f.name: f for f in reader.fields.values()}
+    arch_field = fields.get("general.architecture")
+    if arch_field is None:
+        raise TinyGPTError(f"{input_path} has no general.architecture key; it is not a model GGUF")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8", "replace")
+    by_name = {t.name: t for t in reader.tensors}
+    infos = [TensorInfo(n, by_name[n].tensor_type, tuple(int(x) for x in by_name[n].shape))
+             for n in llama_order(list(by_name))]
+    block_count = fields.get(f"{arch}.block_count")
+    if block_count is None:
+        raise TinyGPTError(f"{input_path} lacks the key {arch}.block_count, which llama.cpp needs as well")
+    plan = plan_tensor_types(infos, file_type, int(block_count.parts[block_count.data[0]][0]))
+
+    with atomic_path(out_path) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        for name, field in fields.items():
+            if name.startswith("GGUF.") or name in ("general.architecture", "general.quantization_version",
+                                                    "general.file_type"):
+                continue  # header pseudo-fields, and the keys llama.cpp rewrites (appended below, in its order)
+            value, vtype, sub = _field_value(field)
+            if name == "general.alignment":
+                writer.data_alignment = int(value)
+            writer.add_key_value(name, value, vtype, sub)
+        writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+        writer.add_uint32("general.file_type", FILE_TYPES[file_type].ftype)
+
+        for info in progress(infos, desc=f"quantize {file_type}", unit="tensor"):
+            t, qtype = by_name[info.name], plan[info.name]
+            data = _raw_bytes(t) if qtype == t.tensor_type else _convert(t, qtype, threads)
+            writer.add_tensor(info.name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return plan
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tinygpt.quantize", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, help="f16/f32/bf16 GGUF (from tinygpt.gguf_convert)")
+    parser.add_argument("--out", required=True, help="quantized GGUF to write")
+    parser.add_argument("--type", default="q4_k_m", metavar="TYPE",
+                        help=f"quantization type: {', '.join(FILE_TYPES)} (default q4_k_m)")
+    parser.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    args = parser.parse_args(argv)
+    plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads)
+    counts: dict[str, int] = {}
+    for qtype in plan.values():
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    print(f"wrote {args.out} ({args.type}): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+if __name__ == "__main__":
+    run_cli(main)

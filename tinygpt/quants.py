@@ -1,0 +1,341 @@
+"""GGUF block quantizers in numpy, bit-exact with llama.cpp's reference code (ggml-quants.c, no importance matrix).
+
+Every quantizer works on all blocks of a tensor at once. The K-quant searches (`make_qkx2_quants`,
+`make_qx_quants`) keep their values element-major, shape (elements per sub-block, sub-blocks), so a sum over
+a sub-block is a reduction over axis 0: numpy adds the rows one after another, which is exactly the
+left-to-right float32 accumulation of the C loops (a reduction over the contiguous axis would be pairwise and
+differ in the last bits). All arithmetic stays float32 in the C order of operations; numpy never fuses a
+multiply-add, and neither does ggml's portable build. See GGUF_SPEC.md section 4 for the algorithms.
+
+Public entry point: `quantize(data, qtype)`, returning bytes shaped like `gguf.quants.quantize` does, so the
+result goes straight into `gguf.GGUFWriter.add_tensor(..., raw_dtype=qtype)`.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+QK_K = 256
+GROUP_MAX_EPS = np.float32(1e-15)
+F32 = np.float32
+
+# Rows are quantized in chunks of about this many values: large enough to amortize numpy's per-call cost,
+# small enough that the working arrays of the K-quant search (a few MB) stay in the CPU caches.
+CHUNK_VALUES = 1 << 18
+
+
+def _seq_sum(terms: np.ndarray) -> np.ndarray:
+    """Sum float32 `terms` of shape (n, columns) over axis 0, strictly left to right, one result per column."""
+    if terms.shape[1] > 1:
+        return np.add.reduce(terms, axis=0)  # row by row: sequential (checked in tests)
+    acc = terms[0].copy()  # a single column would be summed pairwise as one contiguous run
+    for row in terms[1:]:
+        acc += row
+    return acc
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: round half to even (the float32 magic-number trick), as float32."""
+    return np.rint(v)
+
+
+def _fp16(v: np.ndarray) -> np.ndarray:
+    """Round to fp16 like GGML_FP32_TO_FP16 (nearest even) and back to float32."""
+    return v.astype(np.float16).astype(F32)
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    """(n,) float32 -> (n, 2) little-endian fp16 bytes."""
+    return v.astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _blocks(x: np.ndarray, size: int) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=F32).reshape(-1, size)
+
+
+# ----------------------------------------------------------------------------------------------- 32-value types
+
+def _absmax_signed(blocks: np.ndarray) -> np.ndarray:
+    """The value with the largest magnitude in each block (the first one on ties), as ggml picks it.
+
+    An all-zero block gives +0.0 even if it holds -0.0: the C loop starts from 0.0f and never replaces it.
+    """
+    peak = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
+    return np.where(peak == 0, F32(0), peak)
+
+
+def _first_extremes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of each block, the first occurrence on ties: the sign of a zero reaches the stored bytes."""
+    rows = np.arange(len(blocks))
+    return blocks[rows, blocks.argmin(axis=1)], blocks[rows, blocks.argmax(axis=1)]
+
+
+def _safe_inverse(d: np.ndarray) -> np.ndarray:
+    """1/d, and 0 where d is 0 (ggml's `id = d ? 1.0f/d : 0.0f`)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+
+
+def _pack_nibbles_32(q: np.ndarray) -> np.ndarray:
+    """(n, 32) 4-bit values -> (n, 16) bytes: low nibble value j, high nibble value j+16."""
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+
+
+def _high_bits_32(q: np.ndarray) -> np.ndarray:
+    """(n, 32) 5-bit values -> (n, 4) bytes of the little-endian u32 holding bit 4 of value j at bit j."""
+    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """Q8_0: per 32 values d = max|x|/127 (fp16) and int8 q = roundf(x/d), half away from zero."""
+    b = _blocks(x, 32)
+    d = np.abs(b).max(axis=1) / F32(127)
+    v = b * _safe_inverse(d)[:, None]
+    a = np.abs(v)
+    whole = np.floor(a)
+    q = np.copysign(whole + np.floor((a - whole) * F32(2)), v)  # roundf exactly: a + 0.5 could round up
+    return np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+
+
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """Q4_0: d = max/-8 for the signed absolute maximum; q = min(15, trunc(x/d + 8.5))."""
+    b = _blocks(x, 32)
+    d = _absmax_signed(b) / F32(-8)
+    q = np.minimum(15, np.trunc(b * _safe_inverse(d)[:, None] + F32(8.5)).astype(np.int8)).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles_32(q)], axis=1)
+
+
+def quantize_q5_0(x: np.ndarray) -> np.ndarray:
+    """Q5_0: d = max/-16 for the signed absolute maximum; q = min(31, trunc(x/d + 16.5)), bit 4 apart."""
+    b = _blocks(x, 32)
+    d = _absmax_signed(b) / F32(-16)
+    q = np.minimum(31, np.trunc(b * _safe_inverse(d)[:, None] + F32(16.5)).astype(np.int8)).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _high_bits_32(q), _pack_nibbles_32(q & 15)], axis=1)
+
+
+def quantize_q5_1(x: np.ndarray) -> np.ndarray:
+    """Q5_1: d = (max - min)/31, m = min; q = trunc((x - min)/d + 0.5) (llama.cpp's fallback for Q5_K rows)."""
+    b = _blocks(x, 32)
+    lo, hi = _first_extremes(b)
+    d = (hi - lo) / F32(31)
+    q = np.trunc((b - lo[:, None]) * _safe_inverse(d)[:, None] + F32(0.5)).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _high_bits_32(q), _pack_nibbles_32(q & 15)], axis=1)
+
+
+# ------------------------------------------------------------------------------------------------- K-quants
+
+def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale and min of each column of x (n, columns): a weighted least-squares fit tried at nstep+1 grid sizes.
+
+    Returns (L as float32 (n, columns), scale, the_min) where a value is approximated by scale*L - the_min.
+    """
+    lo = np.minimum(x.min(axis=0), F32(0))
+    hi = x.max(axis=0)
+    flat = hi == lo  # all values equal (and <= 0): L = 0, scale 0
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    fnmax = F32(nmax)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / np.where(flat, F32(1), hi - lo)
+        scale = F32(1) / iscale
+        L = np.clip(_nearest_int(iscale * (x - lo)), 0, fnmax)
+        diff = scale * L + lo - x
+        best = _seq_sum(w * (diff * diff))
+
+        for step in range(nstep + 1):
+            # `lo` is the best min so far: the C loop reads the updated value in later trials.
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (hi - lo)
+            Laux = np.clip(_nearest_int(iscale * (x - lo)), 0, fnmax)
+            wl = w * Laux
+            sum_l = _seq_sum(wl)
+            sum_l2 = _seq_sum(wl * Laux)
+            sum_xl = _seq_sum(wl * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            clamp = this_min > 0
+            this_min = np.where(clamp, F32(0), this_min)
+            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
+            diff = this_scale * Laux + this_min - x
+            cur = _seq_sum(w * (diff * diff))
+            better = (D > 0) & (cur < best) & ~flat
+            L = np.where(better, Laux, L)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            lo = np.where(better, this_min, lo)
+
+    L = np.where(flat, F32(0), L)
+    scale = np.where(flat, F32(0), scale)
+    return L, scale, -lo
+
+
+def _k_scales_minmax(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The shared first half of Q4_K and Q5_K: per 256-value block, 8 scales and mins as 6-bit integers.
+
+    Returns (x as (32, 8*blocks), L from the search, ls, lm (blocks, 8), d, dmin (blocks,) as fp16 values).
+    """
+    nb = x.shape[0] // QK_K
+    xs = np.ascontiguousarray(x.reshape(-1, 32).T)  # (32, sub-blocks), element-major
+    av_x = np.sqrt(_seq_sum(xs * xs) / F32(32))
+    w = av_x + np.abs(xs)
+    L, scales, mins = _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+
+    max_scale = np.maximum(scales.max(axis=1), F32(0))
+    max_min = np.maximum(mins.max(axis=1), F32(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+    # C stores nearest_int into a uint8 (wrapping) before MIN(63, .)
+    ls = np.minimum(63, _nearest_int(inv_scale[:, None] * scales).astype(np.int64) & 0xFF).astype(np.uint8)
+    lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins).astype(np.int64) & 0xFF).astype(np.uint8)
+    d = _fp16(max_scale / F32(63))
+    dmin = _fp16(max_min / F32(63))
+    return xs, L, ls, lm, d, dmin
+
+
+def _k_requantize(xs: np.ndarray, L: np.ndarray, ls, lm, d, dmin, nmax: int) -> np.ndarray:
+    """Recompute L with the stored (rounded) scales; returns L as (blocks, 256) uint8 in value order."""
+    sd = (d[:, None] * ls.astype(F32)).reshape(-1)  # per sub-block, float32 like the C code
+    sm = (dmin[:, None] * lm.astype(F32)).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(_nearest_int((xs + sm) / sd), 0, F32(nmax))
+    L = np.where(sd != 0, q, L)  # a zero scale keeps the search's L
+    return L.T.reshape(-1, QK_K).astype(np.uint8)
+
+
+def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins -> the 12-byte K-quant layout (high bits of j >= 4 in the top of bytes 0-7)."""
+    lo_s, hi_s, lo_m, hi_m = ls[:, :4], ls[:, 4:], lm[:, :4], lm[:, 4:]
+    return np.concatenate([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)],
+                          axis=1).astype(np.uint8)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """Q4_K: 256-value blocks of 8x32, 4-bit values with 6-bit scales and mins; 144 bytes per block."""
+    xs, L, ls, lm, d, dmin = _k_scales_minmax(_blocks(x, QK_K).reshape(-1), 15, -1.0, 0.1, 20)
+    L = _k_requantize(xs, L, ls, lm, d, dmin, 15).reshape(-1, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qs], axis=1)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """Q5_K: like Q4_K with 5-bit values (bit 4 of value 64c+j at bit 2c of qh[j]); 176 bytes per block."""
+    xs, L, ls, lm, d, dmin = _k_scales_minmax(_blocks(x, QK_K).reshape(-1), 31, -0.5, 0.1, 15)
+    L = _k_requantize(xs, L, ls, lm, d, dmin, 31).reshape(-1, 4, 2, 32)
+    qs = ((L[:, :, 0] & 15) | ((L[:, :, 1] & 15) << 4)).reshape(-1, 128)
+    shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None, None] + np.arange(2, dtype=np.uint8)[None, None, :, None]
+    qh = np.bitwise_or.reduce(((L >> 4) << shifts).reshape(-1, 8, 32), axis=1).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qh, qs], axis=1)
+
+
+def _make_qx_quants_q6(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n=16, nmax=32, rmse_type=1) on each column of x (16, columns): (L + 32 as float32, scale)."""
+    nmax = F32(32)
+    cols = np.arange(x.shape[1])
+    peak = x[np.abs(x).argmax(axis=0), cols]  # signed value of the first largest magnitude
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    peak = np.where(zero, F32(1), peak)
+    w = x * x
+    wx = w * x
+
+    def trial(iscale: np.ndarray):
+        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        return l, _seq_sum(wx * l), _seq_sum(w * l * l)
+
+    l, sumlx, suml2 = trial(-nmax / peak)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        L = l
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            l, sumlx, suml2 = trial(-(nmax + F32(0.1) * F32(step)) / peak)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            L = np.where(better, l, L)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+    L = np.where(zero, F32(0), L + nmax)  # an all-zero sub-block keeps L = 0, not the offset 32
+    return L, np.where(zero, F32(0), scale)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """Q6_K: 256-value blocks of 16x16, 6-bit values with int8 scales; 210 bytes per block."""
+    b = _blocks(x, QK_K)
+    nb = len(b)
+    xs = np.ascontiguousarray(b.reshape(-1, 16).T)  # (16, sub-blocks)
+    L, scales = _make_qx_quants_q6(xs)
+    scales = scales.reshape(nb, 16)
+
+    peak = scales[np.arange(nb), np.abs(scales).argmax(axis=1)]
+    zero_block = np.abs(peak) < GROUP_MAX_EPS
+    iscale = F32(-128) / np.where(zero_block, F32(1), peak)
+    d = np.where(zero_block, F32(0), _fp16(F32(1) / iscale))
+    sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int64).astype(np.int8)
+    sc[zero_block] = 0
+
+    sd = (d[:, None] * sc.astype(F32)).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(_nearest_int(xs / sd), F32(-32), F32(31)) + F32(32)
+    L = np.where(sd != 0, q, L).T.reshape(nb, 2, 4, 32).astype(np.uint8)  # (block, half, quarter, l)
+    L[zero_block] = 0
+
+    ql = np.concatenate([L[:, :, 0] & 15 | (L[:, :, 2] & 15) << 4,
+                         L[:, :, 1] & 15 | (L[:, :, 3] & 15) << 4], axis=2).reshape(nb, 128)
+    qh = (L[:, :, 0] >> 4 | (L[:, :, 1] >> 4) << 2 | (L[:, :, 2] >> 4) << 4 | (L[:, :, 3] >> 4) << 6).reshape(nb, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+
+QT = GGMLQuantizationType
+
+QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
+    QT.Q8_0: quantize_q8_0,
+    QT.Q4_0: quantize_q4_0,
+    QT.Q5_0: quantize_q5_0,
+    QT.Q5_1: quantize_q5_1,
+    QT.Q4_K: quantize_q4_k,
+    QT.Q5_K: quantize_q5_k,
+    QT.Q6_K: quantize_q6_k,
+}
+
+
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType, threads: int = 1) -> np.ndarray:
+    """Quantize `data` (rows along the last axis) to `qtype`, as llama.cpp would.
+
+    Returns uint8 of shape (*data.shape[:-1], bytes per row) for block types, float32/float16 arrays for
+    F32/F16. `threads` > 1 splits the rows over a thread pool (numpy releases the GIL in its loops).
+    """
+    data = np.asarray(data)
+    if qtype == QT.F32:
+        return data.astype(F32)
+    if qtype == QT.F16:
+        return data.astype(np.float16)
+    if qtype not in QUANTIZERS:
+        raise ValueError(f"no quantizer for {qtype.name}; supported: {', '.join(t.name for t in QUANTIZERS)}")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_per_row = data.shape[-1]
+    if n_per_row % block_size:
+        raise ValueError(f"row length {n_per_row} is not a multiple of {qtype.name}'s block size {block_size}")
+
+    rows = np.ascontiguousarray(data, dtype=F32).reshape(-1, n_per_row)
+    rows_per_chunk = max(1, CHUNK_VALUES // n_per_row)
+    chunks = [rows[i:i + rows_per_chunk] for i in range(0, len(rows), rows_per_chunk)]
+    fn = QUANTIZERS[qtype]
+    if threads > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(fn, chunks))
+    else:
+        parts = [fn(c) for c in chunks]
+    row_bytes = n_per_row // block_size * type_size
+    out = np.concatenate(parts, axis=0).reshape(*data.shape[:-1], row_bytes)
+    return out
