@@ -31,9 +31,12 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/gguf.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         "exports/tinygpt/model-q4_k_m.gguf",
+        rules.samples.output,
+        rules.report.output,

@@ -42,9 +42,9 @@ def jobs_that_would_run(workdir: Path, target: str = TARGET) -> set[str]:
     out = snakemake(workdir, "-n", target).stdout
     if "Nothing to be done" in out:
         return set()
-    table = out.split("Job stats:", 1)[1].splitlines()
-    rows = [line.split() for line in table[3:]]
-    return {row[0] for row in rows if len(row) == 2 and row[0] not in ("total", "all")}
+    lines = out.split("Job stats:", 1)[1].splitlines()[3:]  # after the header and its underline
+    rows = [line.split() for line in lines[: lines.index("")]] if "" in lines else []
+    return {row[0] for row in rows if row[0] not in ("total", "all")}
 
 
 def copy_project(dest: Path) -> Path:

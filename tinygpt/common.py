@@ -13,6 +13,15 @@ from typing import Callable, Iterator, Sequence
 from tqdm import tqdm
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; done once, at import, before any threads
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class TinyGPTError(Exception):
     """Bad input or a failed stage: the message is one sentence naming the file, key or value and what to do."""
 
@@ -29,6 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished output gets the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)

@@ -35,7 +35,7 @@ rule gguf_convert:
     output:
         gguf="exports/tinygpt/model-{outtype}.gguf",
     params:
-        name=config["export"]["name"],
+        args=flags({"name": config["export"]["name"]}),
     log:
         "logs/gguf_convert-{outtype}.log",
     benchmark:
@@ -45,7 +45,7 @@ rule gguf_convert:
         "../envs/tinygpt.yaml"
     shell:
         "python -m tinygpt.gguf_convert --model_dir $(dirname {input.config}) --out {output.gguf}"
-        " --outtype {wildcards.outtype} --name {params.name} 2>&1 | tee {log}"
+        " --outtype {wildcards.outtype} {params.args} 2>&1 | tee {log}"
 
 
 rule quantize:

@@ -1,0 +1,82 @@
+"""notebooks/colab.ipynb run headless in a temporary copy of the project with the tiny settings of the workflow
+tests: every cell but the Colab-only ones (Drive, GPU) must run, build the quantized GGUF and print samples."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import yaml
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+from test_workflow import ROOT, TARGET, copy_project  # noqa: E402
+
+NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
+COLAB_ONLY = "# colab-only:"
+PROMPT = "Once upon a time"
+
+
+def code_cells(notebook) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def output_text(cell) -> str:
+    return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
+
+
+def test_only_the_drive_and_gpu_cells_are_colab_only():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    markers = [cell.source.splitlines()[0] for cell in code_cells(notebook) if COLAB_ONLY in cell.source]
+    assert markers == ["# colab-only: drive", "# colab-only: gpu"]
+    assert notebook.metadata["accelerator"] == "GPU"
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """The notebook after a headless run in a tiny project, with one more cell whose command fails."""
+    project = copy_project(tmp_path_factory.mktemp("colab"))
+    (project / "notebooks").mkdir()
+    # a context long enough for the notebook's 100-token llama.cpp completion (llama.cpp refuses to slide)
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["model"]["block_size"] = 128
+    (project / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook.cells = [c for c in notebook.cells if not (c.cell_type == "code" and c.source.startswith(COLAB_ONLY))]
+    failing = nbformat.v4.new_code_cell('run(sys.executable, "-c", "import sys; print(\'stage output\'); sys.exit(3)")')
+    notebook.cells.append(failing)
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(project)}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as failure:
+        client.execute()
+    return project, notebook, failure.value
+
+
+def test_notebook_builds_the_pipeline_and_prints_samples(executed):
+    project, notebook, _ = executed
+    cells = code_cells(notebook)
+    assert all(cell.execution_count for cell in cells), "every cell ran"
+    assert not any(out.output_type == "error" for cell in cells[:-1] for out in cell.outputs)
+    assert (project / TARGET).stat().st_size > 0
+    assert (project / "report.html").stat().st_size > 0
+    pipeline, samples, gguf = (next(c for c in cells if marker in c.source)
+                               for marker in ('"--report"', '"--checkpoint"', '"--gguf"'))
+    assert "Finished jobid" in output_text(pipeline)  # Snakemake's log, streamed into the cell
+    assert any("image/svg+xml" in out.get("data", {}) for out in pipeline.outputs), "the loss curve is shown"
+    for cell in (samples, gguf):
+        # what each command printed after its "$ command" line: the prompt and the model's continuation
+        printed = re.split(r"^\$ .*$", output_text(cell), flags=re.MULTILINE)[1:]
+        assert printed and all(p.strip().startswith(PROMPT) and len(p.strip()) > len(PROMPT) for p in printed), printed
+
+
+def test_a_failing_command_fails_its_cell(executed):
+    _, notebook, failure = executed
+    failing = notebook.cells[-1]
+    assert "stage output" in output_text(failing)  # streamed before the failure
+    assert failure.ename == subprocess.CalledProcessError.__name__
+    assert "returned non-zero exit status 3" in failure.evalue

@@ -1,0 +1,37 @@
+# Report: figures and tables for `snakemake --report report.html`
+
+
+report: "../report/workflow.rst"
+
+
+rule report:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        meta=rules.encode.output.meta,
+        val=rules.encode.output.val,
+        tokenizer=rules.train_bpe.output.tokenizer,
+        corpus_stats=rules.clean.output.stats,
+        converted=rules.quantize.input.gguf,
+        q4_k_m="exports/tinygpt/model-q4_k_m.gguf",
+        code=sources("report"),
+    output:
+        loss=report("reports/loss.svg", category="Training", caption="../report/loss.rst"),
+        training=report("reports/training.html", category="Training", caption="../report/training.rst"),
+        data=report("reports/data.html", category="Data", caption="../report/data.rst"),
+        gguf=report("reports/gguf.html", category="GGUF files", caption="../report/gguf.rst"),
+        timings=report("reports/timings.html", category="Timings", caption="../report/timings.rst"),
+    params:
+        runs=rules.train.params.runs,
+        benchmarks="benchmarks",
+    log:
+        "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt.report --runs_dir {params.runs} --data_dir $(dirname {input.meta})"
+        " --tokenizer {input.tokenizer} --corpus_stats {input.corpus_stats} --gguf_dir $(dirname {input.q4_k_m})"
+        " --benchmarks {params.benchmarks} --skip report --loss_svg {output.loss} --training {output.training}"
+        " --data {output.data} --gguf {output.gguf} --timings {output.timings} 2>&1 | tee {log}"
