@@ -1,0 +1,223 @@
+import json
+import re
+import unicodedata
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinygpt import clean
+from tinygpt.clean import EOT, clean_corpus, iter_documents, main
+from tinygpt.common import TinyGPTError
+
+# The format characters cleaning drops, listed independently of the module's regular expression.
+DROPPED_FORMAT = {0xAD, 0x200B, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF, 0x202A, 0x202B, 0x202C, 0x202D,
+                  0x202E, 0x2066, 0x2067, 0x2068, 0x2069, 0xFFF9, 0xFFFA, 0xFFFB, 0xE0001, *range(0x206A, 0x2070)}
+
+
+def reference_clean(raw: bytes, split: str) -> tuple[bytes, dict]:
+    """Whole-file, character-by-character cleaning: slow and obvious, to check the streaming version against."""
+    text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    replaced = sum(1 for ch in text if "\udc80" <= ch <= "\udcff")
+    text = "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in text)
+
+    def junk(ch: str) -> bool:
+        return (unicodedata.category(ch) == "Cc" and ch not in "\t\n\r\x0b\x0c\x85") or ord(ch) in DROPPED_FORMAT
+
+    dropped = sum(map(junk, text))
+    text = "".join(ch for ch in text if not junk(ch))
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2029", "\n\n")
+    for ch in "\x0b\x0c\x85\u2028":
+        text = text.replace(ch, "\n")
+    if split == "auto":
+        split = "eot" if EOT in raw.decode("utf-8", "replace") else "blank_line"
+    pieces = text.split(EOT)
+    if split == "eot":
+        docs = pieces
+    else:  # group runs of non-blank lines
+        docs = []
+        for piece in pieces:
+            current: list[str] = []
+            for line in piece.split("\n") + [""]:
+                if line.strip():
+                    current.append(line)
+                elif current:
+                    docs.append("\n".join(current))
+                    current = []
+    out, seen, duplicates = [], set(), 0
+    for doc in docs:
+        doc = unicodedata.normalize("NFC", doc).strip()
+        lines: list[str] = []
+        for line in doc.split("\n"):  # collapse runs of blank lines to one empty line
+            if line.strip() or not lines or lines[-1] != "":
+                lines.append(line if line.strip() else "")
+        doc = "\n".join(lines)
+        if not doc:
+            continue
+        if doc in seen:
+            duplicates += 1
+            continue
+        seen.add(doc)
+        out.append(doc)
+    data = "".join(d + f"\n{EOT}\n" for d in out).encode()
+    stats = dict(documents_out=len(out), duplicates=duplicates, replaced_characters=replaced,
+                 control_characters_dropped=dropped, bytes_out=len(data), split=split,
+                 lines_out=sum(d.count("\n") + 2 for d in out))
+    return data, stats
+
+
+PIECES = [
+    "Once", "upon", "a", "time", " ", " ", "\t", ".", "\n", "\n", "\n\n", "\r\n", "\r", " \n", "\n  \n",
+    EOT, f"\n{EOT}\n", "<|endof", "text|>", "café", "e\u0301", "\u0301", "日本", "😀", "👨\u200d👩\u200d👧",
+    "\x01", "\x1b", "\x7f", "\x0c", "\x0b", "\x85", "\u2028", "\u2029", "\u00ad", "\u200b", "\ufeff", "\u202e",
+    "\u200c", "\u200d", "\u200f", "🏴\U000e0067\U000e0062\U000e007f", "\ufffd",
+]
+INVALID = [b"\xff", b"\xfe", b"\x80", b"\xe2\x82"]
+
+
+@st.composite
+def raw_texts(draw) -> bytes:
+    parts = draw(st.lists(st.one_of(st.sampled_from(PIECES).map(str.encode), st.sampled_from(INVALID)), max_size=60))
+    return b"".join(parts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=raw_texts(), split=st.sampled_from(["auto", "eot", "blank_line"]), block=st.sampled_from([3, 7, 64, 1 << 22]))
+def test_streaming_clean_matches_the_whole_file_reference(tmp_path_factory, raw, split, block):
+    folder = tmp_path_factory.mktemp("c")
+    (folder / "raw.txt").write_bytes(raw)
+    expected, expected_stats = reference_clean(raw, split)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(clean, "BLOCK", block)  # small blocks cut separators, CRLF and characters apart
+        if not expected_stats["documents_out"]:
+            with pytest.raises(TinyGPTError, match="cleans to nothing"):
+                clean_corpus(folder / "raw.txt", folder / "clean.txt", None, split)
+            assert not (folder / "clean.txt").exists()
+            return
+        stats = clean_corpus(folder / "raw.txt", folder / "clean.txt", None, split)
+    assert (folder / "clean.txt").read_bytes() == expected
+    assert {k: stats[k] for k in expected_stats} == expected_stats
+    assert stats["bytes_in"] == len(raw)
+    assert list(iter_documents(folder / "clean.txt")) == expected.decode().split(f"\n{EOT}\n")[:-1]
+
+
+def write(tmp_path, data: str | bytes, name="raw.txt"):
+    path = tmp_path / name
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def test_known_answer_and_stats_file(tmp_path):
+    raw = write(tmp_path, f"  Hello\r\nworld\x07  \n{EOT}\n\n{EOT}\nHello\r\nworld\n{EOT}\nCafe\u0301\n\n\n\nend\n{EOT}\n")
+    stats = clean_corpus(raw, tmp_path / "clean.txt", tmp_path / "stats.json")
+    assert (tmp_path / "clean.txt").read_text() == f"Hello\nworld\n{EOT}\nCafé\n\nend\n{EOT}\n"
+    assert json.loads((tmp_path / "stats.json").read_text()) == stats
+    assert stats | {} == dict(
+        input=str(raw), output=str(tmp_path / "clean.txt"), split="eot", documents_in=4, documents_out=2,
+        duplicates=1, empty=1, bytes_in=raw.stat().st_size, bytes_out=(tmp_path / "clean.txt").stat().st_size,
+        lines_out=7, replaced_characters=0, control_characters_dropped=1, truncated=False)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 1 << 22])
+def test_crlf_and_separators_cut_by_block_boundaries(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(clean, "BLOCK", block)
+    raw = write(tmp_path, f"ab\r\x01\ncd\r\n{EOT}\r\ncafé\r".encode())
+    stats = clean_corpus(raw, tmp_path / "clean.txt")
+    assert list(iter_documents(tmp_path / "clean.txt")) == ["ab\ncd", "café"]
+    assert stats["control_characters_dropped"] == 1 and stats["split"] == "eot"
+
+
+def test_auto_split_uses_blank_lines_when_there_is_no_separator(tmp_path):
+    raw = write(tmp_path, "one\ntwo\n\n\nthree\n \t\nfour")
+    stats = clean_corpus(raw, tmp_path / "clean.txt")
+    assert stats["split"] == "blank_line"
+    assert list(iter_documents(tmp_path / "clean.txt")) == ["one\ntwo", "three", "four"]
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    raw = write(tmp_path, b"caf\xc3 ok \xff\xfe end")
+    stats = clean_corpus(raw, tmp_path / "clean.txt")
+    assert (tmp_path / "clean.txt").read_text() == f"caf\ufffd ok \ufffd\ufffd end\n{EOT}\n"
+    assert stats["replaced_characters"] == 3
+
+
+def test_zwj_emoji_survive_and_invisible_junk_goes(tmp_path):
+    family = "👨\u200d👩\u200d👧"
+    raw = write(tmp_path, f"\ufeffa\u200bb {family} c\u00add \u202eevil\u202c")
+    clean_corpus(raw, tmp_path / "clean.txt")
+    assert next(iter_documents(tmp_path / "clean.txt")) == f"ab {family} cd evil"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"text\x00more", "looks binary \\(NUL byte at offset 4\\)"),
+    (bytes(range(128, 256)) * 4, "looks binary \\(512 of its first 512 bytes"),
+])
+def test_binary_input_is_rejected(tmp_path, data, message):
+    raw = write(tmp_path, data)
+    with pytest.raises(TinyGPTError, match=message):
+        clean_corpus(raw, tmp_path / "clean.txt")
+    assert not (tmp_path / "clean.txt").exists()
+
+
+def test_latin1_text_is_not_called_binary(tmp_path):
+    raw = write(tmp_path, ("Le café était très bon, à côté de la forêt.\n\n" * 20).encode("latin-1"))
+    stats = clean_corpus(raw, tmp_path / "clean.txt")
+    assert stats["replaced_characters"] == 7 * 20 and stats["documents_out"] == 1 and stats["duplicates"] == 19
+
+
+def test_input_that_cleans_to_nothing_is_an_error(tmp_path):
+    raw = write(tmp_path, f" \n{EOT}\n\x01\n{EOT}\n")
+    with pytest.raises(TinyGPTError, match="cleans to nothing"):
+        clean_corpus(raw, tmp_path / "clean.txt")
+
+
+@pytest.mark.parametrize("cap", ["max_lines", "max_bytes"])
+def test_caps_keep_whole_documents(tmp_path, cap):
+    docs = [f"doc {i}\nline two" for i in range(100)]
+    raw = write(tmp_path, "".join(d + f"\n{EOT}\n" for d in docs))
+    one = len((docs[0] + f"\n{EOT}\n").encode())
+    limit = {"max_lines": 3 * 10 + 2, "max_bytes": 10 * one + one // 2}[cap]
+    stats = clean_corpus(raw, tmp_path / "clean.txt", **{cap: limit})
+    assert list(iter_documents(tmp_path / "clean.txt")) == docs[:10]
+    assert stats["truncated"] and stats["documents_out"] == 10 and stats["lines_out"] == 30
+
+
+def test_first_document_over_the_cap_is_an_error(tmp_path):
+    raw = write(tmp_path, "a long document\n")
+    with pytest.raises(TinyGPTError, match="over --max_bytes"):
+        clean_corpus(raw, tmp_path / "clean.txt", max_bytes=5)
+
+
+def test_missing_input_and_same_output_are_clear_errors(tmp_path):
+    with pytest.raises(TinyGPTError, match="raw corpus not found"):
+        clean_corpus(tmp_path / "nope.txt", tmp_path / "clean.txt")
+    raw = write(tmp_path, "x")
+    with pytest.raises(TinyGPTError, match="same file as --input"):
+        clean_corpus(raw, raw)
+    with pytest.raises(TinyGPTError, match="--split 'lines'"):
+        clean_corpus(raw, tmp_path / "clean.txt", split="lines")
+
+
+def test_a_failed_clean_keeps_the_previous_output(tmp_path):
+    (tmp_path / "clean.txt").write_text("previous")
+    raw = write(tmp_path, b"\x00\x01")
+    with pytest.raises(TinyGPTError):
+        clean_corpus(raw, tmp_path / "clean.txt")
+    assert (tmp_path / "clean.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.txt", "raw.txt"]
+
+
+def test_cli(tmp_path, capsys):
+    raw = write(tmp_path, f"a\n{EOT}\nb\n{EOT}\na\n")
+    main(["--input", str(raw), "--out", str(tmp_path / "c.txt"), "--stats", str(tmp_path / "s.json"),
+          "--split", "eot", "--max_lines", "100", "--max_bytes", "1000"])
+    assert re.search(r"2 documents.*1 duplicates", capsys.readouterr().out)
+    assert json.loads((tmp_path / "s.json").read_text())["documents_out"] == 2
+
+
+def test_iter_documents_on_a_generated_corpus_roundtrips(tmp_path):
+    docs = ["first\n\nparagraph", "second ✓", "x"]
+    path = write(tmp_path, "".join(d + f"\n{EOT}\n" for d in docs), "clean.txt")
+    assert list(iter_documents(path)) == docs
+    with pytest.raises(TinyGPTError, match="clean corpus not found"):
+        next(iter_documents(tmp_path / "missing.txt"))

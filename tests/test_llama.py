@@ -1,0 +1,152 @@
+"""llama.cpp runs our GGUF files: same token ids, same logits, same greedy text as our PyTorch model."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_export import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
+
+from tinygpt.common import TinyGPTError
+from tinygpt.export import export_hf
+from tinygpt.gguf_convert import convert_to_gguf
+from tinygpt.gguf_model import load_gguf
+from tinygpt.llama import main, run_llama
+from tinygpt.sample import generate
+
+PROMPT = "Once upon a time, a little"
+
+
+def printable(piece: bytes) -> bool:
+    try:
+        return piece.decode("utf-8").isprintable()
+    except UnicodeDecodeError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    """f16 of a width-64 model with spread-out logits (no greedy near-ties) and q4_k_m of a width-256 one."""
+    tmp = tmp_path_factory.mktemp("llama")
+    tokenizer = tiny_tokenizer()
+    files = {}
+    narrow = random_gpt(tokenizer, n_embd=64, block_size=64, std=0.15)
+    with torch.no_grad():  # shrink tokens that are not whole printable characters: greedy text is then comparable
+        for i, piece in enumerate(tokenizer.vocab):
+            if not printable(piece):
+                narrow.tok_emb.weight[i] *= 0.1
+    for kind, model in {"narrow": narrow,
+                        "wide": random_gpt(tokenizer, n_embd=256, block_size=64, seed=1, std=0.05)}.items():
+        export_hf(save_tiny_checkpoint(tmp / f"{kind}.pt", model, tokenizer), tmp / kind)
+        files[kind] = convert_to_gguf(tmp / kind, tmp / f"{kind}-f16.gguf", "f16")
+    try:
+        from tinygpt.quantize import quantize_gguf
+    except ImportError:
+        pass
+    else:
+        files["q4_k_m"] = tmp / "wide-q4_k_m.gguf"
+        quantize_gguf(files["wide"], files["q4_k_m"], "q4_k_m", threads=1)
+    return tokenizer, files
+
+
+def llama_logits(path, ids: list[int]) -> np.ndarray:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, n_threads=1, n_threads_batch=1,
+                           verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def our_logits(path, ids: list[int]) -> np.ndarray:
+    model, _ = load_gguf(path)
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0].numpy()
+
+
+def test_llama_cpp_tokenizes_exactly_like_us(gguf_files):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer, files = gguf_files
+    llm = llama_cpp.Llama(str(files["narrow"]), vocab_only=True, verbose=False)
+    for text in PARITY_TEXTS + corpus(1):
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)  # add_bos_token=false: no BOS
+        assert ids == tokenizer.encode(text), text
+        assert llm.detokenize(ids, special=True) == text.encode("utf-8")
+
+
+def test_llama_cpp_logits_match_ours_on_f16(gguf_files):
+    tokenizer, files = gguf_files
+    ids = tokenizer.encode(" ".join(corpus(1)))[:64]
+    theirs, ours = llama_logits(files["narrow"], ids), our_logits(files["narrow"], ids)
+    # same fp16 weights; llama.cpp rounds activations to fp16 inside its matmuls
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=5e-3 * np.abs(ours).max())
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_llama_cpp_greedy_continuation_equals_ours(gguf_files):
+    pytest.importorskip("llama_cpp")
+    tokenizer, files = gguf_files
+    model, _ = load_gguf(files["narrow"])
+    prompt_ids = tokenizer.encode(PROMPT)
+    ours = tokenizer.decode(generate(model, prompt_ids, 24, temperature=0.0, eot_id=tokenizer.eot_id))
+    assert len(ours) > 10 and "\ufffd" not in ours  # a real continuation, not an immediate <|endoftext|>
+    assert run_llama(files["narrow"], PROMPT, n_predict=24, temperature=0.0, backend="python", threads=1) == ours
+
+
+def test_cli_prints_prompt_and_continuation(gguf_files, capsys):
+    pytest.importorskip("llama_cpp")
+    _, files = gguf_files
+    expected = run_llama(files["narrow"], PROMPT, n_predict=8, temperature=0.0, backend="python", threads=1)
+    main(["--model", str(files["narrow"]), "--prompt", PROMPT, "-n", "8", "--temperature", "0", "--backend", "python",
+          "--threads", "1"])
+    assert capsys.readouterr().out == PROMPT + expected + "\n"
+
+
+def test_llama_cpp_runs_our_q4_k_m_file(gguf_files):
+    tokenizer, files = gguf_files
+    if "q4_k_m" not in files:
+        pytest.skip("tinygpt.quantize is not available")
+    ids = tokenizer.encode(" ".join(corpus(1)))[:64]
+    theirs, ours = llama_logits(files["q4_k_m"], ids), our_logits(files["q4_k_m"], ids)
+    # same dequantized weights; llama.cpp also rounds activations to 8 bits for K-quant matmuls
+    assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] > 0.99
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+    text = run_llama(files["q4_k_m"], PROMPT, n_predict=16, temperature=0.8, seed=3, backend="python", threads=1)
+    assert isinstance(text, str)
+
+
+def fake_program(tmp_path, name: str) -> None:
+    """A stand-in llama.cpp CLI: advertises the optional flags in --help and echoes its arguments."""
+    script = tmp_path / name
+    script.write_text('#!/bin/sh\nif [ "$1" = "--help" ]; then echo "-no-cnv --no-display-prompt --no-repack"; '
+                      'exit 0; fi\necho "ARGS $*"; echo " [end of text]"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def test_cli_backend_builds_a_completion_command(gguf_files, tmp_path, monkeypatch):
+    _, files = gguf_files
+    fake_program(tmp_path, "llama-cli")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    out = run_llama(files["narrow"], PROMPT, n_predict=5, temperature=0.0, seed=7, backend="cli")
+    assert out.startswith(f"ARGS -m {files['narrow']} -p {PROMPT} -n 5 --temp 0.0 ")
+    assert "-s 7" in out and "-no-cnv" in out and "--no-repack" in out and "--no-display-prompt" in out
+    assert not out.endswith("[end of text]")
+
+
+def test_no_llama_cpp_at_all_says_how_to_install(gguf_files, tmp_path, monkeypatch):
+    _, files = gguf_files
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-cli / llama-completion
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now fails
+    with pytest.raises(TinyGPTError, match="pip install llama-cpp-python"):
+        run_llama(files["narrow"], PROMPT, n_predict=5)
+    with pytest.raises(TinyGPTError, match="no llama.cpp program"):
+        run_llama(files["narrow"], PROMPT, n_predict=5, backend="cli")
+
+
+def test_prompt_plus_generation_must_fit_the_context(gguf_files):
+    _, files = gguf_files
+    with pytest.raises(TinyGPTError, match=r"plus -n 100 exceeds the context .* \(64 tokens\)"):
+        run_llama(files["narrow"], PROMPT, n_predict=100)

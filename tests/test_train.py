@@ -1,0 +1,302 @@
+"""Training stage: LR schedule, optimizer groups, batch sampling, exact resume after SIGKILL, fresh runs on
+changed settings, DDP parity with one process, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinygpt.checkpoint import load_checkpoint
+from tinygpt.common import TinyGPTError
+from tinygpt.data import RandomBatches, TokenFile, fixed_batches
+from tinygpt.model import GPT, GPTConfig
+from tinygpt.stories import story
+from tinygpt.train import autocast_dtype, configure_optimizer, cosine_lr, cpu_has_fast_bf16, main, TrainConfig
+from tinygpt.train_bpe import train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16"]
+
+
+def write_token_dir(path: Path, n_stories: int = 120, vocab_size: int = 320) -> Path:
+    """A tiny encoded data folder in the encode stage's format: tokenizer.json, train.bin, val.bin, meta.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    docs = [story(random.Random(i)) for i in range(n_stories)]
+    tokenizer = train_bpe(docs, vocab_size, show_progress=False)
+    tokenizer.save(path / "tokenizer.json")
+    ids = np.array([i for doc in docs for i in tokenizer.encode(doc + "\n<|endoftext|>\n")], dtype=np.uint16)
+    split = int(0.9 * len(ids))
+    ids[:split].tofile(path / "train.bin")
+    ids[split:].tofile(path / "val.bin")
+    (path / "meta.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size, "dtype": "uint16"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_token_dir(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("TINYGPT_NO_PROGRESS", "1")
+
+
+def train_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return ["--data_dir", str(data_dir), "--tokenizer", str(data_dir / "tokenizer.json"),
+            "--out", str(out_dir / "best.pt"), "--runs_dir", str(out_dir / "runs"), *TINY_MODEL,
+            "--batch_size", "4", "--eval_batches", "2", "--warmup_steps", "3", *extra]
+
+
+def run_dirs(out_dir: Path) -> list[Path]:
+    return sorted(p for p in (out_dir / "runs").iterdir() if p.is_dir())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- schedule, optimizer, precision ---------------------------------------------------------------------
+
+
+def test_cosine_lr_warms_up_linearly_then_decays_to_min_lr():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert [cosine_lr(s, **kw) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert cosine_lr(10, **kw) == pytest.approx(1.0)
+    assert cosine_lr(60, **kw) == pytest.approx(0.55)  # half way down the cosine: the mean of lr and min_lr
+    assert cosine_lr(110, **kw) == pytest.approx(0.1) and cosine_lr(500, **kw) == pytest.approx(0.1)
+    decay = [cosine_lr(s, **kw) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert cosine_lr(0, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1.0)
+
+
+def test_weight_decay_applies_to_weight_matrices_only():
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    cfg = TrainConfig("", "", "", weight_decay=0.1)
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    others = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    expected = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert decayed == expected
+    assert decayed | others == set(names.values()) and not decayed & others
+    assert "tok_emb.weight" in others and "pos_emb.weight" in others and "blocks.0.ln_1.weight" in others
+
+
+def test_autocast_dtype_choices():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("off", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    with pytest.raises(TinyGPTError, match="fp16 needs a CUDA device"):
+        autocast_dtype("fp16", cpu)
+
+
+# --- batches --------------------------------------------------------------------------------------------
+
+
+def test_batches_are_windows_of_the_token_file_and_ranks_split_the_global_batch(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) * 7 % 65000
+    tokens.tofile(tmp_path / "t.bin")
+    file = TokenFile.open(tmp_path / "t.bin", np.dtype(np.uint16), min_tokens=17)
+    single = RandomBatches(file, batch_size=6, block_size=16, seed=3)
+    ranks = [RandomBatches(file, batch_size=3, block_size=16, seed=3, rank=r, world_size=2) for r in range(2)]
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        x, y = single.next(cpu)
+        parts = [r.next(cpu) for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert x.shape == (6, 16) and x.dtype == torch.int64
+        for row_x, row_y in zip(x, y):  # each row is a contiguous slice of the file, targets shifted by one
+            start = np.flatnonzero(tokens == row_x[0].item())[0]
+            assert row_x.tolist() == tokens[start : start + 16].tolist()
+            assert row_y.tolist() == tokens[start + 1 : start + 17].tolist()
+    # the generator state restores the stream exactly
+    state = single.state_dict()
+    expected = single.next(cpu)[0]
+    single.load_state_dict(state)
+    assert torch.equal(single.next(cpu)[0], expected)
+
+
+def test_validation_batches_are_fixed_and_in_range(tmp_path):
+    np.zeros(100, dtype=np.uint16).tofile(tmp_path / "v.bin")
+    file = TokenFile.open(tmp_path / "v.bin", np.dtype(np.uint16), min_tokens=17)
+    batches = fixed_batches(file, num_batches=3, batch_size=4, block_size=16)
+    assert [len(b) for b in batches] == [4, 4, 4]
+    offsets = torch.cat(batches)
+    assert offsets.min() == 0 and offsets.max() == 100 - 17
+    assert all(torch.equal(a, b) for a, b in zip(batches, fixed_batches(file, 3, 4, 16)))
+
+
+# --- runs: resume, fingerprints, final checkpoint -------------------------------------------------------
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "TINYGPT_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path):
+    settings = ["--max_steps", "200", "--ckpt_interval", "7", "--eval_interval", "40", "--threads", "1", "--dropout", "0.1"]
+    command = [sys.executable, "-m", "tinygpt.train"]
+    env = subprocess_env()
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(command + train_args(data_dir, whole, *settings), env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(command + train_args(data_dir, killed, *settings), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((killed / "runs").glob("*/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.05))  # anywhere in the following steps, maybe mid-write of the next last.pt
+    assert proc.poll() is None, "training finished before it could be killed; give the test more steps"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [run_dir] = run_dirs(killed)
+    killed_at = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 0 < killed_at < 200 and not (killed / "best.pt").exists()
+
+    resumed = subprocess.run(command + train_args(data_dir, killed, *settings), env=env, check=True,
+                             capture_output=True, text=True)
+    assert f"resuming run {run_dir} from step {killed_at}" in resumed.stdout
+    final_whole, final_resumed = load_checkpoint(whole / "best.pt"), load_checkpoint(killed / "best.pt")
+    assert final_whole["step"] == final_resumed["step"] and final_whole["val_loss"] == final_resumed["val_loss"]
+    for name, tensor in final_whole["model"].items():
+        assert torch.equal(tensor, final_resumed["model"][name]), name
+    last_whole, last_resumed = (load_checkpoint(d / "last.pt") for d in (run_dirs(whole)[0], run_dir))
+    for a, b in zip(last_whole["optimizer"]["state"].values(), last_resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    # the log holds each step once, as the uninterrupted run wrote it
+    assert [m["step"] for m in metrics(run_dir)] == [m["step"] for m in metrics(run_dirs(whole)[0])]
+
+
+def test_changed_setting_starts_a_fresh_run_and_same_command_resumes(data_dir, tmp_path, capsys):
+    main(train_args(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2"))
+    first = capsys.readouterr().out
+    n_params = GPT(GPTConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=32, block_size=16)).num_params()
+    assert "starting run" in first and f"model: {n_params:,} parameters" in first
+    [run_dir] = run_dirs(tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["fingerprint"] == run_dir.name and config["training"]["max_steps"] == 4
+    assert config["model"]["n_embd"] == 32 and config["data"]["train_tokens"] > 0
+    lines = metrics(run_dir)
+    assert [m["step"] for m in lines] == [2, 4] and all(math.isfinite(m["val_bpb"]) for m in lines)
+
+    main(train_args(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "1"))
+    again = capsys.readouterr().out
+    assert f"resuming run {run_dir} from step 4" in again  # ckpt_interval does not change the result
+
+    main(train_args(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2", "--lr", "1e-3"))
+    fresh = capsys.readouterr().out
+    assert "starting a fresh run" in fresh and "training.lr 0.002 -> 0.001" in fresh
+    assert len(run_dirs(tmp_path)) == 2
+
+
+def test_final_checkpoint_is_the_best_model_without_training_state(data_dir, tmp_path, monkeypatch):
+    main(train_args(data_dir, tmp_path, "--max_steps", "6", "--eval_interval", "3", "--lr", "3e-3"))
+    final = load_checkpoint(tmp_path / "best.pt")
+    assert set(final) == {"model", "model_config", "tokenizer_json", "step", "val_loss"}
+    [run_dir] = run_dirs(tmp_path)
+    best = load_checkpoint(run_dir / "best.pt")
+    assert final["step"] == best["step"] and final["val_loss"] == min(m["val_loss"] for m in metrics(run_dir))
+    assert all(torch.equal(final["model"][k], best["model"][k]) for k in best["model"])
+    assert final["tokenizer_json"] == (data_dir / "tokenizer.json").read_text()
+    assert {"optimizer", "scaler", "sampler", "rng", "best_val_loss"} <= set(best)
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data_dir, tmp_path):
+    common = ["--max_steps", "6", "--eval_interval", "3", "--log_interval", "1", "--grad_accum", "2",
+              "--amp", "off", "--threads", "1"]
+    env = subprocess_env()
+    single = train_args(data_dir, tmp_path / "single", *common)
+    single[single.index("--batch_size") + 1] = "4"
+    subprocess.run([sys.executable, "-m", "tinygpt.train", *single], env=env, check=True, capture_output=True)
+    pair = train_args(data_dir, tmp_path / "ddp", *common)
+    pair[pair.index("--batch_size") + 1] = "2"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tinygpt.train", *pair], env=env, check=True, capture_output=True)
+    one, two = metrics(run_dirs(tmp_path / "single")[0]), metrics(run_dirs(tmp_path / "ddp")[0])
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]
+    assert [m["train_loss"] for m in two] == pytest.approx([m["train_loss"] for m in one], rel=1e-5)
+    val_one, val_two = ([m["val_loss"] for m in run if "val_loss" in m] for run in (one, two))
+    assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+def copy_data(data_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+        (dest / name).write_bytes((data_dir / name).read_bytes())
+    return dest
+
+
+def test_token_file_shorter_than_one_block_is_a_clear_error(data_dir, tmp_path):
+    bad = copy_data(data_dir, tmp_path / "data")
+    np.arange(10, dtype=np.uint16).tofile(bad / "val.bin")
+    result = subprocess.run([sys.executable, "-m", "tinygpt.train", *train_args(bad, tmp_path, "--max_steps", "2")],
+                            env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "val.bin holds 10 tokens, fewer than the 17" in result.stderr
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_vocab_size_disagreeing_with_meta_json_is_a_clear_error(data_dir, tmp_path):
+    bad = copy_data(data_dir, tmp_path / "data")
+    (bad / "meta.json").write_text(json.dumps({"vocab_size": 999}))
+    with pytest.raises(TinyGPTError, match=r"meta.json says vocab_size=999.*rerun the encode stage"):
+        main(train_args(bad, tmp_path, "--max_steps", "2"))
+
+
+def test_token_id_beyond_vocab_is_a_clear_error(data_dir, tmp_path):
+    bad = copy_data(data_dir, tmp_path / "data")
+    np.full(100, 5000, dtype=np.uint16).tofile(bad / "val.bin")
+    with pytest.raises(TinyGPTError, match="val.bin holds token id 5000, beyond vocab_size"):
+        main(train_args(bad, tmp_path, "--max_steps", "2"))
+
+
+def test_truncated_last_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    main(train_args(data_dir, tmp_path, "--max_steps", "2", "--eval_interval", "2"))
+    [run_dir] = run_dirs(tmp_path)
+    last = run_dir / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(TinyGPTError, match=r"last.pt is truncated"):
+        main(train_args(data_dir, tmp_path, "--max_steps", "2", "--eval_interval", "2"))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    forward, calls = GPT.forward, []
+
+    def poisoned_forward(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if self.training:
+            calls.append(1)
+            if len(calls) > 5:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned_forward)
+    with pytest.raises(TinyGPTError, match=r"training loss is nan at step 5; stopped, keeping the last good checkpoint"):
+        main(train_args(data_dir, tmp_path, "--max_steps", "10", "--ckpt_interval", "2", "--eval_interval", "100"))
+    [run_dir] = run_dirs(tmp_path)
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["step"] == 4 and all(torch.isfinite(t).all() for t in last["model"].values())
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_bad_flag_values_are_clear_errors(data_dir, tmp_path):
+    with pytest.raises(TinyGPTError, match="--min_lr=0.1 must lie between 0 and --lr=0.01"):
+        main(train_args(data_dir, tmp_path, "--lr", "0.01", "--min_lr", "0.1"))
+    with pytest.raises(TinyGPTError, match="--batch_size=0 must be at least 1"):
+        main(train_args(data_dir, tmp_path, "--batch_size", "0"))

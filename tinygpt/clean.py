@@ -1,0 +1,247 @@
+"""Stage 2: raw text -> a clean corpus of unique documents.
+
+`python -m tinygpt.clean --input data/raw/corpus.txt --out data/clean/corpus.txt --stats data/clean/corpus.stats.json`
+
+What cleaning does, in order, streaming block by block (memory holds one block, one document, and an 8-byte
+hash per unique document):
+  1. Reject binary input: a NUL byte anywhere, or a first 64 kB that is over a quarter invalid UTF-8.
+  2. Decode UTF-8 (a leading BOM is dropped); each invalid byte becomes U+FFFD and is counted.
+  3. Drop invisible junk, counted: control characters (category Cc) except tab and newline, and the format
+     characters (category Cf) that carry no meaning in running text: soft hyphen, zero-width space, word joiner,
+     BOM, invisible math operators, bidirectional embeddings/overrides/isolates, and interlinear annotation marks.
+     Kept on purpose: ZWJ (joins emoji sequences like the family emoji) and ZWNJ (shapes Persian and Indic
+     words), the LRM/RLM/ALM marks (needed to render mixed-direction text), and emoji tag characters (flags).
+  4. Newlines become "\\n": CRLF, CR, VT, FF, NEL and U+2028 (U+2029, a paragraph separator, becomes a blank line).
+  5. Split into documents: `eot` at every `<|endoftext|>`; `blank_line` at blank lines (and at any
+     `<|endoftext|>`, so no document contains one); `auto` is `eot` if the input contains `<|endoftext|>`, else
+     `blank_line`.
+  6. Per document: Unicode NFC, strip, collapse runs of blank lines to one; drop empty documents and exact
+     duplicates (by hash).
+  7. Write each document followed by "\\n<|endoftext|>\\n", stopping before a document that would pass
+     --max_lines or --max_bytes (counted on the output, separator lines included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tinygpt.common import TinyGPTError, atomic_open, atomic_path, progress, require_file, run_cli
+
+EOT = "<|endoftext|>"
+DOC_END = f"\n{EOT}\n"
+SPLITS = ("auto", "eot", "blank_line")
+BLOCK = 1 << 22
+# Binary check: over the first BINARY_PROBE bytes (or the whole file, if at least BINARY_MIN_BYTES), the share
+# of invalid UTF-8. Text in a wrong 8-bit encoding stays far below 25%; random bytes are far above it.
+BINARY_PROBE, BINARY_MIN_BYTES, BINARY_INVALID_FRACTION = 1 << 16, 256, 0.25
+
+# Pure-ASCII blocks (the common case) drop their control characters at the byte level, which is much faster.
+# (Not done on other blocks: dropping a byte between two invalid fragments could glue them into a character.)
+_CONTROL_BYTES = bytes([*range(0x01, 0x09), *range(0x0E, 0x20), 0x7F])
+_INVALID = re.compile("[\udc80-\udcff]")  # invalid bytes, as decoded by errors="surrogateescape"
+_JUNK = re.compile(
+    "[\x01-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b\u2060-\u2064\u206a-\u206f\ufeff"
+    "\u202a-\u202e\u2066-\u2069\ufff9-\ufffb\U000e0001]"
+)
+_UNICODE_BREAKS = re.compile("[\x0b\x0c\x85\u2028]")
+_BLANK_LINES = re.compile(r"\n\s*\n")  # two or more newlines with only whitespace between
+_BLANK_LINE_SPLIT = re.compile(r"\n(?:[^\S\n]*\n)+|" + re.escape(EOT))
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file contains `needle`, reading block by block (stops at the first hit)."""
+    window = b""
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            window = window[max(0, len(window) - len(needle) + 1) :] + block  # keep what could start a match
+            if needle in window:
+                return True
+    return False
+
+
+def _text_blocks(path: Path, stats: dict) -> Iterator[str]:
+    """`path` decoded and normalised (steps 1-4 of the module docstring), in blocks of about BLOCK bytes."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
+    with open(path, "rb") as f, progress(total=path.stat().st_size, unit="B", unit_scale=True, desc="clean") as bar:
+        probed, held_cr = False, ""
+        while True:
+            raw = f.read(BLOCK)
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise TinyGPTError(
+                    f"{path} looks binary (NUL byte at offset {stats['bytes_in'] + nul}); give a UTF-8 text file "
+                    "(UTF-16 text must be converted to UTF-8 first)"
+                )
+            stats["bytes_in"] += len(raw)
+            bar.update(len(raw))
+            if raw.isascii():
+                kept = raw.translate(None, _CONTROL_BYTES)
+                stats["control_characters_dropped"] += len(raw) - len(kept)
+                text = decoder.decode(kept, final=not raw)
+                ascii_done = text.isascii()  # not if a character cut at the previous block's end was invalid
+            else:
+                text = decoder.decode(raw, final=not raw)
+                ascii_done = False
+            if not ascii_done:
+                text, invalid = _INVALID.subn("\ufffd", text)
+                stats["replaced_characters"] += invalid
+                text, junk = _JUNK.subn("", text)
+                stats["control_characters_dropped"] += junk
+            text, held_cr = held_cr + text, ""
+            if raw and text.endswith("\r"):  # it may be half of a CRLF pair: decide with the next block
+                text, held_cr = text[:-1], "\r"
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if ascii_done:
+                text = text.replace("\x0b", "\n").replace("\x0c", "\n")
+            else:
+                text = _UNICODE_BREAKS.sub("\n", text).replace("\u2029", "\n\n")
+            if not probed and (stats["bytes_in"] >= BINARY_PROBE or not raw):
+                probed = True
+                seen, invalid = stats["bytes_in"], stats["replaced_characters"]
+                if seen >= BINARY_MIN_BYTES and invalid > BINARY_INVALID_FRACTION * seen:
+                    raise TinyGPTError(f"{path} looks binary ({invalid} of its first {seen} bytes are not UTF-8); "
+                                       "give a UTF-8 text file")
+            yield text
+            if not raw:
+                return
+
+
+def _split(blocks: Iterator[str], split: str) -> Iterator[str]:
+    """Raw documents (not yet stripped) from text blocks; a separator cut by a block boundary is rejoined."""
+    pattern = _BLANK_LINE_SPLIT if split == "blank_line" else None
+    pending = ""
+    for text in blocks:
+        pending += text
+        parts = pattern.split(pending) if pattern else pending.split(EOT)
+        pending = parts.pop()
+        yield from parts
+    if pending.strip():  # text after the last separator; whitespace there is not an empty document
+        yield pending
+
+
+def _normalize(doc: str) -> str:
+    if not doc.isascii():
+        doc = unicodedata.normalize("NFC", doc)
+    doc = doc.strip()
+    if "\n" in doc:
+        doc = _BLANK_LINES.sub("\n\n", doc)
+    return doc
+
+
+def clean_corpus(
+    input: str | os.PathLike,
+    out: str | os.PathLike,
+    stats: str | os.PathLike | None = None,
+    split: str = "auto",
+    max_lines: int | None = None,
+    max_bytes: int | None = None,
+) -> dict:
+    """Clean `input` into `out` (and the stats JSON `stats`, if given), atomically; return the stats."""
+    input_path = require_file(input, "raw corpus", "run `python -m tinygpt.download` first")
+    out = Path(out)
+    if split not in SPLITS:
+        raise TinyGPTError(f"--split {split!r} is unknown; use one of {', '.join(SPLITS)}")
+    if out.resolve() == input_path.resolve():
+        raise TinyGPTError(f"--out {out} is the same file as --input; write the clean corpus elsewhere")
+    for flag, cap in (("--max_lines", max_lines), ("--max_bytes", max_bytes)):
+        if cap is not None and cap <= 0:
+            raise TinyGPTError(f"{flag} {cap} must be a positive number (or left out for no cap)")
+    if split == "auto":
+        split = "eot" if _contains(input_path, EOT.encode()) else "blank_line"
+
+    counts = dict(documents_in=0, documents_out=0, duplicates=0, empty=0, bytes_in=0, bytes_out=0, lines_out=0,
+                  replaced_characters=0, control_characters_dropped=0)
+    seen: set[int] = set()
+    truncated = False
+    doc_end = DOC_END.encode()
+    with atomic_open(out, "wb") as f:
+        pending: list[bytes] = []
+        pending_bytes = 0
+        for doc in _split(_text_blocks(input_path, counts), split):
+            counts["documents_in"] += 1
+            doc = _normalize(doc)
+            if not doc:
+                counts["empty"] += 1
+                continue
+            data = doc.encode()
+            key = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+            if key in seen:
+                counts["duplicates"] += 1
+                continue
+            size, lines = len(data) + len(doc_end), doc.count("\n") + 2
+            if (max_bytes is not None and counts["bytes_out"] + size > max_bytes) or (
+                max_lines is not None and counts["lines_out"] + lines > max_lines
+            ):
+                truncated = True
+                break
+            seen.add(key)
+            pending += (data, doc_end)
+            pending_bytes += size
+            counts["documents_out"] += 1
+            counts["bytes_out"] += size
+            counts["lines_out"] += lines
+            if pending_bytes >= BLOCK:
+                f.write(b"".join(pending))
+                pending, pending_bytes = [], 0
+        f.write(b"".join(pending))
+        if not counts["documents_out"]:
+            if truncated:
+                raise TinyGPTError(f"the first document of {input_path} is already over --max_bytes/--max_lines; "
+                                   "raise the cap")
+            raise TinyGPTError(f"{input_path} cleans to nothing ({counts['documents_in']} documents, all empty or "
+                               "duplicates); check that it is the right file")
+
+    result = {"input": str(input_path), "output": str(out), "split": split, **counts, "truncated": truncated}
+    if stats is not None:
+        with atomic_path(stats) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def iter_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Stream the documents of a cleaned corpus (each was written as doc + "\\n<|endoftext|>\\n")."""
+    path = require_file(path, "clean corpus", "run `python -m tinygpt.clean` first")
+    pending = ""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            while block := f.read(BLOCK):
+                pending += block
+                docs = pending.split(DOC_END)
+                pending = docs.pop()
+                yield from docs
+    except UnicodeDecodeError as e:
+        raise TinyGPTError(f"{path} is not UTF-8 text (byte {e.start}); pass a corpus written by tinygpt.clean") from None
+    if pending.strip():  # a file cut short, or not from tinygpt.clean: its last document has no separator
+        yield pending.strip()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tinygpt clean",
+        description="Clean raw text into a corpus of unique documents: UTF-8, NFC, \\n newlines, no control "
+                    "characters, no empty or duplicate documents; each document ends with a line <|endoftext|>.")
+    parser.add_argument("--input", required=True, help="raw UTF-8 text, e.g. from tinygpt.download")
+    parser.add_argument("--out", required=True, help="the clean corpus to write")
+    parser.add_argument("--stats", default=None, help="where to write the cleaning statistics (JSON)")
+    parser.add_argument("--split", choices=SPLITS, default="auto",
+                        help="where documents end: at <|endoftext|>, at blank lines, or auto (<|endoftext|> if the "
+                             "input has any, else blank lines; the default)")
+    parser.add_argument("--max_lines", type=int, default=None, help="stop before the output passes this many lines (whole documents)")
+    parser.add_argument("--max_bytes", type=int, default=None, help="stop before the output passes this many bytes (whole documents)")
+    args = parser.parse_args(argv)
+    result = clean_corpus(args.input, args.out, args.stats, args.split, args.max_lines, args.max_bytes)
+    print(f"wrote {result['output']}: {result['documents_out']:,} documents, {result['bytes_out']:,} bytes "
+          f"({result['duplicates']:,} duplicates, {result['empty']:,} empty dropped; split={result['split']})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

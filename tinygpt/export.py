@@ -1,0 +1,177 @@
+"""Export a checkpoint as a Hugging Face GPT-2 folder that `transformers` loads as `GPT2LMHeadModel`.
+
+    python -m tinygpt.export --checkpoint checkpoints/best.pt --out_dir exports/tinygpt
+
+writes model.safetensors, config.json, generation_config.json, tokenizer.json and tokenizer_config.json.
+Our model computes exactly GPT-2 (gelu_new, pre-LayerNorm, tied head), so only names and layouts change:
+HF GPT-2 keeps its attention/MLP weights in `Conv1D` modules, stored (in, out), the transpose of our
+`nn.Linear` (out, in). The LM head is tied to `transformer.wte.weight` and not stored (safetensors refuses
+shared tensors, and transformers re-ties it from `tie_word_embeddings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from tinygpt.checkpoint import load_checkpoint, model_config_from_dict
+from tinygpt.common import TinyGPTError, atomic_open, atomic_path, run_cli
+from tinygpt.model import GPT, GPTConfig
+from tinygpt.tokenizer import Tokenizer
+
+EOT_TOKEN = "<|endoftext|>"
+
+# our per-block tensor name -> (HF GPT-2 name, stored transposed as Conv1D)
+_BLOCK_TENSORS = {
+    "ln_1.weight": ("ln_1.weight", False),
+    "ln_1.bias": ("ln_1.bias", False),
+    "attn.qkv.weight": ("attn.c_attn.weight", True),
+    "attn.qkv.bias": ("attn.c_attn.bias", False),
+    "attn.proj.weight": ("attn.c_proj.weight", True),
+    "attn.proj.bias": ("attn.c_proj.bias", False),
+    "ln_2.weight": ("ln_2.weight", False),
+    "ln_2.bias": ("ln_2.bias", False),
+    "mlp.fc.weight": ("mlp.c_fc.weight", True),
+    "mlp.fc.bias": ("mlp.c_fc.bias", False),
+    "mlp.proj.weight": ("mlp.c_proj.weight", True),
+    "mlp.proj.bias": ("mlp.c_proj.bias", False),
+}
+_TOP_TENSORS = {
+    "tok_emb.weight": "transformer.wte.weight",
+    "pos_emb.weight": "transformer.wpe.weight",
+    "ln_f.weight": "transformer.ln_f.weight",
+    "ln_f.bias": "transformer.ln_f.bias",
+}
+
+
+def checked_model_state(ckpt: dict[str, Any], source: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The checkpoint's GPTConfig and state dict, after checking every tensor's name and shape against the config."""
+    for key in ("model", "model_config", "tokenizer_json"):
+        if key not in ckpt:
+            raise TinyGPTError(f"checkpoint {source} has no {key!r} entry; it was not written by tinygpt.train")
+    config = model_config_from_dict(ckpt["model_config"], source)
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    state = ckpt["model"]
+    problems = [f"{name} is missing" for name in expected if name not in state]
+    problems += [f"{name} is unexpected" for name in state if name not in expected]
+    problems += [
+        f"{name} has shape {tuple(state[name].shape)}, the config needs {shape}"
+        for name, shape in expected.items()
+        if name in state and tuple(state[name].shape) != shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise TinyGPTError(
+            f"checkpoint {source} does not match its model_config ({shown}); the file is corrupt or was edited: "
+            "re-create it with tinygpt.train"
+        )
+    return config, state
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """Our state dict under GPT2LMHeadModel's names, float32, Conv1D weights transposed to (in, out)."""
+    out = {hf: state[ours] for ours, hf in _TOP_TENSORS.items()}
+    for i in range(n_layer):
+        for ours, (hf, transpose) in _BLOCK_TENSORS.items():
+            t = state[f"blocks.{i}.{ours}"]
+            out[f"transformer.h.{i}.{hf}"] = t.t() if transpose else t
+    # safetensors wants contiguous tensors that share no memory
+    return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in out.items()}
+
+
+def hf_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
+    """config.json for GPT2LMHeadModel: the same network, all dropouts off (this is an inference export)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd, as in our MLP
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "summary_first_dropout": 0.0,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def tokenizer_config(block_size: int) -> dict[str, Any]:
+    # PreTrainedTokenizerFast runs tokenizer.json exactly as written; GPT-2 never prepends a BOS token
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOT_TOKEN,
+        "eos_token": EOT_TOKEN,
+        "unk_token": EOT_TOKEN,
+        "model_max_length": block_size,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write the Hugging Face GPT-2 folder for `checkpoint` into `out_dir` (each file atomically); return out_dir."""
+    ckpt = load_checkpoint(checkpoint)
+    config, state = checked_model_state(ckpt, checkpoint)
+    tokenizer = Tokenizer.from_json_str(ckpt["tokenizer_json"])
+    if tokenizer.vocab_size != config.vocab_size:
+        raise TinyGPTError(
+            f"checkpoint {checkpoint}: its tokenizer has {tokenizer.vocab_size} tokens but the model has "
+            f"vocab_size={config.vocab_size}; the checkpoint mixes two runs, re-create it with tinygpt.train"
+        )
+    eot_id = tokenizer.eot_id
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(hf_state_dict(state, config.n_layer), str(tmp), metadata={"format": "pt"})
+    _write_json(out_dir / "config.json", hf_config(config, eot_id))
+    _write_json(
+        out_dir / "generation_config.json",
+        {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id},
+    )
+    with atomic_open(out_dir / "tokenizer.json", "w", encoding="utf-8") as f:
+        f.write(ckpt["tokenizer_json"])
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config(config.block_size))
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinygpt.export",
+        description="Export a tinygpt checkpoint as a Hugging Face GPT-2 folder (safetensors + tokenizer.json).",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint written by tinygpt.train (e.g. checkpoints/best.pt)")
+    parser.add_argument("--out_dir", required=True, help="folder to write (e.g. exports/tinygpt)")
+    args = parser.parse_args(argv)
+    out = export_hf(args.checkpoint, args.out_dir)
+    print(f"wrote Hugging Face GPT-2 folder {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,251 @@
+"""Convert the Hugging Face GPT-2 export folder into a GGUF file for llama.cpp (architecture `gpt2`).
+
+    python -m tinygpt.gguf_convert --model_dir exports/tinygpt --out exports/tinygpt/model-f16.gguf --outtype f16
+
+Metadata and tensors follow GGUF_SPEC.md. Which tensors keep F32 follows llama.cpp's convert_hf_to_gguf.py:
+1-D tensors (biases, norms) and `position_embd.weight` stay F32 in every output type (llama.cpp's quantizer
+keeps the position embedding F32 too), the other 2-D weights take the output type. A Q8_0 tensor whose rows
+are not a multiple of 32 values falls back to F16, as convert_hf_to_gguf does. The tied LM head is left out:
+llama.cpp reuses token_embd for the output when `output.weight` is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import gguf
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli
+from tinygpt.tokenizer import Tokenizer
+
+F32, F16, BF16, Q8_0 = (gguf.GGMLQuantizationType[t] for t in ("F32", "F16", "BF16", "Q8_0"))
+
+# --outtype -> (general.file_type, type of the 2-D weights)
+OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
+    "f32": (gguf.LlamaFileType.ALL_F32, F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q8_0),
+}
+
+# HF GPT-2 name -> (GGUF name, stored transposed): Conv1D keeps (in, out); GGUF wants nn.Linear's (out, in)
+_TOP_TENSORS = {
+    "transformer.wte.weight": "token_embd.weight",
+    "transformer.wpe.weight": "position_embd.weight",
+    "transformer.ln_f.weight": "output_norm.weight",
+    "transformer.ln_f.bias": "output_norm.bias",
+}
+_BLOCK_TENSORS = {
+    "ln_1.weight": ("attn_norm.weight", False),
+    "ln_1.bias": ("attn_norm.bias", False),
+    "attn.c_attn.weight": ("attn_qkv.weight", True),
+    "attn.c_attn.bias": ("attn_qkv.bias", False),
+    "attn.c_proj.weight": ("attn_output.weight", True),
+    "attn.c_proj.bias": ("attn_output.bias", False),
+    "ln_2.weight": ("ffn_norm.weight", False),
+    "ln_2.bias": ("ffn_norm.bias", False),
+    "mlp.c_fc.weight": ("ffn_up.weight", True),
+    "mlp.c_fc.bias": ("ffn_up.bias", False),
+    "mlp.c_proj.weight": ("ffn_down.weight", True),
+    "mlp.c_proj.bias": ("ffn_down.bias", False),
+}
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL = 1, 3
+
+
+@dataclass(frozen=True)
+class GPT2HParams:
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_ctx: int
+    n_ff: int
+    eps: float
+    tied: bool  # LM head tied to the token embedding
+
+
+def read_hf_config(model_dir: Path) -> GPT2HParams:
+    """The hyperparameters of an HF GPT-2 config.json, checked to be a network llama.cpp's `gpt2` computes."""
+    path = require_file(model_dir / "config.json", "Hugging Face config", "run python -m tinygpt.export first")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyGPTError(f"{path} is not valid JSON ({e}); re-run python -m tinygpt.export") from e
+    if raw.get("model_type") != "gpt2":
+        raise TinyGPTError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'gpt2'")
+    if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise TinyGPTError(
+            f"{path}: activation_function {raw['activation_function']!r} is not the tanh GELU "
+            "that llama.cpp's gpt2 uses"
+        )
+    try:
+        return GPT2HParams(
+            vocab_size=int(raw["vocab_size"]),
+            n_embd=int(raw["n_embd"]),
+            n_layer=int(raw["n_layer"]),
+            n_head=int(raw["n_head"]),
+            n_ctx=int(raw.get("n_positions", raw.get("n_ctx"))),
+            n_ff=int(raw.get("n_inner") or 4 * int(raw["n_embd"])),
+            eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+            tied=bool(raw.get("tie_word_embeddings", True)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise TinyGPTError(f"{path}: missing or invalid GPT-2 setting {e}; re-run python -m tinygpt.export") from e
+
+
+def expected_shapes(hp: GPT2HParams) -> dict[str, tuple[int, ...]]:
+    """numpy shape of every GGUF tensor llama.cpp's gpt2 loader requires (GGUF_SPEC §1)."""
+    C, F = hp.n_embd, hp.n_ff
+    shapes = {
+        "token_embd.weight": (hp.vocab_size, C),
+        "position_embd.weight": (hp.n_ctx, C),
+        "output_norm.weight": (C,),
+        "output_norm.bias": (C,),
+    }
+    per_block = {
+        "attn_norm.weight": (C,), "attn_norm.bias": (C,),
+        "attn_qkv.weight": (3 * C, C), "attn_qkv.bias": (3 * C,),
+        "attn_output.weight": (C, C), "attn_output.bias": (C,),
+        "ffn_norm.weight": (C,), "ffn_norm.bias": (C,),
+        "ffn_up.weight": (F, C), "ffn_up.bias": (F,),
+        "ffn_down.weight": (C, F), "ffn_down.bias": (C,),
+    }  # fmt: skip
+    for i in range(hp.n_layer):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in per_block.items()})
+    if not hp.tied:
+        shapes["output.weight"] = (hp.vocab_size, C)
+    return shapes
+
+
+def gguf_name(hf_name: str, tied: bool) -> tuple[str | None, bool]:
+    """(GGUF name or None to drop the tensor, transpose?) for an HF GPT-2 tensor name."""
+    if hf_name in _TOP_TENSORS:
+        return _TOP_TENSORS[hf_name], False
+    if hf_name == "lm_head.weight":
+        return (None if tied else "output.weight"), False
+    parts = hf_name.split(".", 3)  # transformer, h, i, rest
+    if len(parts) == 4 and parts[:2] == ["transformer", "h"] and parts[2].isdigit() and parts[3] in _BLOCK_TENSORS:
+        name, transpose = _BLOCK_TENSORS[parts[3]]
+        return f"blk.{parts[2]}.{name}", transpose
+    raise TinyGPTError(f"tensor {hf_name!r} is not part of a GPT-2 model; the export folder is not from tinygpt.export")
+
+
+def read_gguf_tensors(model_dir: Path, hp: GPT2HParams) -> dict[str, np.ndarray]:
+    """model.safetensors as float32 numpy arrays under GGUF names and layouts, checked against the config."""
+    path = require_file(model_dir / "model.safetensors", "model weights", "run python -m tinygpt.export first")
+    tensors: dict[str, np.ndarray] = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for hf_name in f.keys():
+                name, transpose = gguf_name(hf_name, hp.tied)
+                if name is not None:
+                    data = f.get_tensor(hf_name).astype(np.float32, copy=False)
+                    tensors[name] = data.T if transpose else data  # a view: encode_tensor makes it contiguous
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TinyGPTError(f"cannot read {path} ({e}); re-run python -m tinygpt.export") from e
+    expected = expected_shapes(hp)
+    problems = [f"{n} is missing" for n in expected if n not in tensors]
+    problems += [f"{n} has shape {tensors[n].shape}, config.json needs {s}" for n, s in expected.items()
+                 if n in tensors and tensors[n].shape != s]  # fmt: skip
+    problems += [f"{n} is unexpected" for n in tensors if n not in expected]
+    if problems:
+        shown = "; ".join(problems[:3])
+        raise TinyGPTError(f"{path} does not match config.json ({shown}); re-run python -m tinygpt.export")
+    return {name: tensors[name] for name in expected}  # in llama.cpp's loading order
+
+
+def tensor_type(name: str, data: np.ndarray, weight_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """Storage type of one tensor, decided as llama.cpp's convert_hf_to_gguf.py decides it."""
+    if data.ndim <= 1 or name.endswith("_norm.weight") or name == "position_embd.weight":
+        return F32
+    if weight_type == Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q8_0][0]:
+        return F16
+    return weight_type
+
+
+def encode_tensor(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """The stored form: float arrays for F32/F16, raw uint8 blocks for BF16 and Q8_0 (gguf-py's are bit-exact)."""
+    if qtype == F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == F16:
+        return data.astype(np.float16, order="C")  # transposes and converts in one pass
+    return gguf.quants.quantize(np.ascontiguousarray(data), qtype)
+
+
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
+    """Byte-level BPE as llama.cpp's `gpt2` tokenizer reads it; arrays hold plain Python values."""
+    control = set(tokenizer.special_tokens.values())
+    types = [TOKEN_TYPE_CONTROL if i in control else TOKEN_TYPE_NORMAL for i in range(tokenizer.vocab_size)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_key_value(gguf.Keys.Tokenizer.LIST, tokenizer.token_strings(), gguf.GGUFValueType.ARRAY,
+                         sub_type=gguf.GGUFValueType.STRING)  # fmt: skip
+    writer.add_key_value(gguf.Keys.Tokenizer.TOKEN_TYPE, types, gguf.GGUFValueType.ARRAY,
+                         sub_type=gguf.GGUFValueType.INT32)  # fmt: skip
+    writer.add_key_value(gguf.Keys.Tokenizer.MERGES, tokenizer.merge_strings(), gguf.GGUFValueType.ARRAY,
+                         sub_type=gguf.GGUFValueType.STRING)  # fmt: skip
+    writer.add_bos_token_id(int(tokenizer.eot_id))
+    writer.add_eos_token_id(int(tokenizer.eot_id))
+    writer.add_add_bos_token(False)
+
+
+def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", name: str = "tinygpt") -> Path:
+    """Write the GGUF file `out` (atomically) from a tinygpt.export folder; return its path."""
+    if outtype not in OUTTYPES:
+        raise TinyGPTError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    file_type, weight_type = OUTTYPES[outtype]
+    model_dir, out = Path(model_dir), Path(out)
+    hp = read_hf_config(model_dir)
+    tensors = read_gguf_tensors(model_dir, hp)
+    tokenizer = Tokenizer.load(model_dir / "tokenizer.json")
+    if tokenizer.vocab_size != hp.vocab_size:
+        raise TinyGPTError(
+            f"{model_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but config.json says "
+            f"vocab_size={hp.vocab_size}; re-run python -m tinygpt.export"
+        )
+
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch="gpt2")
+        writer.add_name(name)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(hp.n_ctx)
+        writer.add_embedding_length(hp.n_embd)
+        writer.add_feed_forward_length(hp.n_ff)
+        writer.add_block_count(hp.n_layer)
+        writer.add_head_count(hp.n_head)
+        writer.add_layer_norm_eps(hp.eps)
+        add_tokenizer_metadata(writer, tokenizer)
+        for tensor_name, data in progress(tensors.items(), total=len(tensors), desc=f"gguf {outtype}", unit="tensor"):
+            qtype = tensor_type(tensor_name, data, weight_type)
+            writer.add_tensor(tensor_name, encode_tensor(data, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinygpt.gguf_convert",
+        description="Convert a tinygpt.export folder (Hugging Face GPT-2 layout) into a GGUF file for llama.cpp.",
+    )
+    parser.add_argument("--model_dir", required=True, help="folder written by tinygpt.export")
+    parser.add_argument("--out", required=True, help="GGUF file to write, e.g. exports/tinygpt/model-f16.gguf")
+    parser.add_argument("--outtype", default="f16", choices=list(OUTTYPES),
+                        help="type of the 2-D weights (default f16)")
+    parser.add_argument("--name", default="tinygpt", help="general.name stored in the file")
+    args = parser.parse_args(argv)
+    out = convert_to_gguf(args.model_dir, args.out, args.outtype, args.name)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.outtype})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

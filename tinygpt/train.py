@@ -1,0 +1,545 @@
+"""Train the GPT on the encoded tokens, resumably and bit-exactly.
+
+    python -m tinygpt.train --data_dir data/tokens --tokenizer data/tokenizer/tokenizer.json \\
+        --out checkpoints/best.pt --runs_dir checkpoints/runs --preset toy
+    torchrun --nproc_per_node 2 -m tinygpt.train ...      (same flags; --batch_size is per process)
+
+AdamW (weight decay on weight matrices only), linear warmup then cosine decay, gradient accumulation and
+clipping, mixed precision where the hardware is fast at it, DistributedDataParallel under torchrun.
+
+A run lives in `<runs_dir>/<fingerprint>/`, the fingerprint hashing every setting that changes the result and
+the identity of the data. `last.pt` there holds everything the run's future depends on (weights, optimizer,
+scaler, RNG and data-sampler states), so killing the process at any moment and rerunning the same command
+continues to the very same final weights; a changed setting gets a new folder and a fresh start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
+from tinygpt.data import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
+from tinygpt.model import GPT, PRESETS, GPTConfig, config_from_preset
+from tinygpt.tokenizer import Tokenizer
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "dropout", "attention")
+# Settings that never change what a run computes, so a run may be resumed with different values of them.
+RUN_NEUTRAL = ("data_dir", "tokenizer", "out", "runs_dir", "ckpt_interval", "log_interval", "device", "compile", "threads")
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str
+    tokenizer: str
+    out: str
+    runs_dir: str = "checkpoints/runs"
+    preset: str = "toy"
+    n_layer: int | None = None  # None: the preset's value
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    dropout: float = 0.0
+    attention: str = "sdpa"
+    max_steps: int = 1000
+    batch_size: int = 16  # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 16
+    ckpt_interval: int = 100
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    amp: str = "auto"
+    compile: bool = False
+    threads: int = 0  # 0: PyTorch's default
+
+    def check(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TinyGPTError(f"--{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise TinyGPTError(f"--min_lr={self.min_lr} must lie between 0 and --lr={self.lr}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "threads"):
+            if getattr(self, name) < 0:
+                raise TinyGPTError(f"--{name}={getattr(self, name)} must not be negative")
+        if self.amp not in AMP_CHOICES:
+            raise TinyGPTError(f"--amp={self.amp!r} must be one of {', '.join(AMP_CHOICES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TinyGPTError(f"--device={self.device!r} must be auto, cpu or cuda")
+
+
+def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr`, then cosine decay to `min_lr`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress_ = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (lr - min_lr)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated, slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags)) or "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--amp` on `device`; None means full fp32.
+
+    auto: bf16 where the hardware is fast at it (CUDA compute capability 8+, CPUs with AMX / AVX512-BF16: on
+    the 2-core AVX512-BF16 machine this was written on, a toy-model training step runs 2-3x faster in bf16),
+    fp16 with a gradient scaler on older GPUs, fp32 elsewhere.
+    """
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise TinyGPTError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16 or --amp off")
+        return torch.float16
+    if device.type == "cuda":
+        fast_bf16 = torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if fast_bf16 else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays weight matrices only: not biases, LayerNorm parameters or the (tied) embeddings."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():  # a tied tensor is yielded once
+        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for the whole update on CPU and CUDA (also bit-reproducible, which resuming needs)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits in a (possibly one-process) data-parallel run started by torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        return cls(*(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, obj: object) -> list:
+        """`obj` from every rank, in rank order (a collective: every rank must call it)."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def pick_device(requested: str, ranks: Ranks) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise TinyGPTError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(ranks.local_rank)
+    return torch.device("cuda", ranks.local_rank)
+
+
+def run_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def announce_run(run_dir: Path, settings: dict, resumed_step: int | None) -> None:
+    """Say whether this resumes a run or starts one, and if so which settings changed since the latest run."""
+    if resumed_step is not None:
+        print(f"resuming run {run_dir} from step {resumed_step}")
+        return
+    others = sorted(run_dir.parent.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    others = [p for p in others if p.parent != run_dir]
+    if not others:
+        print(f"starting run {run_dir}")
+        return
+    previous = json.loads(others[-1].read_text())
+    flat_new, flat_old = _flatten(settings), _flatten(previous)
+    changes = [f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in sorted(flat_new.keys() | flat_old.keys())
+               if flat_new.get(k) != flat_old.get(k)]
+    print(f"starting a fresh run {run_dir}: settings or data differ from run {others[-1].parent.name} "
+          f"({'; '.join(changes) or 'no visible change'})")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past `last_step`: a killed run logged steps that its resumption will log again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
+            continue
+    with atomic_open(path, "w") as f:
+        f.write("".join(f"{line}\n" for line in kept))
+
+
+class Trainer:
+    """One training run: built from the settings and data, then `run()` to max_steps and `write_final()`."""
+
+    def __init__(self, cfg: TrainConfig, ranks: Ranks, device: torch.device) -> None:
+        self.cfg, self.ranks, self.device = cfg, ranks, device
+        self._load_data()
+        self.amp_dtype = autocast_dtype(cfg.amp, device)
+        self.settings = self._settings()
+        self.run_dir = Path(cfg.runs_dir) / run_fingerprint(self.settings)
+        self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(self.model_config).to(device)
+        torch.manual_seed(cfg.seed + 1 + ranks.rank)  # dropout: one stream per rank, apart from the init stream
+        self.optimizer = configure_optimizer(self.model, cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.sampler = RandomBatches(self.train_tokens, cfg.batch_size, self.model_config.block_size, cfg.seed,
+                                     ranks.rank, ranks.world_size)
+        self.step, self.best_val_loss = 0, math.inf
+        self.fast_model = torch.compile(self.model) if cfg.compile else self.model
+        self.train_model = DistributedDataParallel(self.fast_model) if ranks.distributed else self.fast_model
+
+    def _load_data(self) -> None:
+        cfg, data_dir = self.cfg, Path(self.cfg.data_dir)
+        meta = read_meta(data_dir)
+        tokenizer_path = require_file(cfg.tokenizer, "tokenizer", "run the train_bpe stage first")
+        self.tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+        self.tokenizer = Tokenizer.from_json_str(self.tokenizer_json, source=str(tokenizer_path))
+        vocab_size = meta["vocab_size"]
+        if self.tokenizer.vocab_size != vocab_size:
+            raise TinyGPTError(
+                f"{tokenizer_path} has {self.tokenizer.vocab_size} tokens but {data_dir / 'meta.json'} says "
+                f"vocab_size={vocab_size}; the tokens were encoded with another tokenizer, rerun the encode stage"
+            )
+        overrides = {name: getattr(cfg, name) for name in MODEL_FLAGS if name != "preset"}
+        self.model_config: GPTConfig = config_from_preset(cfg.preset, vocab_size, **overrides)
+        dtype = token_dtype(vocab_size)
+        if meta.get("dtype", dtype.name) != dtype.name:
+            raise TinyGPTError(f"{data_dir / 'meta.json'} says dtype={meta['dtype']!r} but vocab_size={vocab_size} "
+                               f"needs {dtype.name}; rerun the encode stage")
+        window = self.model_config.block_size + 1
+        self.train_tokens = TokenFile.open(data_dir / "train.bin", dtype, window)
+        self.val_tokens = TokenFile.open(data_dir / "val.bin", dtype, window)
+        self.meta_sha256 = hashlib.sha256((data_dir / "meta.json").read_bytes()).hexdigest()
+        # bits per byte needs the val set's size in bytes: each token's byte length, counted once
+        counts = self.val_tokens.token_counts(vocab_size)
+        byte_lengths = np.array([len(token) for token in self.tokenizer.vocab], dtype=np.int64)
+        self.val_bytes_per_token = float(counts @ byte_lengths / counts.sum())
+        # eval_batches global batches, so the validation set does not depend on how many processes share it
+        self.val_batches = fixed_batches(self.val_tokens, cfg.eval_batches * self.ranks.world_size, cfg.batch_size,
+                                         self.model_config.block_size)
+
+    def _settings(self) -> dict:
+        """Everything the result depends on: hashed into the run folder's name and written as its config.json."""
+        cfg = self.cfg
+        training = {k: v for k, v in asdict(cfg).items() if k not in RUN_NEUTRAL and k not in MODEL_FLAGS}
+        amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return {
+            "model": asdict(self.model_config),
+            "training": {**training, "amp": amp_name, "world_size": self.ranks.world_size},
+            "data": {
+                "meta_sha256": self.meta_sha256,
+                "train_tokens": len(self.train_tokens),
+                "val_tokens": len(self.val_tokens),
+                "tokenizer_sha256": hashlib.sha256(self.tokenizer_json.encode()).hexdigest(),
+            },
+        }
+
+    # --- state --------------------------------------------------------------------------------------------
+
+    def resume_or_start(self) -> None:
+        resumed_step = None
+        if self.last_path.exists():
+            self._load_state(load_checkpoint(self.last_path))
+            resumed_step = self.step
+        if self.ranks.is_main:
+            announce_run(self.run_dir, self.settings, resumed_step)
+            with atomic_open(self.run_dir / "config.json", "w") as f:
+                json.dump({**self.settings, "fingerprint": self.run_dir.name}, f, indent=2)
+            trim_metrics(self.metrics_path, self.step)
+
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _state(self, val_loss: float) -> dict:
+        """The whole training state (a collective under DDP: it gathers every rank's RNG state)."""
+        return {
+            "model": self.model.state_dict(),
+            "model_config": asdict(self.model_config),
+            "tokenizer_json": self.tokenizer_json,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": self.ranks.gather(self._rng_state()),
+            "step": self.step,
+            "val_loss": val_loss,
+            "best_val_loss": self.best_val_loss,
+            "fingerprint": self.run_dir.name,
+        }
+
+    def _load_state(self, ckpt: dict) -> None:
+        if ckpt.get("fingerprint") != self.run_dir.name or len(ckpt.get("rng", ())) != self.ranks.world_size:
+            raise TinyGPTError(f"{self.last_path} was not written by this run (fingerprint or process count differs); "
+                               "delete the run folder to start over")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.sampler.load_state_dict(ckpt["sampler"])
+            rng = ckpt["rng"][self.ranks.rank]
+            torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            self.step, self.best_val_loss = int(ckpt["step"]), float(ckpt["best_val_loss"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise TinyGPTError(f"{self.last_path} is incomplete or damaged ({type(e).__name__}: {e}); "
+                               "delete the run folder to start over") from None
+
+    def _diverged(self, what: str) -> TinyGPTError:
+        kept = (f"keeping the last good checkpoint {self.last_path}" if self.last_path.exists()
+                else "before the first checkpoint")
+        return TinyGPTError(f"{what} at step {self.step}; stopped, {kept}; "
+                            "lower --lr or --grad_clip, or raise --warmup_steps")
+
+    def _check_weights_finite(self) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise self._diverged("the model weights became nan/inf")
+
+    # --- training -----------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches, split over the ranks."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batch count
+        for i, offsets in enumerate(self.val_batches):
+            if i % self.ranks.world_size == self.ranks.rank:
+                x, y = split_batch(self.val_tokens.windows(offsets, self.model_config.block_size + 1), self.device)
+                with self._autocast():
+                    _, loss = self.fast_model(x, y)
+                total += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
+        self.model.train()
+        loss_sum, count = self.ranks.all_reduce_sum(total).tolist()
+        return loss_sum / count
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean training loss over all ranks."""
+        cfg = self.cfg
+        lr = cosine_lr(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.sampler.next(self.device)
+            # gradients are averaged across ranks on the last micro-step only
+            skip_sync = self.ranks.distributed and micro < cfg.grad_accum - 1
+            with self.train_model.no_sync() if skip_sync else contextlib.nullcontext():
+                with self._autocast():
+                    _, loss = self.train_model(x, y)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        train_loss = self.ranks.all_reduce_sum(loss_sum).item() / (cfg.grad_accum * self.ranks.world_size)
+        if not math.isfinite(train_loss):
+            raise self._diverged(f"the training loss is {train_loss}")
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return train_loss
+
+    def run(self) -> None:
+        cfg, main = self.cfg, self.ranks.is_main
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.ranks.world_size * self.model_config.block_size
+        flops_per_token = self.model.estimate_flops_per_token()
+        if main:
+            print(f"model: {self.model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per "
+                  f"token (forward + backward); {tokens_per_step} tokens per step on {self.ranks.world_size} "
+                  f"process(es), {self.device}, amp {self.settings['training']['amp']}")
+        bar = progress(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
+                       **({} if main else {"disable": True}))
+        window_time, window_steps = 0.0, 0  # training time only: evaluation and checkpoints are not throughput
+        with bar:
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                train_loss = self.train_step()
+                window_time += time.perf_counter() - started
+                window_steps += 1
+                bar.update(1)
+                done = self.step == cfg.max_steps
+                record: dict = {}
+                if self.step % cfg.log_interval == 0 or done:
+                    tokens_per_s = tokens_per_step * window_steps / window_time
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    record = {"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                              "flops_per_s": tokens_per_s * flops_per_token}
+                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                    window_time, window_steps = 0.0, 0
+                val_loss, improved = math.nan, False
+                if self.step % cfg.eval_interval == 0 or done:
+                    val_loss = self.evaluate()
+                    improved = val_loss < self.best_val_loss
+                    self.best_val_loss = min(self.best_val_loss, val_loss)
+                    bpb = val_loss / (math.log(2) * self.val_bytes_per_token)
+                    record = {"step": self.step, "train_loss": train_loss, **record, "val_loss": val_loss, "val_bpb": bpb}
+                    if main:
+                        bar.write(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                                  f"{bpb:.3f} bits/byte")
+                save_last = self.step % cfg.ckpt_interval == 0 or done
+                if improved or save_last:
+                    self._check_weights_finite()
+                    state = self._state(val_loss)  # every rank joins: it gathers their RNG states
+                    if main and improved:
+                        save_checkpoint(self.best_path, state)
+                    if main and save_last:
+                        save_checkpoint(self.last_path, state)
+                if main and record:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+
+    def write_final(self) -> Path:
+        """The best checkpoint's model, config and tokenizer (no training state), atomically to --out."""
+        best = load_checkpoint(self.best_path)
+        final = {key: best[key] for key in ("model", "model_config", "tokenizer_json", "step", "val_loss")}
+        save_checkpoint(self.cfg.out, final)
+        print(f"best val loss {best['val_loss']:.4f} at step {best['step']} -> {self.cfg.out}")
+        return Path(self.cfg.out)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) the run `cfg` describes; return the path of the final checkpoint (--out)."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ranks = Ranks.from_env()
+    device = pick_device(cfg.device, ranks)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ranks.distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        trainer = Trainer(cfg, ranks, device)
+        trainer.resume_or_start()
+        trainer.run()
+        return trainer.write_final() if ranks.is_main else Path(cfg.out)
+    finally:
+        if ranks.distributed:
+            dist.destroy_process_group()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig("", "", "")  # defaults
+    p = argparse.ArgumentParser(prog="python -m tinygpt.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("data and outputs")
+    io.add_argument("--data_dir", required=True, help="folder with train.bin, val.bin and meta.json (encode stage)")
+    io.add_argument("--tokenizer", required=True, help="tokenizer.json the tokens were encoded with")
+    io.add_argument("--out", required=True, help="final checkpoint: the best model (by validation loss)")
+    io.add_argument("--runs_dir", default=d.runs_dir, help="resumable run folders, one per settings fingerprint")
+    m = p.add_argument_group("model (a preset, optionally overridden)")
+    m.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        m.add_argument(f"--{name}", type=int, default=None, help="default: the preset's")
+    m.add_argument("--dropout", type=float, default=d.dropout)
+    m.add_argument("--attention", default=d.attention, choices=["sdpa", "explicit"])
+    o = p.add_argument_group("optimization")
+    o.add_argument("--max_steps", type=int, default=d.max_steps, help="optimizer steps")
+    o.add_argument("--batch_size", type=int, default=d.batch_size, help="sequences per micro-step and process")
+    o.add_argument("--grad_accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    o.add_argument("--min_lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
+    o.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
+    o.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW decay of the weight matrices")
+    o.add_argument("--beta1", type=float, default=d.beta1)
+    o.add_argument("--beta2", type=float, default=d.beta2)
+    o.add_argument("--grad_clip", type=float, default=d.grad_clip, help="max gradient norm; 0 disables clipping")
+    o.add_argument("--seed", type=int, default=d.seed)
+    e = p.add_argument_group("evaluation, checkpoints, logging")
+    e.add_argument("--eval_interval", type=int, default=d.eval_interval, help="steps between validation runs")
+    e.add_argument("--eval_batches", type=int, default=d.eval_batches, help="fixed validation batches per run")
+    e.add_argument("--ckpt_interval", type=int, default=d.ckpt_interval, help="steps between writes of last.pt")
+    e.add_argument("--log_interval", type=int, default=d.log_interval, help="steps between metrics.jsonl lines")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    h.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
+                   help="mixed precision; auto: bf16 where fast (Ampere+ GPUs, AMX/AVX512-BF16 CPUs), fp16 on older GPUs")
+    h.add_argument("--no_amp", dest="amp", action="store_const", const="off", help="same as --amp off")
+    h.add_argument("--compile", action="store_true", help="torch.compile the model")
+    h.add_argument("--threads", type=int, default=d.threads, help="CPU threads for PyTorch; 0: its default")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    return train(TrainConfig(**vars(args)))
+
+
+if __name__ == "__main__":
+    run_cli(main)
