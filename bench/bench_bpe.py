@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinygpt.tokenizer import EOT, GPT2_PATTERN, Tokenizer  # noqa: E402
+from tinygpt.tokenizer import EOT, GPT2_PATTERN  # noqa: E402
 from tinygpt.train_bpe import read_documents, train_bpe  # noqa: E402
 
 

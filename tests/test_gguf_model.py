@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_export import PARITY_TEXTS, random_gpt, save_tiny_checkpoint, tiny_tokenizer
+from builders import PARITY_TEXTS, random_gpt, save_tiny_checkpoint, tiny_tokenizer
 
 from tinygpt.common import TinyGPTError
 from tinygpt.export import export_hf

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_export import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
+from builders import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
 
 from tinygpt.common import TinyGPTError
 from tinygpt.export import export_hf

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from tinygpt.common import TinyGPTError, progress, require_file, run_cli

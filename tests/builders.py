@@ -1,0 +1,71 @@
+"""Small models and tokenizers that several test modules build: a tiny BPE, a random GPT, a checkpoint file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from tinygpt.model import GPT, GPTConfig
+from tinygpt.tokenizer import Tokenizer
+from tinygpt.train_bpe import train_bpe
+
+_SENTENCES = [
+    "Once upon a time, a little fox named Pip lived near the river.",
+    "She liked to count stones: one, two, three... 42 of them in 2024!",
+    "The café served crème brûlée and naïve piñatas; Zoë said «très bien».",
+    "   Indented lines,\ttabs and\n\nblank lines matter to byte-level BPE.",
+    "It's what they'd said: we'll see, you're right, I'm sure, they've gone.",
+    "Ünïcödé wörds, Ελληνικά γράμματα, русский текст и 日本語のテキスト.",
+    "Emoji too 🙂🚀 and symbols #$%&*()[]{} <tags> /paths/to/file.txt",
+]
+# varied text for tokenizer parity: spaces, newlines, accents, digits, contractions, specials
+PARITY_TEXTS = [
+    "Once upon a time",
+    " leading space and trailing space ",
+    "two  spaces,   three,\n\nnew lines\r\nand\ttabs",
+    "accents: café, naïve, Zoë, 日本語, 🙂",
+    "numbers 1234567 and 3.14159; it's they'll we've",
+    "end of doc<|endoftext|>next doc",
+]
+
+
+def corpus(repeats: int = 12) -> list[str]:
+    """A few KB of varied text, each repeat slightly different so that BPE finds many merges."""
+    return [f"{s} ({i})" for i in range(repeats) for s in _SENTENCES]
+
+
+@lru_cache(maxsize=None)
+def tiny_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    return train_bpe(corpus(), vocab_size, show_progress=False)
+
+
+def random_gpt(tokenizer: Tokenizer, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, block_size: int = 64,
+               seed: int = 0, std: float = 0.02) -> GPT:
+    """A random GPT whose every parameter (LayerNorms and biases too) is non-trivial.
+
+    A larger `std` spreads the logits, so that greedy decoding has no near-ties that float rounding could flip.
+    """
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       block_size=block_size)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def save_tiny_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer) -> Path:
+    """A checkpoint in the INTERFACES.md format, as tinygpt.train writes it."""
+    ckpt = {"model": model.state_dict(), "model_config": asdict(model.config),
+            "tokenizer_json": tokenizer.to_json_str(), "step": 0, "val_loss": 0.0}
+    torch.save(ckpt, path)
+    return path
