@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tinygpt import report
+from tinygpt.checkpoint import save_checkpoint
 from tinygpt.common import TinyGPTError
 from tinygpt.train_bpe import train_bpe
 
@@ -71,13 +72,15 @@ def test_training_page_lists_every_evaluation_and_marks_the_best():
     assert "2 layers, 2 heads, 64 wide, context 32, vocabulary 300" in page
 
 
-def test_latest_run_is_the_one_whose_metrics_were_written_last(tmp_path):
-    old = write_run(tmp_path, "aaaa", METRICS)
-    new = write_run(tmp_path, "bbbb", METRICS[:2])
-    os.utime(new / "metrics.jsonl", ns=(1, 1))
-    assert report.latest_run(tmp_path) == old
-    with pytest.raises(TinyGPTError, match="no run folder"):
-        report.latest_run(tmp_path / "missing")
+def test_the_reported_run_is_the_one_the_checkpoint_names(tmp_path):
+    write_run(tmp_path, "aaaa", METRICS)
+    ours = write_run(tmp_path, "bbbb", METRICS[:2])  # not the newest: the checkpoint decides, not the clock
+    os.utime(ours / "metrics.jsonl", ns=(1, 1))
+    save_checkpoint(tmp_path / "best.pt", {"run": "bbbb", "step": 40})
+    assert report.checkpoint_run(tmp_path / "best.pt", tmp_path) == ours
+    save_checkpoint(tmp_path / "best.pt", {"run": "gone", "step": 40})
+    with pytest.raises(TinyGPTError, match="no metrics.jsonl for the run of"):
+        report.checkpoint_run(tmp_path / "best.pt", tmp_path)
 
 
 # --- the plot --------------------------------------------------------------------------------------------------
@@ -224,6 +227,7 @@ def test_timings_follow_the_finishing_order_with_means_and_a_total(tmp_path):
 def test_cli_writes_every_output_and_nothing_on_bad_input(tmp_path):
     runs, data, exports, benchmarks, out = (tmp_path / d for d in ("runs", "data", "exports", "benchmarks", "out"))
     write_run(runs, "cafe", METRICS)
+    save_checkpoint(tmp_path / "best.pt", {"run": "cafe", "step": 50})
     data.mkdir()
     tokenizer = train_bpe(["one two three " * 30], vocab_size=270, show_progress=False)
     tokenizer.save(data / "tokenizer.json")
@@ -236,7 +240,7 @@ def test_cli_writes_every_output_and_nothing_on_bad_input(tmp_path):
     write_benchmark(benchmarks, "train", [(3.0, 100.0, 2.0)], finished=1)
     outputs = {name: out / f"{name}.{'svg' if name == 'loss_svg' else 'html'}"
                for name in ("loss_svg", "training", "data", "gguf", "timings")}
-    argv = ["--runs_dir", str(runs), "--data_dir", str(data), "--tokenizer", str(data / "tokenizer.json"),
+    argv = ["--checkpoint", str(tmp_path / "best.pt"), "--runs_dir", str(runs), "--data_dir", str(data), "--tokenizer", str(data / "tokenizer.json"),
             "--corpus_stats", str(data / "stats.json"), "--gguf_dir", str(exports), "--benchmarks", str(benchmarks),
             "--skip", "report"]
     argv += [arg for name, path in outputs.items() for arg in (f"--{name}", str(path))]

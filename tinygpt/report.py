@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tinygpt.checkpoint import load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, require_file, run_cli
 from tinygpt.data import TokenFile, read_meta, token_dtype
 from tinygpt.gguf_model import read_gguf
@@ -34,13 +35,12 @@ Row = Sequence[object]
 # --- training metrics ----------------------------------------------------------------------------------------
 
 
-def latest_run(runs_dir: str | Path) -> Path:
-    """The run folder whose metrics.jsonl was written last: training rewrites that file whenever it starts or
-    resumes a run, so this is the run that produced the final checkpoint."""
-    candidates = list(Path(runs_dir).glob("*/metrics.jsonl"))
-    if not candidates:
-        raise TinyGPTError(f"no run folder with a metrics.jsonl under {runs_dir}; run the train stage first")
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns).parent
+def checkpoint_run(checkpoint: str | Path, runs_dir: str | Path) -> Path:
+    """The run folder that produced `checkpoint` (the final checkpoint names it), with its metrics.jsonl."""
+    run = Path(runs_dir) / str(load_checkpoint(checkpoint).get("run", ""))
+    if not (run / "metrics.jsonl").is_file():
+        raise TinyGPTError(f"no metrics.jsonl for the run of {checkpoint} under {runs_dir}; rerun the train stage")
+    return run
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -303,7 +303,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_report(args: argparse.Namespace) -> None:
     """Read every input first, then write the outputs: bad input leaves no output behind."""
-    run = latest_run(args.runs_dir)
+    run = checkpoint_run(args.checkpoint, args.runs_dir)
     records = read_metrics(run / "metrics.jsonl")
     run_config = read_json(run / "config.json", "run settings", "rerun the train stage")
     meta = read_meta(args.data_dir)
@@ -329,7 +329,8 @@ def write_report(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tinygpt.report", description=__doc__.split("\n\n")[0])
     inputs = parser.add_argument_group("inputs")
-    inputs.add_argument("--runs_dir", required=True, help="training run folders (the latest one is reported)")
+    inputs.add_argument("--checkpoint", required=True, help="final checkpoint of the train stage")
+    inputs.add_argument("--runs_dir", required=True, help="training run folders (the checkpoint's own is reported)")
     inputs.add_argument("--data_dir", required=True, help="folder with meta.json and val.bin (encode stage)")
     inputs.add_argument("--tokenizer", required=True, help="tokenizer.json the tokens were encoded with")
     inputs.add_argument("--corpus_stats", required=True, help="corpus.stats.json of the clean stage")

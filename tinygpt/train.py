@@ -467,6 +467,7 @@ class Trainer:
         """The best checkpoint's model, config and tokenizer (no training state), atomically to --out."""
         best = load_checkpoint(self.best_path)
         final = {key: best[key] for key in ("model", "model_config", "tokenizer_json", "step", "val_loss")}
+        final["run"] = self.run_dir.name  # which run folder holds this checkpoint's metrics (for the report)
         save_checkpoint(self.cfg.out, final)
         print(f"best val loss {best['val_loss']:.4f} at step {best['step']} -> {self.cfg.out}")
         return Path(self.cfg.out)
