@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import regex
 from hypothesis import given, settings, strategies as st
 
 from tinygpt import tokenizer as tokenizer_module
 from tinygpt.common import TinyGPTError
-from tinygpt.tokenizer import BYTE_TO_UNICODE, EOT, GPT2_PATTERN, Tokenizer, pretokenize
+from tinygpt.tokenizer import ASCII_PATTERN, BYTE_TO_UNICODE, EOT, GPT2_PATTERN, Tokenizer, pretokenize
 from tinygpt.train_bpe import train_bpe
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -175,4 +177,63 @@ def test_cache_is_bounded_and_transparent(tok, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "CACHE_SIZE", 3)
     text = " ".join(TRAINING_TEXT)
     assert fresh.encode(text) == tok.encode(text)
-    assert len(fresh._cache) <= 3
+    assert len(fresh._chunk_cache) <= 3 and len(fresh._word_cache) <= 3
+
+
+# ---- fast paths against the reference pre-tokenization (the `regex` module with GPT2_PATTERN) -----------------
+
+def reference_chunks(text: str) -> list[str]:
+    return regex.findall(GPT2_PATTERN, text)
+
+
+# Characters where the fast paths could go wrong: letters and numbers beyond ASCII, every kind of whitespace
+# (including \x1c-\x1f and \x85, which `re` and str.isspace call whitespace and `regex` does not, or the reverse),
+# contraction pieces, punctuation.
+TRICKY = (list("aZé日ß1٣ⅷ'stredvmlSTD.,!-\"_") + [" ", "  ", "\n", "\r", "\t", "\x0b", "\x0c", "\x1c", "\x1f",
+          "\x85", "\xa0", "\u2000", "\u3000", "\u2028", " \n", "'s", "'t", "'re", "'ll", "'S", "\x00", "🎉"])
+tricky_text = st.lists(st.sampled_from(TRICKY), max_size=40).map("".join)
+
+
+def test_ascii_classes_match_regex_exhaustively():
+    """For each ASCII character, ASCII_PATTERN's classes agree with \\s, \\p{L} and \\p{N} as `regex` reads them."""
+    for code in range(128):
+        c = chr(code)
+        for ours, theirs in [(r"[\t\n\x0b\x0c\r ]", r"\s"), ("[A-Za-z]", r"\p{L}"), ("[0-9]", r"\p{N}")]:
+            assert bool(re.fullmatch(ours, c)) == bool(regex.fullmatch(theirs, c)), (hex(code), theirs)
+    every_pair = "".join(chr(a) + chr(b) + chr(a) for a in range(128) for b in range(128))
+    assert re.findall(ASCII_PATTERN, every_pair) == reference_chunks(every_pair)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127)) | tricky_text.filter(str.isascii))
+def test_ascii_pretokenize_matches_regex(text):
+    assert text.isascii() and pretokenize(text) == reference_chunks(text)
+
+
+def space_split_chunks(text: str) -> list[str]:
+    words = text.split(" ")
+    return reference_chunks(words[0]) + [c for w in words[1:] for c in reference_chunks(" " + w)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(tricky_text)
+def test_space_split_rule(text):
+    """Splitting at spaces gives the reference chunks exactly when the breaker pattern finds nothing."""
+    if not tokenizer_module._SPACE_SPLIT_BREAKER.search(text):
+        assert space_split_chunks(text) == reference_chunks(text)
+
+
+@pytest.mark.parametrize("text", ["a\n  b", "a\n ", "a   b", "x\t \t", "\xa0 \xa0"])
+def test_space_split_breaker_is_needed(text):
+    assert tokenizer_module._SPACE_SPLIT_BREAKER.search(text)
+    assert space_split_chunks(text) != reference_chunks(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tricky_text)
+def test_fast_paths_match_tiktoken(tok, tiktoken_enc, text):
+    fresh = Tokenizer(tok.merges)  # cold caches: every word and chunk takes the miss path once
+    expected = tiktoken_enc.encode_ordinary(text)
+    assert fresh.encode_ordinary(text) == expected
+    assert fresh.encode_ordinary(text) == expected  # warm caches
+    assert tok.encode_ordinary(text) == expected

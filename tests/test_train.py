@@ -205,7 +205,7 @@ def test_changed_setting_starts_a_fresh_run_and_same_command_resumes(data_dir, t
 def test_final_checkpoint_is_the_best_model_without_training_state(data_dir, tmp_path, monkeypatch):
     main(train_args(data_dir, tmp_path, "--max_steps", "6", "--eval_interval", "3", "--lr", "3e-3"))
     final = load_checkpoint(tmp_path / "best.pt")
-    assert set(final) == {"model", "model_config", "tokenizer_json", "step", "val_loss"}
+    assert set(final) == {"model", "model_config", "tokenizer_json", "step", "val_loss", "run"}
     [run_dir] = run_dirs(tmp_path)
     best = load_checkpoint(run_dir / "best.pt")
     assert final["step"] == best["step"] and final["val_loss"] == min(m["val_loss"] for m in metrics(run_dir))

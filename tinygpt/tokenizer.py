@@ -118,9 +118,8 @@ class Tokenizer:
         self.eot_id: int = self.special_tokens[eot_token]
         self._ranks: dict[tuple[int, int], int] = {pair: rank for rank, pair in enumerate(self.merges)}
         self._special_pattern = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
-        self._chunk_cache = _BoundedCache(lambda chunk: self._merge_chunk(chunk.encode("utf-8")))
-        # word (text between two spaces) -> ids of " " + word, for the space-split fast path
-        self._word_cache = _BoundedCache(lambda word: self._encode_chunks(" " + word))
+        self._chunk_cache = _BoundedCache(self._encode_chunk)
+        self._word_cache = _BoundedCache(self._encode_word)  # for the space-split fast path
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, eot_id={self.eot_id})"
@@ -148,8 +147,15 @@ class Tokenizer:
                 ids[i:i + 2] = [256 + rank]
         return ids
 
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        return self._merge_chunk(chunk.encode("utf-8"))
+
+    def _encode_word(self, word: str) -> list[int]:
+        """Ids of " " + word, where word is text between two spaces of a text the space-split path may take."""
+        return self._encode_chunks(" " + word)
+
     def _encode_chunks(self, text: str) -> list[int]:
-        """The reference path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
+        """The general path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
         # Cache hits run entirely in C (dict lookup, chain); only unseen chunks reach _BoundedCache.__missing__.
         return list(chain.from_iterable(map(self._chunk_cache.__getitem__, pretokenize(text))))
 
