@@ -177,6 +177,22 @@ def test_bf16_input_against_live_llama_quantize(tmp_path, model):
         assert make_golden.file_sha256(tmp_path / "ours.gguf") == make_golden.file_sha256(tmp_path / "llama.gguf")
 
 
+def test_pure_gives_every_matrix_the_one_type(model_files, tmp_path):
+    quantize_gguf(model_files["k256"], tmp_path / "pure.gguf", "q4_k_m", pure=True)
+    types = types_of(tmp_path / "pure.gguf")
+    assert types["token_embd.weight"] == types["blk.3.ffn_down.weight"] == types["blk.0.attn_qkv.weight"] == "Q4_K"
+    assert types["position_embd.weight"] == "F16" and types["output_norm.weight"] == "F32"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_pure_against_live_llama_quantize(model_files, tmp_path, model):
+    pytest.importorskip("llama_cpp")
+    for file_type in ("q4_k_m", "q6_k"):
+        quantize_gguf(model_files[model], tmp_path / "ours.gguf", file_type, pure=True)
+        make_golden.llama_quantize_file(model_files[model], tmp_path / "llama.gguf", file_type, pure=True)
+        assert make_golden.file_sha256(tmp_path / "ours.gguf") == make_golden.file_sha256(tmp_path / "llama.gguf")
+
+
 def test_cli(model_files, tmp_path):
     env = dict(os.environ, TINYGPT_NO_PROGRESS="1")
     out = tmp_path / "model-q6_k.gguf"

@@ -113,6 +113,7 @@ def test_lint_is_clean(built: Path):
         ("model", "attention", "explicit", "train"),
         ("train", "lr", 0.001, "train"),
         ("export", "name", "renamed", "gguf_convert"),
+        ("quantize", "pure", True, "quantize"),
     ],
 )
 def test_a_changed_setting_reruns_its_stage_and_what_follows(project, section, key, value, first_stale):
@@ -144,6 +145,11 @@ def test_a_config_typo_stops_before_any_job(project):
     result = snakemake(project, "-n", TARGET, check=False)
     assert result.returncode != 0
     assert "unknown key 'train.max_step': did you mean 'max_steps'?" in result.stdout + result.stderr
+
+
+def test_quantizing_another_converted_file_converts_it_first(project):
+    edit_config(project, "quantize", "input", "f32")
+    assert jobs_that_would_run(project) == {"gguf_convert", "quantize"}
 
 
 def test_other_quantization_types_reuse_the_f16_file(project):

@@ -78,8 +78,12 @@ def _is_attn_v(name: str) -> bool:
     return any(part in name for part in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight"))
 
 
-def plan_tensor_types(tensors: Sequence[TensorInfo], file_type: str, n_layer: int) -> dict[str, GGMLQuantizationType]:
-    """The type llama-quantize gives each tensor (tensors in llama_order, whose counters this walk reproduces)."""
+def plan_tensor_types(tensors: Sequence[TensorInfo], file_type: str, n_layer: int,
+                      pure: bool = False) -> dict[str, GGMLQuantizationType]:
+    """The type llama-quantize gives each tensor (tensors in llama_order, whose counters this walk reproduces).
+
+    `pure` is llama-quantize's --pure: every quantizable tensor gets the file type's own type, with no
+    Q6_K for the output layer and no mix across layers (rows that do not fit it still fall back)."""
     ft = FILE_TYPES[file_type]
     mixed = file_type in ("q4_k_m", "q5_k_m")
     tied = not any(t.name == "output.weight" for t in tensors)  # the token embedding doubles as the output
@@ -91,7 +95,9 @@ def plan_tensor_types(tensors: Sequence[TensorInfo], file_type: str, n_layer: in
             plan[t.name] = t.type
             continue
         new = ft.default
-        if t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
+        if pure:
+            pass
+        elif t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
             if t.ne[0] % GGML_QUANT_SIZES[new][0] != 0:
                 new = QT.Q8_0
             elif new != QT.Q8_0:
@@ -176,7 +182,7 @@ def _convert(t, qtype: GGMLQuantizationType, threads: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ the stage
 
 def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, file_type: str = "q4_k_m",
-                  threads: int | None = None) -> dict[str, GGMLQuantizationType]:
+                  threads: int | None = None, pure: bool = False) -> dict[str, GGMLQuantizationType]:
     """Quantize a float GGUF to `file_type`, like `llama-quantize input out <TYPE>`. Returns name -> new type."""
     if file_type not in FILE_TYPES:
         raise TinyGPTError(f"unknown quantization type {file_type!r}; supported: {', '.join(FILE_TYPES)}")
@@ -198,7 +204,7 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
     block_count = fields.get(f"{arch}.block_count")
     if block_count is None:
         raise TinyGPTError(f"{input_path} lacks the key {arch}.block_count, which llama.cpp needs as well")
-    plan = plan_tensor_types(infos, file_type, int(block_count.parts[block_count.data[0]][0]))
+    plan = plan_tensor_types(infos, file_type, int(block_count.parts[block_count.data[0]][0]), pure)
 
     with atomic_path(out_path) as tmp:
         writer = GGUFWriter(tmp, arch)
@@ -230,9 +236,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="quantized GGUF to write")
     parser.add_argument("--type", default="q4_k_m", metavar="TYPE",
                         help=f"quantization type: {', '.join(FILE_TYPES)} (default q4_k_m)")
+    parser.add_argument("--pure", action="store_true",
+                        help="one type for every quantizable tensor, no Q4_K_M-style mix (llama-quantize --pure)")
     parser.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     args = parser.parse_args(argv)
-    plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads)
+    plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads, args.pure)
     counts: dict[str, int] = {}
     for qtype in plan.values():
         counts[qtype.name] = counts.get(qtype.name, 0) + 1

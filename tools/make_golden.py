@@ -210,12 +210,13 @@ def ggml_quantize_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray
     return out
 
 
-def llama_quantize_file(src: str | Path, dst: str | Path, file_type: str) -> None:
+def llama_quantize_file(src: str | Path, dst: str | Path, file_type: str, pure: bool = False) -> None:
     """Quantize a GGUF with llama.cpp's llama_model_quantize (what the llama-quantize tool runs)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[file_type]
+    params.pure = pure
     params.nthread = 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize failed on {src} ({file_type})")

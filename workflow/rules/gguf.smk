@@ -54,6 +54,8 @@ rule quantize:
         code=sources("quants", "quantize"),
     output:
         gguf="exports/tinygpt/model-{qtype}.gguf",
+    params:
+        args=flags({"pure": config["quantize"]["pure"]}),
     log:
         "logs/quantize-{qtype}.log",
     benchmark:
@@ -63,4 +65,4 @@ rule quantize:
         "../envs/tinygpt.yaml"
     shell:
         "python -m tinygpt.quantize --input {input.gguf} --out {output.gguf} --type {wildcards.qtype}"
-        " --threads {threads} 2>&1 | tee {log}"
+        " {params.args} --threads {threads} 2>&1 | tee {log}"
