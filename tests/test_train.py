@@ -198,7 +198,7 @@ def test_changed_setting_starts_a_fresh_run_and_same_command_resumes(data_dir, t
 
     main(train_args(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2", "--lr", "1e-3"))
     fresh = capsys.readouterr().out
-    assert "starting a fresh run" in fresh and "training.lr 0.002 -> 0.001" in fresh
+    assert "starting a fresh run" in fresh and "(training.lr 0.002 -> 0.001)" in fresh
     assert len(run_dirs(tmp_path)) == 2
 
 
