@@ -125,6 +125,7 @@ def test_a_changed_setting_reruns_its_stage_and_what_follows(project, section, k
     "module, first_stale",
     [
         ("stories", "download"),
+        ("story_words", "download"),
         ("clean", "clean"),
         ("train_bpe", "train_bpe"),
         ("encode", "encode"),

@@ -8,7 +8,7 @@ localrules:
 
 rule download:
     input:
-        code=sources("download", "stories"),
+        code=sources("download", "stories", "story_words"),
         files=local_files(config["download"]),
     output:
         text=f"data/raw/{config['download']['source']}.txt",
