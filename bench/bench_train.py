@@ -26,28 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tinygpt.flops import matmul_peak, synchronize  # noqa: E402
 from tinygpt.model import GPT, config_from_preset  # noqa: E402
 from tinygpt.tokenizer import Tokenizer  # noqa: E402
 from tinygpt.train import Ranks, Trainer, TrainConfig  # noqa: E402
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n matmul over a few repeats."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write_random_tokens(folder: Path, vocab_size: int, n_tokens: int) -> None:

@@ -21,10 +21,10 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 # What training writes: logging steps (throughput), evaluations (val loss, bits per byte) and steps that are both.
 METRICS = [
-    {"step": 10, "train_loss": 6.0, "lr": 1e-3, "tokens_per_s": 1000.0, "flops_per_s": 1e9},
+    {"step": 10, "train_loss": 6.0, "lr": 1e-3, "tokens_per_s": 1000.0, "flops_per_s": 1e9, "mfu": 0.1},
     {"step": 20, "train_loss": 5.0, "val_loss": 5.2, "val_bpb": 2.6},
-    {"step": 30, "train_loss": 4.5, "lr": 1e-3, "tokens_per_s": 3000.0, "flops_per_s": 3e9},
-    {"step": 40, "train_loss": 4.0, "lr": 1e-3, "tokens_per_s": 2000.0, "flops_per_s": 2e9, "val_loss": 4.1,
+    {"step": 30, "train_loss": 4.5, "lr": 1e-3, "tokens_per_s": 3000.0, "flops_per_s": 3e9, "mfu": 0.3},
+    {"step": 40, "train_loss": 4.0, "lr": 1e-3, "tokens_per_s": 2000.0, "flops_per_s": 2e9, "mfu": 0.2, "val_loss": 4.1,
      "val_bpb": 2.05},
     {"step": 50, "train_loss": 3.9, "val_loss": 4.3, "val_bpb": 2.15},
 ]
@@ -68,7 +68,7 @@ def test_training_page_lists_every_evaluation_and_marks_the_best():
         ["50", "3.9000", "4.3000", "2.1500", ""],
     ]
     assert "<b>4.1000</b> nats per token, <b>2.0500</b> bits per byte, at step 40 of 50" in page
-    assert "2,000 tokens/s" in page  # the median of 1000, 3000 and 2000
+    assert "2,000 tokens/s, 20% of the measured matmul peak (MFU)" in page  # medians of three logged steps
     assert "2 layers, 2 heads, 64 wide, context 32, vocabulary 300" in page
 
 

@@ -181,7 +181,7 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path):
 
 
 def test_changed_setting_starts_a_fresh_run_and_same_command_resumes(data_dir, tmp_path, capsys):
-    main(train_args(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2"))
+    main(train_args(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2", "--log_interval", "2"))
     first = capsys.readouterr().out
     n_params = GPT(GPTConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=32, block_size=16)).num_params()
     assert "starting run" in first and f"model: {n_params:,} parameters" in first
@@ -191,6 +191,10 @@ def test_changed_setting_starts_a_fresh_run_and_same_command_resumes(data_dir, t
     assert config["model"]["n_embd"] == 32 and config["data"]["train_tokens"] > 0
     lines = metrics(run_dir)
     assert [m["step"] for m in lines] == [2, 4] and all(math.isfinite(m["val_bpb"]) for m in lines)
+    peaks = [m["flops_per_s"] / m["mfu"] for m in lines]  # KeyError if a logged step lacks them
+    assert max(peaks) == pytest.approx(min(peaks)) and all(0 < m["mfu"] < 2 for m in lines), \
+        "MFU: achieved FLOP/s over one measured peak"
+    assert "measured matmul peak" in first
 
     main(train_args(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "1"))
     again = capsys.readouterr().out

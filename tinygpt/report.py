@@ -80,8 +80,11 @@ def training_page(records: list[dict], run_config: dict | None = None) -> str:
         f"byte, at step {best['step']:,} of {records[-1]['step']:,}: the final checkpoint."
     ]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    utilizations = [r["mfu"] for r in records if "mfu" in r]
     if speeds:
-        summary.append(f"Training throughput: {statistics.median(speeds):,.0f} tokens/s (median of the logged steps).")
+        mfu = f", {statistics.median(utilizations):.0%} of the measured matmul peak (MFU)" if utilizations else ""
+        summary.append(f"Training throughput: {statistics.median(speeds):,.0f} tokens/s{mfu} "
+                       "(medians of the logged steps).")
     if run_config:
         model, training = run_config.get("model", {}), run_config.get("training", {})
         summary.append(

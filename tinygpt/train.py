@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
 from tinygpt.data import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
+from tinygpt.flops import matmul_peak
 from tinygpt.model import GPT, PRESETS, GPTConfig, config_from_preset
 from tinygpt.tokenizer import Tokenizer
 
@@ -419,10 +420,13 @@ class Trainer:
         cfg, main = self.cfg, self.ranks.is_main
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.ranks.world_size * self.model_config.block_size
         flops_per_token = self.model.estimate_flops_per_token()
+        # MFU: achieved model FLOP/s over what this device's matmuls reach in the training dtype, all processes
+        peak = matmul_peak(self.amp_dtype or torch.float32, self.device) * self.ranks.world_size
         if main:
             print(f"model: {self.model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per "
                   f"token (forward + backward); {tokens_per_step} tokens per step on {self.ranks.world_size} "
-                  f"process(es), {self.device}, amp {self.settings['training']['amp']}")
+                  f"process(es), {self.device}, amp {self.settings['training']['amp']}; "
+                  f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
         bar = progress(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
                        **({} if main else {"disable": True}))
         window_time, window_steps = 0.0, 0  # training time only: evaluation and checkpoints are not throughput
@@ -438,9 +442,11 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or done:
                     tokens_per_s = tokens_per_step * window_steps / window_time
                     lr = self.optimizer.param_groups[0]["lr"]
+                    flops_per_s = tokens_per_s * flops_per_token
                     record = {"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                              "flops_per_s": tokens_per_s * flops_per_token}
-                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                              "flops_per_s": flops_per_s, "mfu": flops_per_s / peak}
+                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                    mfu=f"{flops_per_s / peak:.0%}", refresh=False)
                     window_time, window_steps = 0.0, 0
                 val_loss, improved = math.nan, False
                 if self.step % cfg.eval_interval == 0 or done:
