@@ -219,5 +219,8 @@ def test_iter_documents_on_a_generated_corpus_roundtrips(tmp_path):
     docs = ["first\n\nparagraph", "second ✓", "x"]
     path = write(tmp_path, "".join(d + f"\n{EOT}\n" for d in docs), "clean.txt")
     assert list(iter_documents(path)) == docs
+    # a separator on the first line ends an empty document; it never becomes text
+    path = write(tmp_path, f"{EOT}\n" + "".join(d + f"\n{EOT}\n" for d in docs), "leading.txt")
+    assert list(iter_documents(path)) == ["", *docs]
     with pytest.raises(TinyGPTError, match="clean corpus not found"):
         next(iter_documents(tmp_path / "missing.txt"))

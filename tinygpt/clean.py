@@ -214,7 +214,8 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
             while block := f.read(BLOCK):
-                pending += block
+                # a separator on the very first line ends an empty first document (DOC_END wants a newline before)
+                pending = (pending or "\n" * block.startswith(DOC_END[1:])) + block
                 docs = pending.split(DOC_END)
                 pending = docs.pop()
                 yield from docs

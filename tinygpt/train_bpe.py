@@ -20,21 +20,29 @@ import sys
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
-from tinygpt.common import TinyGPTError, progress, require_file, run_cli
+from tinygpt.clean import DOC_END, iter_documents
+from tinygpt.common import TinyGPTError, progress, run_cli
 from tinygpt.tokenizer import EOT, Tokenizer, compiled_pattern
-
-SEPARATOR = f"\n{EOT}\n"  # ends every document of a cleaned corpus
 
 
 def read_documents(path: str | os.PathLike, max_bytes: int | None = None) -> list[str]:
-    """The documents of a cleaned corpus (each followed by a `<|endoftext|>` line), from its first max_bytes."""
-    path = require_file(path, "corpus", "run `python -m tinygpt.clean` to create it")
-    with open(path, "rb") as f:
-        data = f.read(max_bytes) if max_bytes else f.read()
-    text = data.decode("utf-8", errors="ignore")  # a max_bytes cut may split the last character
-    if text.startswith(f"{EOT}\n"):
-        text = "\n" + text
-    return [doc for doc in text.split(SEPARATOR) if doc.strip()]
+    """The documents of a cleaned corpus, up to its first max_bytes (the last one cut there, mid-document)."""
+    documents: list[str] = []
+    budget = max_bytes
+    for document in iter_documents(path):
+        if not document.strip():
+            continue
+        if budget is not None:
+            data = document.encode("utf-8")
+            if len(data) >= budget:  # the cut may split a character: drop its partial bytes
+                cut = data[:budget].decode("utf-8", errors="ignore")
+                documents += [cut] if cut.strip() else []
+                break
+            budget -= len(data) + len(DOC_END)  # the separator is ASCII
+        documents.append(document)
+        if budget is not None and budget <= 0:
+            break
+    return documents
 
 
 def _count_batch(texts: Sequence[str]) -> Counter[str]:
