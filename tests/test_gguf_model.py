@@ -99,7 +99,7 @@ def test_bad_files_are_one_clear_error(files, tmp_path):
                           "text.gguf": b"hello, not a model\n" * 10, "empty.gguf": b""}.items():
         path = tmp_path / name
         path.write_bytes(content)
-        with pytest.raises(TinyGPTError, match=rf"{name} is not a valid GGUF file or is truncated"):
+        with pytest.raises(TinyGPTError, match=rf"{name} is not a readable GGUF file: truncated or of another format"):
             load_gguf(path)
     with pytest.raises(TinyGPTError, match="GGUF file not found"):
         load_gguf(tmp_path / "missing.gguf")

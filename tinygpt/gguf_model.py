@@ -35,7 +35,7 @@ _BLOCK_TENSORS = {
 }
 
 
-def read_gguf(path: str | Path) -> gguf.GGUFReader:
+def read_gguf(path: str | Path, hint: str = "re-create it with python -m tinygpt.gguf_convert") -> gguf.GGUFReader:
     """Parse a GGUF file (memory-mapped); a missing, truncated or non-GGUF file is one clear TinyGPTError."""
     path = require_file(path, "GGUF file", "create it with python -m tinygpt.gguf_convert")
     try:
@@ -43,8 +43,7 @@ def read_gguf(path: str | Path) -> gguf.GGUFReader:
     except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
         # gguf-py reports a truncated file as a short read (IndexError) or a failed reshape (ValueError)
         raise TinyGPTError(
-            f"{path} is not a valid GGUF file or is truncated ({type(e).__name__}: {e}); "
-            "re-create it with python -m tinygpt.gguf_convert"
+            f"{path} is not a readable GGUF file: truncated or of another format ({type(e).__name__}: {e}); {hint}"
         ) from None
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli
+from tinygpt.gguf_model import read_gguf
 from tinygpt.quants import quantize
 
 QT = GGMLQuantizationType
@@ -125,14 +126,6 @@ def _fallback(qtype: GGMLQuantizationType, row_length: int) -> GGMLQuantizationT
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def _read_gguf(path: Path) -> GGUFReader:
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on truncated or foreign files
-        raise TinyGPTError(f"{path} is not a readable GGUF file, truncated or of another format ({e}); "
-                           "pass the f16 GGUF written by tinygpt.gguf_convert") from None
-
-
 def _field_value(field) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
     """(value, type, array item type) of a metadata field, strings kept as raw bytes so they copy exactly."""
     vtype = field.types[0]
@@ -192,7 +185,7 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
         raise TinyGPTError(f"--out {out_path} is the input file; choose another output path")
     threads = threads or os.cpu_count() or 1
 
-    reader = _read_gguf(input_path)
+    reader = read_gguf(input_path, "pass the f16 GGUF written by tinygpt.gguf_convert")
     fields = {f.name: f for f in reader.fields.values()}
     arch_field = fields.get("general.architecture")
     if arch_field is None:
