@@ -87,6 +87,13 @@ class TokenFile:
             counts += chunk_counts
         return counts
 
+    def bytes_per_token(self, vocab: list[bytes]) -> float:
+        """Mean bytes of text per token (each id's byte length; <|endoftext|> as its 13 characters): what turns
+        nats per token into bits per byte, which compares across vocabularies."""
+        lengths = np.array([len(token) for token in vocab], dtype=np.int64)
+        counts = self.token_counts(len(vocab))
+        return float(counts @ lengths / counts.sum())
+
 
 def split_batch(windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets of a batch of windows, on `device` (pinned and asynchronous on CUDA)."""

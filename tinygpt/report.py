@@ -185,9 +185,7 @@ def val_bytes_per_token(tokens: str | Path, tokenizer_path: str | Path, vocab_si
     if tokenizer.vocab_size != vocab_size:
         raise TinyGPTError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but {tokens} was encoded with "
                            f"{vocab_size}; rerun the encode stage")
-    counts = TokenFile.open(tokens, token_dtype(vocab_size), 1).token_counts(vocab_size)
-    total_bytes = sum(int(n) * len(piece) for n, piece in zip(counts, tokenizer.vocab))
-    return total_bytes / int(counts.sum())
+    return TokenFile.open(tokens, token_dtype(vocab_size), 1).bytes_per_token(tokenizer.vocab)
 
 
 def data_rows(meta: dict, bytes_per_token: float, corpus_stats: dict) -> list[tuple[str, str]]:

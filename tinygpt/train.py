@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -279,10 +278,7 @@ class Trainer:
         self.train_tokens = TokenFile.open(data_dir / "train.bin", dtype, window)
         self.val_tokens = TokenFile.open(data_dir / "val.bin", dtype, window)
         self.meta_sha256 = hashlib.sha256((data_dir / "meta.json").read_bytes()).hexdigest()
-        # bits per byte needs the val set's size in bytes: each token's byte length, counted once
-        counts = self.val_tokens.token_counts(vocab_size)
-        byte_lengths = np.array([len(token) for token in self.tokenizer.vocab], dtype=np.int64)
-        self.val_bytes_per_token = float(counts @ byte_lengths / counts.sum())
+        self.val_bytes_per_token = self.val_tokens.bytes_per_token(self.tokenizer.vocab)  # for bits per byte
         # eval_batches global batches, so the validation set does not depend on how many processes share it
         self.val_batches = fixed_batches(self.val_tokens, cfg.eval_batches * self.ranks.world_size, cfg.batch_size,
                                          self.model_config.block_size)
