@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from tinygpt.common import TinyGPTError, atomic_open, atomic_path, progress, require_file, run_cli
+from tinygpt.tokenizer import EOT
 
-EOT = "<|endoftext|>"
 DOC_END = f"\n{EOT}\n"
 SPLITS = ("auto", "eot", "blank_line")
 BLOCK = 1 << 22

@@ -28,7 +28,8 @@ from typing import BinaryIO, Iterable, Sequence
 
 from tinygpt import __version__
 from tinygpt.common import TinyGPTError, atomic_open, atomic_path, progress, run_cli, sha256_file
-from tinygpt.stories import EOT, iter_story_chunks
+from tinygpt.stories import iter_story_chunks
+from tinygpt.tokenizer import EOT
 
 SOURCES = ("builtin", "tinystories", "url", "file")
 SIZE_PRESETS = {"tiny": 5_000_000, "small": 50_000_000, "medium": 200_000_000}

@@ -22,9 +22,7 @@ from safetensors.torch import save_file
 from tinygpt.checkpoint import load_checkpoint, model_config_from_dict
 from tinygpt.common import TinyGPTError, atomic_open, atomic_path, run_cli
 from tinygpt.model import GPT, GPTConfig
-from tinygpt.tokenizer import Tokenizer
-
-EOT_TOKEN = "<|endoftext|>"
+from tinygpt.tokenizer import EOT, Tokenizer
 
 # our per-block tensor name -> (HF GPT-2 name, stored transposed as Conv1D)
 _BLOCK_TENSORS = {
@@ -117,9 +115,9 @@ def tokenizer_config(block_size: int) -> dict[str, Any]:
     # PreTrainedTokenizerFast runs tokenizer.json exactly as written; GPT-2 never prepends a BOS token
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOT_TOKEN,
-        "eos_token": EOT_TOKEN,
-        "unk_token": EOT_TOKEN,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "unk_token": EOT,
         "model_max_length": block_size,
         "add_bos_token": False,
         "add_eos_token": False,

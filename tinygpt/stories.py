@@ -32,8 +32,8 @@ from tinygpt.story_words import (
     SCENES, SEARCH_SPOTS, SKILLS, SNACKS, SNOW_GAMES, SOUNDS, SPEECH, STORM_GAMES, STORM_SOUNDS, SURPRISES, THANKS,
     TIMES, TRAITS, TREES, TRIPS, TRIP_TROUBLES, TROUBLES, WARNINGS, WINTER_TIMES, WONDERS,
 )
+from tinygpt.tokenizer import EOT
 
-EOT = "<|endoftext|>"
 T = TypeVar("T")
 STORIES_PER_CHUNK = 1000  # ~0.7 MB of text: big enough to amortise inter-process transfer, small for latency
 
