@@ -52,16 +52,36 @@ def model_config_from_dict(config: dict, source: str | os.PathLike) -> GPTConfig
         raise TinyGPTError(f"checkpoint {source} has an incomplete model_config ({e})") from None
 
 
+def checked_model_state(ckpt: dict, source: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The checkpoint's GPTConfig and state dict, after checking every tensor's name and shape against the config."""
+    missing = [key for key in MODEL_KEYS if key not in ckpt]
+    if missing:
+        raise TinyGPTError(f"checkpoint {source} lacks {', '.join(missing)}; it was not written by tinygpt.train")
+    config = model_config_from_dict(ckpt["model_config"], source)
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    state = ckpt["model"]
+    problems = [f"{name} is missing" for name in expected if name not in state]
+    problems += [f"{name} is unexpected" for name in state if name not in expected]
+    problems += [
+        f"{name} has shape {tuple(state[name].shape)}, the config needs {shape}"
+        for name, shape in expected.items()
+        if name in state and tuple(state[name].shape) != shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise TinyGPTError(
+            f"checkpoint {source} does not match its model_config ({shown}); the file is corrupt or was edited: "
+            "re-create it with tinygpt.train"
+        )
+    return config, state
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The checkpoint's model (in eval mode, on `device`) and its tokenizer."""
     ckpt = load_checkpoint(path)
-    missing = [key for key in MODEL_KEYS if key not in ckpt]
-    if missing:
-        raise TinyGPTError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by tinygpt.train")
-    model = GPT(model_config_from_dict(ckpt["model_config"], path))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise TinyGPTError(f"checkpoint {path} does not match its model_config ({str(e).splitlines()[0]})") from None
+    config, state = checked_model_state(ckpt, path)
+    model = GPT(config)
+    model.load_state_dict(state)
     tokenizer = Tokenizer.from_json_str(ckpt["tokenizer_json"], source=f"checkpoint {path}")
     return model.to(device).eval(), tokenizer

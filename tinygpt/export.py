@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import save_file
 
-from tinygpt.checkpoint import load_checkpoint, model_config_from_dict
+from tinygpt.checkpoint import checked_model_state, load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, atomic_path, run_cli
-from tinygpt.model import GPT, GPTConfig
+from tinygpt.model import GPTConfig
 from tinygpt.tokenizer import EOT, Tokenizer
 
 # our per-block tensor name -> (HF GPT-2 name, stored transposed as Conv1D)
@@ -45,31 +45,6 @@ _TOP_TENSORS = {
     "ln_f.weight": "transformer.ln_f.weight",
     "ln_f.bias": "transformer.ln_f.bias",
 }
-
-
-def checked_model_state(ckpt: dict[str, Any], source: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """The checkpoint's GPTConfig and state dict, after checking every tensor's name and shape against the config."""
-    for key in ("model", "model_config", "tokenizer_json"):
-        if key not in ckpt:
-            raise TinyGPTError(f"checkpoint {source} has no {key!r} entry; it was not written by tinygpt.train")
-    config = model_config_from_dict(ckpt["model_config"], source)
-    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
-    state = ckpt["model"]
-    problems = [f"{name} is missing" for name in expected if name not in state]
-    problems += [f"{name} is unexpected" for name in state if name not in expected]
-    problems += [
-        f"{name} has shape {tuple(state[name].shape)}, the config needs {shape}"
-        for name, shape in expected.items()
-        if name in state and tuple(state[name].shape) != shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise TinyGPTError(
-            f"checkpoint {source} does not match its model_config ({shown}); the file is corrupt or was edited: "
-            "re-create it with tinygpt.train"
-        )
-    return config, state
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
