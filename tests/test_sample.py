@@ -1,6 +1,5 @@
 import io
 from collections import Counter
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ from tinygpt.common import TinyGPTError, run_cli
 from tinygpt.model import GPT, GPTConfig
 from tinygpt.sample import complete, generate, main, sample_next, text_pieces
 from tinygpt.train_bpe import train_bpe
+
+from builders import save_tiny_checkpoint
 
 TEXTS = ["Once upon a time there was a little cat. The cat sat on the mat.",
          "héllo wörld, 日本語 and 🙂 emoji, the end."] * 10
@@ -145,10 +146,7 @@ def test_complete_joins_to_the_decoded_tokens(tokenizer):
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer, tmp_path_factory):
     model = tiny_model(tokenizer.vocab_size)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"model": model.state_dict(), "model_config": asdict(model.config),
-                "tokenizer_json": tokenizer.to_json_str(), "step": 0, "val_loss": 0.0}, path)
-    return path, model
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, tokenizer), model
 
 
 def test_cli_greedy_prints_prompt_and_completion(checkpoint, tokenizer, capsys):
