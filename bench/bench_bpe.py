@@ -2,7 +2,7 @@
 
 Prints wall time of both trainers and bytes per token of both tokenizers on held-out text.
     python bench/bench_bpe.py [--corpus PATH] [--mb 10] [--vocab_size 4096] [--threads N]
-Without --corpus the text comes from tinygpt.stories when that module exists, else from a small synthesizer.
+Without --corpus the text comes from tinygpt.data.stories.generator when that module exists, else from a small synthesizer.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinygpt.tokenizer import EOT, GPT2_PATTERN  # noqa: E402
-from tinygpt.train_bpe import read_documents, train_bpe  # noqa: E402
+from tinygpt.tokenizer.bpe import EOT, GPT2_PATTERN  # noqa: E402
+from tinygpt.tokenizer.train_bpe import read_documents, train_bpe  # noqa: E402
 
 
 def synthesize_corpus(path: Path, n_bytes: int, seed: int = 0) -> None:
@@ -54,12 +54,12 @@ def synthesize_corpus(path: Path, n_bytes: int, seed: int = 0) -> None:
 
 def make_corpus(path: Path, n_bytes: int) -> None:
     try:
-        from tinygpt import stories  # noqa: F401  (another worker's procedural story generator)
+        from tinygpt.data.stories import generator as stories  # noqa: F401  (another worker's procedural story generator)
     except ImportError:
         synthesize_corpus(path, n_bytes)
         return
     import subprocess
-    subprocess.run([sys.executable, "-m", "tinygpt.download", "--source", "builtin", "--size", str(n_bytes),
+    subprocess.run([sys.executable, "-m", "tinygpt.data.download", "--source", "builtin", "--size", str(n_bytes),
                     "--out", str(path)], check=True)
 
 

@@ -2,9 +2,9 @@
 
     python bench/bench_data.py [--size 20MB] [--workers N] [--dir /tmp]
 
-generate: the builtin story generator writing --size bytes (tinygpt.download), vs. plain sequential writes of
+generate: the builtin story generator writing --size bytes (tinygpt.data.download), vs. plain sequential writes of
           the same bytes (with the same fsync the atomic output does).
-clean:    tinygpt.clean on that corpus, vs. plain sequential reads of the same file.
+clean:    tinygpt.data.clean on that corpus, vs. plain sequential reads of the same file.
 A ratio of 1.0 would mean the stage runs at disk speed; the file is in the page cache for both reads.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TINYGPT_NO_PROGRESS", "1")
 
-from tinygpt.clean import clean_corpus  # noqa: E402
-from tinygpt.download import generate_builtin, parse_size  # noqa: E402
+from tinygpt.data.clean import clean_corpus  # noqa: E402
+from tinygpt.data.download import generate_builtin, parse_size  # noqa: E402
 
 BLOCK = 1 << 20
 

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinygpt.model import GPT, config_from_preset  # noqa: E402
-from tinygpt.sample import generate  # noqa: E402
+from tinygpt.model.gpt import GPT, config_from_preset  # noqa: E402
+from tinygpt.model.sample import generate  # noqa: E402
 
 
 def tokens_per_second(model: GPT, prompt: list[int], n_new: int, use_cache: bool, device: torch.device) -> float:

@@ -20,9 +20,9 @@ os.environ.setdefault("TINYGPT_NO_PROGRESS", "1")
 
 from bench_bpe import make_corpus, synthesize_corpus  # noqa: E402
 
-from tinygpt.encode import encode_corpus  # noqa: E402
-from tinygpt.tokenizer import EOT, GPT2_PATTERN, Tokenizer  # noqa: E402
-from tinygpt.train_bpe import read_documents, train_bpe  # noqa: E402
+from tinygpt.tokenizer.encode import encode_corpus  # noqa: E402
+from tinygpt.tokenizer.bpe import EOT, GPT2_PATTERN, Tokenizer  # noqa: E402
+from tinygpt.tokenizer.train_bpe import read_documents, train_bpe  # noqa: E402
 
 
 def timed(fn):

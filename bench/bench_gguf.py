@@ -5,7 +5,7 @@
 
 1. export + gguf_convert f16, timed against numpy writing the same tensor bytes to a file (the floor for any
    converter): the ratio says how much reading safetensors, transposing and metadata cost on top.
-2. Perplexity of the float checkpoint, the f16 file and the q4_k_m file (tinygpt.quantize), the GGUF files
+2. Perplexity of the float checkpoint, the f16 file and the q4_k_m file (tinygpt.export.quantize), the GGUF files
    evaluated through our own reader (gguf-py dequantization) on the same tokens. With a trained checkpoint
    and real validation tokens this is the quality cost of 4-bit weights; on a random model only the ratios
    between the rows mean anything.
@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinygpt.checkpoint import load_model  # noqa: E402
-from tinygpt.export import export_hf  # noqa: E402
-from tinygpt.gguf_convert import convert_to_gguf  # noqa: E402
-from tinygpt.gguf_model import load_gguf  # noqa: E402
-from tinygpt.model import GPT, PRESETS, GPTConfig  # noqa: E402
-from tinygpt.tokenizer import Tokenizer  # noqa: E402
+from tinygpt.model.checkpoint import load_model  # noqa: E402
+from tinygpt.export.hf import export_hf  # noqa: E402
+from tinygpt.export.gguf_convert import convert_to_gguf  # noqa: E402
+from tinygpt.export.gguf_read import load_gguf  # noqa: E402
+from tinygpt.model.gpt import GPT, PRESETS, GPTConfig  # noqa: E402
+from tinygpt.tokenizer.bpe import Tokenizer  # noqa: E402
 
 
 def random_model(preset: str, vocab_size: int) -> tuple[GPT, Tokenizer]:
@@ -114,9 +114,9 @@ def main() -> None:
         tokens = eval_tokens(args.val_bin, args.eval_tokens, cfg.vocab_size)
         rows = {"float checkpoint": model, "f16 GGUF": load_gguf(f16)[0]}
         try:
-            from tinygpt.quantize import quantize_gguf
+            from tinygpt.export.quantize import quantize_gguf
         except ImportError:
-            print("tinygpt.quantize not available: q4_k_m skipped")
+            print("tinygpt.export.quantize not available: q4_k_m skipped")
         else:
             q4 = tmp / "model-q4_k_m.gguf"
             t_quant = best_time(lambda: quantize_gguf(f16, q4, "q4_k_m"), 1)

@@ -5,11 +5,11 @@
         --gguf-q exports/tinygpt/model-q4_k_m.gguf --val-bin data/tokens/val.bin     # quality (trained model)
 
 Speed: a random model of the small preset's shape (8 layers x 512, vocab 4096; ~25M parameters) is written as
-an f16 GGUF, then quantized to each type by `tinygpt.quantize.quantize_gguf` (the whole stage: read, quantize,
+an f16 GGUF, then quantized to each type by `tinygpt.export.quantize.quantize_gguf` (the whole stage: read, quantize,
 write). Peers measured in the same run: gguf-py's Q8_0 quantizer (the only type of ours it has: gguf.quants.quantize
 on the same 2-D tensors, against our Q8_0 kernel on the same tensors), and, when llama-cpp-python is installed,
 llama.cpp's llama_model_quantize on the same file with the same thread count (also checked byte for byte).
-Quality: perplexity of the validation tokens under the f16 and the quantized GGUF, both read by tinygpt.gguf_model.
+Quality: perplexity of the validation tokens under the f16 and the quantized GGUF, both read by tinygpt.export.gguf_read.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ os.environ.setdefault("TINYGPT_NO_PROGRESS", "1")
 
 import gguf  # noqa: E402
 
-from tinygpt.quantize import FILE_TYPES, quantize_gguf  # noqa: E402
-from tinygpt.quants import quantize  # noqa: E402
+from tinygpt.export.quantize import FILE_TYPES, quantize_gguf  # noqa: E402
+from tinygpt.export.quants import quantize  # noqa: E402
 
 
 def load_make_golden():
@@ -124,7 +124,7 @@ def bench_speed(args) -> None:
 def perplexity(path: Path, tokens: np.ndarray, max_windows: int) -> float:
     import torch
 
-    from tinygpt.gguf_model import load_gguf
+    from tinygpt.export.gguf_read import load_gguf
 
     model, _ = load_gguf(path)
     T = model.config.block_size

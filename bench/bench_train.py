@@ -4,7 +4,7 @@
     python bench/bench_train.py --presets toy --steps 20 --batch_size 32 --threads 2
 
 For each preset it times, on the same batch shape:
-  ours       Trainer.train_step as `python -m tinygpt.train` runs it (memmap batches, fused AdamW, autocast --amp auto)
+  ours       Trainer.train_step as `tinygpt train` runs it (memmap batches, fused AdamW, autocast --amp auto)
   ours fp32  the same with --amp off
   plain      the textbook loop: our GPT in fp32, default torch.optim.AdamW, batches already in memory
 and prints tokens/s and achieved FLOP/s (model.estimate_flops_per_token) as a fraction of the fp32 and bf16
@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinygpt.flops import matmul_peak, synchronize  # noqa: E402
-from tinygpt.model import GPT, config_from_preset  # noqa: E402
-from tinygpt.tokenizer import Tokenizer  # noqa: E402
-from tinygpt.train import Ranks, Trainer, TrainConfig  # noqa: E402
+from tinygpt.model.flops import matmul_peak, synchronize  # noqa: E402
+from tinygpt.model.gpt import GPT, config_from_preset  # noqa: E402
+from tinygpt.tokenizer.bpe import Tokenizer  # noqa: E402
+from tinygpt.model.train import Ranks, Trainer, TrainConfig  # noqa: E402
 
 
 def write_random_tokens(folder: Path, vocab_size: int, n_tokens: int) -> None:

@@ -7,10 +7,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from tinygpt.checkpoint import load_checkpoint, load_model, save_checkpoint
+from tinygpt.model.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tinygpt.common import TinyGPTError
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.model.gpt import GPT, GPTConfig
+from tinygpt.tokenizer.bpe import Tokenizer
 
 class Foreign:
     """Stands for any class a pickle could smuggle in (and run code from when unpickled)."""

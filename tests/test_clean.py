@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinygpt import clean
-from tinygpt.clean import EOT, clean_corpus, iter_documents, main
+from tinygpt.data import clean
+from tinygpt.data.clean import EOT, clean_corpus, iter_documents, main
 from tinygpt.common import TinyGPTError
 
 # The format characters cleaning drops, listed independently of the module's regular expression.

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tinygpt.common import TinyGPTError, run_cli
-from tinygpt.download import SEPARATOR, _part_path, document_prefix, download, main, parse_size
-from tinygpt.stories import EOT
+from tinygpt.data.download import SEPARATOR, _part_path, document_prefix, download, main, parse_size
+from tinygpt.data.stories.generator import EOT
 
 FAST = dict(timeout=5.0, retries=3, backoff=0.0)
 BODY = "".join(f"Story number {i}. " * (i % 7 + 1) + f"\n{EOT}\n" for i in range(300)).encode()

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from tinygpt import encode as encode_module
+from tinygpt.tokenizer import encode as encode_module
 from tinygpt.common import TinyGPTError
-from tinygpt.encode import encode_corpus, is_val_document, iter_document_batches, main, token_dtype
-from tinygpt.tokenizer import EOT, Tokenizer
-from tinygpt.train_bpe import read_documents, train_bpe
+from tinygpt.tokenizer.encode import encode_corpus, is_val_document, iter_document_batches, main, token_dtype
+from tinygpt.tokenizer.bpe import EOT, Tokenizer
+from tinygpt.tokenizer.train_bpe import read_documents, train_bpe
 
 DOCUMENTS = [f"Story {i}: the cat named Über sat on mat number {i * 7}.\n\nThe end, 猫 {'🎉' * (i % 3)}."
              for i in range(40)]

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from tinygpt.common import TinyGPTError
-from tinygpt.export import export_hf, main
-from tinygpt.model import GPT
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.export.hf import export_hf, main
+from tinygpt.model.gpt import GPT
+from tinygpt.tokenizer.bpe import Tokenizer
 
 from builders import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
 

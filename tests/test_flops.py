@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from tinygpt.flops import matmul_peak
+from tinygpt.model.flops import matmul_peak
 
 
 def test_peak_is_a_plausible_rate_and_draws_no_random_numbers():

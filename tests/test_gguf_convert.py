@@ -11,8 +11,8 @@ import torch
 from builders import random_gpt, save_tiny_checkpoint, tiny_tokenizer
 
 from tinygpt.common import TinyGPTError
-from tinygpt.export import export_hf
-from tinygpt.gguf_convert import convert_to_gguf, main, tensor_type
+from tinygpt.export.hf import export_hf
+from tinygpt.export.gguf_convert import convert_to_gguf, main, tensor_type
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
@@ -146,7 +146,7 @@ def test_output_is_atomic_and_cli_works(model_dir, tmp_path):
 
 
 def test_bad_inputs_are_one_clear_error(model_dir, tmp_path):
-    with pytest.raises(TinyGPTError, match=r"config\.json.*tinygpt\.export"):
+    with pytest.raises(TinyGPTError, match=r"config\.json.*tinygpt export"):
         convert_to_gguf(tmp_path / "empty", tmp_path / "x.gguf")
     with pytest.raises(TinyGPTError, match="unknown --outtype 'q3'"):
         convert_to_gguf(model_dir[0], tmp_path / "x.gguf", "q3")

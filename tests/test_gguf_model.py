@@ -9,9 +9,9 @@ import torch
 from builders import PARITY_TEXTS, random_gpt, save_tiny_checkpoint, tiny_tokenizer
 
 from tinygpt.common import TinyGPTError
-from tinygpt.export import export_hf
-from tinygpt.gguf_convert import convert_to_gguf
-from tinygpt.gguf_model import load_gguf
+from tinygpt.export.hf import export_hf
+from tinygpt.export.gguf_convert import convert_to_gguf
+from tinygpt.export.gguf_read import load_gguf
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_q8_0_file_is_close(files):
 
 
 def test_q4_k_m_file_loads_with_k_quant_types(files, tmp_path):
-    quantize = pytest.importorskip("tinygpt.quantize")
+    quantize = pytest.importorskip("tinygpt.export.quantize")
     models, tokenizer, paths = files
     out = tmp_path / "wide-q4_k_m.gguf"
     quantize.quantize_gguf(paths["wide", "f16"], out, "q4_k_m", threads=1)

@@ -12,11 +12,11 @@ import torch
 from builders import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
 
 from tinygpt.common import TinyGPTError
-from tinygpt.export import export_hf
-from tinygpt.gguf_convert import convert_to_gguf
-from tinygpt.gguf_model import load_gguf
-from tinygpt.llama import main, run_llama
-from tinygpt.sample import generate
+from tinygpt.export.hf import export_hf
+from tinygpt.export.gguf_convert import convert_to_gguf
+from tinygpt.export.gguf_read import load_gguf
+from tinygpt.export.llama_cpp import main, run_llama
+from tinygpt.model.sample import generate
 
 PROMPT = "Once upon a time, a little"
 
@@ -44,7 +44,7 @@ def gguf_files(tmp_path_factory):
         export_hf(save_tiny_checkpoint(tmp / f"{kind}.pt", model, tokenizer), tmp / kind)
         files[kind] = convert_to_gguf(tmp / kind, tmp / f"{kind}-f16.gguf", "f16")
     try:
-        from tinygpt.quantize import quantize_gguf
+        from tinygpt.export.quantize import quantize_gguf
     except ImportError:
         pass
     else:
@@ -108,7 +108,7 @@ def test_cli_prints_prompt_and_continuation(gguf_files, capsys):
 def test_llama_cpp_runs_our_q4_k_m_file(gguf_files):
     tokenizer, files = gguf_files
     if "q4_k_m" not in files:
-        pytest.skip("tinygpt.quantize is not available")
+        pytest.skip("tinygpt.export.quantize is not available")
     ids = tokenizer.encode(" ".join(corpus(1)))[:64]
     theirs, ours = llama_logits(files["q4_k_m"], ids), our_logits(files["q4_k_m"], ids)
     # same dequantized weights; llama.cpp also rounds activations to 8 bits for K-quant matmuls

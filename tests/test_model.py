@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tinygpt.common import TinyGPTError
-from tinygpt.model import GPT, PRESETS, GPTConfig, config_from_preset
+from tinygpt.model.gpt import GPT, PRESETS, GPTConfig, config_from_preset
 
 TINY = dict(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=16)
 

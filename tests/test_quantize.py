@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
 from tinygpt.common import TinyGPTError
-from tinygpt.quantize import FILE_TYPES, main, plan_tensor_types, quantize_gguf, use_more_bits
+from tinygpt.export.quantize import FILE_TYPES, main, plan_tensor_types, quantize_gguf, use_more_bits
 
 ROOT = Path(__file__).parents[1]
 GOLDEN = json.loads((ROOT / "tests" / "data" / "quantize_golden.json").read_text())
@@ -99,7 +99,7 @@ def test_use_more_bits_examples(n, layers):
 
 
 def test_plan_keeps_vectors_and_counts_layers_in_order():
-    from tinygpt.quantize import TensorInfo, llama_order
+    from tinygpt.export.quantize import TensorInfo, llama_order
 
     names = llama_order([f"blk.{i}.ffn_down.weight" for i in range(12)] + ["blk.3.ffn_down.bias", "token_embd.weight"])
     assert names[0] == "token_embd.weight" and names[1:4] == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight",
@@ -196,7 +196,7 @@ def test_pure_against_live_llama_quantize(model_files, tmp_path, model):
 def test_cli(model_files, tmp_path):
     env = dict(os.environ, TINYGPT_NO_PROGRESS="1")
     out = tmp_path / "model-q6_k.gguf"
-    cmd = [sys.executable, "-m", "tinygpt.quantize", "--input", str(model_files["w96"]), "--out", str(out)]
+    cmd = [sys.executable, "-m", "tinygpt.export.quantize", "--input", str(model_files["w96"]), "--out", str(out)]
     done = subprocess.run(cmd + ["--type", "q6_k", "--threads", "2"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert make_golden.file_sha256(out) == GOLDEN["models"]["w96"]["types"]["q6_k"]["file_sha256"]

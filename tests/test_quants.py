@@ -1,4 +1,4 @@
-"""tinygpt.quants against llama.cpp's bytes (golden vectors from ggml), gguf-py's exact quantizers, and gguf-py's
+"""tinygpt.export.quants against llama.cpp's bytes (golden vectors from ggml), gguf-py's exact quantizers, and gguf-py's
 K-quant dequantizers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from tinygpt import quants
+from tinygpt.export import quants
 
 DATA = Path(__file__).parent / "data"
 ALL_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from tinygpt import report
-from tinygpt.checkpoint import save_checkpoint
+from tinygpt.model.checkpoint import save_checkpoint
 from tinygpt.common import TinyGPTError
-from tinygpt.train_bpe import train_bpe
+from tinygpt.tokenizer.train_bpe import train_bpe
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tinygpt.common import TinyGPTError, run_cli
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.sample import complete, generate, main, sample_next, text_pieces
-from tinygpt.train_bpe import train_bpe
+from tinygpt.model.gpt import GPT, GPTConfig
+from tinygpt.model.sample import complete, generate, main, sample_next, text_pieces
+from tinygpt.tokenizer.train_bpe import train_bpe
 
 from builders import save_tiny_checkpoint
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from tinygpt.stories import (
+from tinygpt.data.stories.generator import (
     ARCS,
     EOT,
     Teller,

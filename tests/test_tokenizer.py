@@ -9,10 +9,10 @@ import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from tinygpt import tokenizer as tokenizer_module
+from tinygpt.tokenizer import bpe as tokenizer_module
 from tinygpt.common import TinyGPTError
-from tinygpt.tokenizer import ASCII_PATTERN, BYTE_TO_UNICODE, EOT, GPT2_PATTERN, Tokenizer, pretokenize
-from tinygpt.train_bpe import train_bpe
+from tinygpt.tokenizer.bpe import ASCII_PATTERN, BYTE_TO_UNICODE, EOT, GPT2_PATTERN, Tokenizer, pretokenize
+from tinygpt.tokenizer.train_bpe import train_bpe
 
 tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from tinygpt.checkpoint import load_checkpoint
+from tinygpt.model.checkpoint import load_checkpoint
 from tinygpt.common import TinyGPTError
-from tinygpt.data import RandomBatches, TokenFile, fixed_batches
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.stories import story
-from tinygpt.train import autocast_dtype, configure_optimizer, cosine_lr, cpu_has_fast_bf16, main, TrainConfig
-from tinygpt.train_bpe import train_bpe
+from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches
+from tinygpt.model.gpt import GPT, GPTConfig
+from tinygpt.data.stories.generator import story
+from tinygpt.model.train import autocast_dtype, configure_optimizer, cosine_lr, cpu_has_fast_bf16, main, TrainConfig
+from tinygpt.tokenizer.train_bpe import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16"]
@@ -148,7 +148,7 @@ def subprocess_env() -> dict:
 
 def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path):
     settings = ["--max_steps", "200", "--ckpt_interval", "7", "--eval_interval", "40", "--threads", "1", "--dropout", "0.1"]
-    command = [sys.executable, "-m", "tinygpt.train"]
+    command = [sys.executable, "-m", "tinygpt.model.train"]
     env = subprocess_env()
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(command + train_args(data_dir, whole, *settings), env=env, check=True, capture_output=True)
@@ -224,11 +224,11 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data_dir
     env = subprocess_env()
     single = train_args(data_dir, tmp_path / "single", *common)
     single[single.index("--batch_size") + 1] = "4"
-    subprocess.run([sys.executable, "-m", "tinygpt.train", *single], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "tinygpt.model.train", *single], env=env, check=True, capture_output=True)
     pair = train_args(data_dir, tmp_path / "ddp", *common)
     pair[pair.index("--batch_size") + 1] = "2"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "tinygpt.train", *pair], env=env, check=True, capture_output=True)
+                    "-m", "tinygpt.model.train", *pair], env=env, check=True, capture_output=True)
     one, two = metrics(run_dirs(tmp_path / "single")[0]), metrics(run_dirs(tmp_path / "ddp")[0])
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]
     assert [m["train_loss"] for m in two] == pytest.approx([m["train_loss"] for m in one], rel=1e-5)
@@ -249,7 +249,7 @@ def copy_data(data_dir: Path, dest: Path) -> Path:
 def test_token_file_shorter_than_one_block_is_a_clear_error(data_dir, tmp_path):
     bad = copy_data(data_dir, tmp_path / "data")
     np.arange(10, dtype=np.uint16).tofile(bad / "val.bin")
-    result = subprocess.run([sys.executable, "-m", "tinygpt.train", *train_args(bad, tmp_path, "--max_steps", "2")],
+    result = subprocess.run([sys.executable, "-m", "tinygpt.model.train", *train_args(bad, tmp_path, "--max_steps", "2")],
                             env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "val.bin holds 10 tokens, fewer than the 17" in result.stderr

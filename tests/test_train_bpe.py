@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from tinygpt.common import TinyGPTError
-from tinygpt.tokenizer import EOT, Tokenizer, pretokenize
-from tinygpt.train_bpe import count_chunks, learn_merges, main, read_documents, train_bpe
+from tinygpt.tokenizer.bpe import EOT, Tokenizer, pretokenize
+from tinygpt.tokenizer.train_bpe import count_chunks, learn_merges, main, read_documents, train_bpe
 
 TEXTS = [
     "the cat sat on the mat. the cat ate the rat! aaaaaaa abababab aaaa",

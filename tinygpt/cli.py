@@ -1,4 +1,8 @@
-"""`tinygpt <command> ...`: one entry point for every stage; `tinygpt X args` is `python -m tinygpt.X args`."""
+"""`tinygpt <command> ...` (or `python -m tinygpt <command> ...`): one entry point for every stage.
+
+The command names are the stable interface (the Snakefile and the README use them); the modules behind
+them may move.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,17 @@ from tinygpt.common import run_cli
 
 # command -> (module, one-line description), in pipeline order
 COMMANDS = {
-    "download": ("download", "fetch or generate raw text (builtin stories, TinyStories, URLs, local files)"),
-    "clean": ("clean", "normalize, split into documents, deduplicate"),
-    "train_bpe": ("train_bpe", "learn a byte-level BPE tokenizer (tokenizer.json)"),
-    "encode": ("encode", "tokenize the corpus into train.bin / val.bin memmaps"),
-    "train": ("train", "train the GPT (resumable)"),
-    "sample": ("sample", "generate text from a checkpoint or a GGUF file"),
-    "export": ("export", "write a Hugging Face GPT-2 folder (safetensors)"),
-    "gguf_convert": ("gguf_convert", "convert the export folder to a GGUF file"),
-    "quantize": ("quantize", "quantize a GGUF file (q4_k_m, q6_k, q8_0, ...)"),
-    "llama": ("llama", "run a GGUF file with llama.cpp (llama-cli or llama-cpp-python)"),
+    "download": ("tinygpt.data.download", "fetch or generate raw text (builtin stories, TinyStories, URLs, local files)"),
+    "clean": ("tinygpt.data.clean", "normalize, split into documents, deduplicate"),
+    "train_bpe": ("tinygpt.tokenizer.train_bpe", "learn a byte-level BPE tokenizer (tokenizer.json)"),
+    "encode": ("tinygpt.tokenizer.encode", "tokenize the corpus into train.bin / val.bin memmaps"),
+    "train": ("tinygpt.model.train", "train the GPT (resumable)"),
+    "sample": ("tinygpt.model.sample", "generate text from a checkpoint or a GGUF file"),
+    "export": ("tinygpt.export.hf", "write a Hugging Face GPT-2 folder (safetensors)"),
+    "gguf_convert": ("tinygpt.export.gguf_convert", "convert the export folder to a GGUF file"),
+    "quantize": ("tinygpt.export.quantize", "quantize a GGUF file (q4_k_m, q6_k, q8_0, ...)"),
+    "llama": ("tinygpt.export.llama_cpp", "run a GGUF file with llama.cpp (llama-cli or llama-cpp-python)"),
+    "report": ("tinygpt.report", "write the report pages (loss curve, data, GGUF sizes, timings)"),
 }
 
 
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(f"tinygpt.{COMMANDS[name][0]}")
+    module = importlib.import_module(COMMANDS[name][0])
     run_cli(module.main, argv[1:])
 
 

@@ -22,6 +22,10 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+# Ends every document in our text files and is the tokenizer's one special token (id vocab_size - 1).
+EOT = "<|endoftext|>"
+
+
 class TinyGPTError(Exception):
     """Bad input or a failed stage: the message is one sentence naming the file, key or value and what to do."""
 

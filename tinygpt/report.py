@@ -1,7 +1,7 @@
 """Figures and tables for `snakemake --report`: the loss curve, bits per byte, tokenizer and corpus statistics,
 the GGUF files' sizes and the time every rule took.
 
-    python -m tinygpt.report --runs_dir checkpoints/runs --data_dir data/tokens \\
+    tinygpt report --runs_dir checkpoints/runs --data_dir data/tokens \\
         --tokenizer data/tokenizer/tokenizer.json --corpus_stats data/clean/corpus.stats.json \\
         --gguf_dir exports/tinygpt --benchmarks benchmarks --skip report \\
         --loss_svg reports/loss.svg --training reports/training.html --data reports/data.html \\
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tinygpt.checkpoint import load_checkpoint
+from tinygpt.model.checkpoint import load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, require_file, run_cli
-from tinygpt.data import TokenFile, read_meta, token_dtype
-from tinygpt.gguf_model import read_gguf
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.model.batches import TokenFile, read_meta, token_dtype
+from tinygpt.export.gguf_read import read_gguf
+from tinygpt.tokenizer.bpe import Tokenizer
 
 Row = Sequence[object]
 
@@ -328,7 +328,7 @@ def write_report(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tinygpt.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tinygpt report", description=__doc__.split("\n\n")[0])
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--checkpoint", required=True, help="final checkpoint of the train stage")
     inputs.add_argument("--runs_dir", required=True, help="training run folders (the checkpoint's own is reported)")

@@ -122,7 +122,7 @@ def edge_case_rows(cols: int = 512) -> np.ndarray:
 # --------------------------------------------------------------------------------------- test model files
 
 def write_test_model(spec: TestModel, path: str | Path) -> None:
-    """Write `spec` as a gpt2 GGUF like tinygpt.gguf_convert does (the tests rebuild it with this function)."""
+    """Write `spec` as a gpt2 GGUF like tinygpt.export.gguf_convert does (the tests rebuild it with this function)."""
     C, F, V = spec.n_embd, spec.n_ff, spec.n_vocab
     w = GGUFWriter(str(path), "gpt2")
     w.add_name(f"test-{spec.name}")

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
+from tinygpt.cli import COMMANDS
+from tinygpt.sources import module_sources
+
 ROOT = Path(workflow.basedir)  # the folder holding the Snakefile, config.yaml and tinygpt/
 
 
@@ -25,10 +28,11 @@ def shell_environment():
 shell.prefix("set -euo pipefail; " + shell_environment())
 
 
-def sources(*modules):
-    """The source files of a stage: editing one reruns that stage and what follows, nothing upstream.
-    Relative to the working directory, so that a copied or moved project keeps its Snakemake records."""
-    return [os.path.relpath(ROOT / "tinygpt" / f"{m}.py") for m in modules]
+def sources(command):
+    """The source files a stage runs (its module and every package module it imports, derived from the
+    imports): editing one reruns that stage and what follows, nothing upstream. Relative to the working
+    directory, so that a copied or moved project keeps its Snakemake records."""
+    return [os.path.relpath(path) for path in module_sources(COMMANDS[command][0])]
 
 
 def flags(settings, skip=()):
@@ -75,8 +79,8 @@ def local_files(settings):
 def train_launcher(settings):
     """One process per GPU through torchrun (DistributedDataParallel) when more than one is asked for."""
     if settings["gpus"] > 1:
-        return f"python -m torch.distributed.run --standalone --nproc_per_node {settings['gpus']} -m tinygpt.train"
-    return "python -m tinygpt.train"
+        return f"python -m torch.distributed.run --standalone --nproc_per_node {settings['gpus']} -m tinygpt train"
+    return "python -m tinygpt train"
 
 
 def train_flags(model, train):

@@ -8,7 +8,7 @@ localrules:
 
 rule download:
     input:
-        code=sources("download", "stories", "story_words"),
+        code=sources("download"),
         files=local_files(config["download"]),
     output:
         text=f"data/raw/{config['download']['source']}.txt",
@@ -22,7 +22,7 @@ rule download:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.download {params.args} --out {output.text} 2>&1 | tee {log}"
+        "python -m tinygpt download {params.args} --out {output.text} 2>&1 | tee {log}"
 
 
 rule clean:
@@ -42,14 +42,14 @@ rule clean:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.clean --input {input.text} --out {output.corpus} --stats {output.stats}"
+        "python -m tinygpt clean --input {input.text} --out {output.corpus} --stats {output.stats}"
         " {params.args} 2>&1 | tee {log}"
 
 
 rule train_bpe:
     input:
         corpus=rules.clean.output.corpus,
-        code=sources("tokenizer", "train_bpe"),
+        code=sources("train_bpe"),
     output:
         tokenizer="data/tokenizer/tokenizer.json",
     params:
@@ -62,7 +62,7 @@ rule train_bpe:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.train_bpe --corpus {input.corpus} --out {output.tokenizer} {params.args}"
+        "python -m tinygpt train_bpe --corpus {input.corpus} --out {output.tokenizer} {params.args}"
         " --threads {threads} 2>&1 | tee {log}"
 
 
@@ -70,7 +70,7 @@ rule encode:
     input:
         corpus=rules.clean.output.corpus,
         tokenizer=rules.train_bpe.output.tokenizer,
-        code=sources("tokenizer", "encode"),
+        code=sources("encode"),
     output:
         train="data/tokens/train.bin",
         val="data/tokens/val.bin",
@@ -85,5 +85,5 @@ rule encode:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.encode --corpus {input.corpus} --tokenizer {input.tokenizer}"
+        "python -m tinygpt encode --corpus {input.corpus} --tokenizer {input.tokenizer}"
         " --out_dir $(dirname {output.meta}) {params.args} --threads {threads} 2>&1 | tee {log}"

@@ -23,7 +23,7 @@ rule export:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.export --checkpoint {input.checkpoint} --out_dir $(dirname {output.config})"
+        "python -m tinygpt export --checkpoint {input.checkpoint} --out_dir $(dirname {output.config})"
         " 2>&1 | tee {log}"
 
 
@@ -44,14 +44,14 @@ rule gguf_convert:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.gguf_convert --model_dir $(dirname {input.config}) --out {output.gguf}"
+        "python -m tinygpt gguf_convert --model_dir $(dirname {input.config}) --out {output.gguf}"
         " --outtype {wildcards.outtype} {params.args} 2>&1 | tee {log}"
 
 
 rule quantize:
     input:
         gguf=f"exports/tinygpt/model-{config['quantize']['input']}.gguf",
-        code=sources("quants", "quantize"),
+        code=sources("quantize"),
     output:
         gguf="exports/tinygpt/model-{qtype}.gguf",
     params:
@@ -64,5 +64,5 @@ rule quantize:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.quantize --input {input.gguf} --out {output.gguf} --type {wildcards.qtype}"
+        "python -m tinygpt quantize --input {input.gguf} --out {output.gguf} --type {wildcards.qtype}"
         " {params.args} --threads {threads} 2>&1 | tee {log}"

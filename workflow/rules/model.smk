@@ -7,7 +7,7 @@ rule train:
         val=rules.encode.output.val,
         meta=rules.encode.output.meta,
         tokenizer=rules.train_bpe.output.tokenizer,
-        code=sources("model", "train", "checkpoint", "data"),
+        code=sources("train"),
     output:
         # Only the final checkpoint is declared: the resumable state (last.pt) lives in a run folder under
         # checkpoints/runs/ that Snakemake never deletes, so Ctrl-C and the same command resume training.
@@ -33,7 +33,7 @@ rule train:
 rule samples:
     input:
         checkpoint=rules.train.output.checkpoint,
-        code=sources("sample", "model"),
+        code=sources("sample"),
     output:
         text=report("reports/samples.txt", category="Samples", caption="../report/samples.rst"),
     params:
@@ -47,5 +47,5 @@ rule samples:
     shell:
         "for i in $(seq 1 {params.n}); do"
         " echo \"--- sample $i ---\";"
-        " python -m tinygpt.sample --checkpoint {input.checkpoint} {params.args} --seed $i;"
+        " python -m tinygpt sample --checkpoint {input.checkpoint} {params.args} --seed $i;"
         " echo; done > {output.text} 2> {log}"

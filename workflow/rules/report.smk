@@ -31,7 +31,7 @@ rule report:
     conda:
         "../envs/tinygpt.yaml"
     shell:
-        "python -m tinygpt.report --checkpoint {input.checkpoint} --runs_dir {params.runs} --data_dir $(dirname {input.meta})"
+        "python -m tinygpt report --checkpoint {input.checkpoint} --runs_dir {params.runs} --data_dir $(dirname {input.meta})"
         " --tokenizer {input.tokenizer} --corpus_stats {input.corpus_stats} --gguf_dir $(dirname {input.q4_k_m})"
         " --benchmarks {params.benchmarks} --skip report --loss_svg {output.loss} --training {output.training}"
         " --data {output.data} --gguf {output.gguf} --timings {output.timings} 2>&1 | tee {log}"

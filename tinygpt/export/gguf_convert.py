@@ -1,6 +1,6 @@
 """Convert the Hugging Face GPT-2 export folder into a GGUF file for llama.cpp (architecture `gpt2`).
 
-    python -m tinygpt.gguf_convert --model_dir exports/tinygpt --out exports/tinygpt/model-f16.gguf --outtype f16
+    tinygpt gguf_convert --model_dir exports/tinygpt --out exports/tinygpt/model-f16.gguf --outtype f16
 
 Metadata and tensors follow GGUF_SPEC.md. Which tensors keep F32 follows llama.cpp's convert_hf_to_gguf.py:
 1-D tensors (biases, norms) and `position_embd.weight` stay F32 in every output type (llama.cpp's quantizer
@@ -22,7 +22,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.export.names import GPT2_HEAD, by, shape_of, tensor_names
+from tinygpt.tokenizer.bpe import Tokenizer
 
 F32, F16, BF16, Q8_0 = (gguf.GGMLQuantizationType[t] for t in ("F32", "F16", "BF16", "Q8_0"))
 
@@ -34,27 +35,6 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q8_0),
 }
 
-# HF GPT-2 name -> (GGUF name, stored transposed): Conv1D keeps (in, out); GGUF wants nn.Linear's (out, in)
-_TOP_TENSORS = {
-    "transformer.wte.weight": "token_embd.weight",
-    "transformer.wpe.weight": "position_embd.weight",
-    "transformer.ln_f.weight": "output_norm.weight",
-    "transformer.ln_f.bias": "output_norm.bias",
-}
-_BLOCK_TENSORS = {
-    "ln_1.weight": ("attn_norm.weight", False),
-    "ln_1.bias": ("attn_norm.bias", False),
-    "attn.c_attn.weight": ("attn_qkv.weight", True),
-    "attn.c_attn.bias": ("attn_qkv.bias", False),
-    "attn.c_proj.weight": ("attn_output.weight", True),
-    "attn.c_proj.bias": ("attn_output.bias", False),
-    "ln_2.weight": ("ffn_norm.weight", False),
-    "ln_2.bias": ("ffn_norm.bias", False),
-    "mlp.c_fc.weight": ("ffn_up.weight", True),
-    "mlp.c_fc.bias": ("ffn_up.bias", False),
-    "mlp.c_proj.weight": ("ffn_down.weight", True),
-    "mlp.c_proj.bias": ("ffn_down.bias", False),
-}
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL = 1, 3
 
 
@@ -72,11 +52,11 @@ class GPT2HParams:
 
 def read_hf_config(model_dir: Path) -> GPT2HParams:
     """The hyperparameters of an HF GPT-2 config.json, checked to be a network llama.cpp's `gpt2` computes."""
-    path = require_file(model_dir / "config.json", "Hugging Face config", "run python -m tinygpt.export first")
+    path = require_file(model_dir / "config.json", "Hugging Face config", "run tinygpt export first")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TinyGPTError(f"{path} is not valid JSON ({e}); re-run python -m tinygpt.export") from e
+        raise TinyGPTError(f"{path} is not valid JSON ({e}); re-run tinygpt export") from e
     if raw.get("model_type") != "gpt2":
         raise TinyGPTError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'gpt2'")
     if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -96,68 +76,42 @@ def read_hf_config(model_dir: Path) -> GPT2HParams:
             tied=bool(raw.get("tie_word_embeddings", True)),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise TinyGPTError(f"{path}: missing or invalid GPT-2 setting {e}; re-run python -m tinygpt.export") from e
+        raise TinyGPTError(f"{path}: missing or invalid GPT-2 setting {e}; re-run tinygpt export") from e
 
 
-def expected_shapes(hp: GPT2HParams) -> dict[str, tuple[int, ...]]:
-    """numpy shape of every GGUF tensor llama.cpp's gpt2 loader requires (GGUF_SPEC §1)."""
-    C, F = hp.n_embd, hp.n_ff
-    shapes = {
-        "token_embd.weight": (hp.vocab_size, C),
-        "position_embd.weight": (hp.n_ctx, C),
-        "output_norm.weight": (C,),
-        "output_norm.bias": (C,),
-    }
-    per_block = {
-        "attn_norm.weight": (C,), "attn_norm.bias": (C,),
-        "attn_qkv.weight": (3 * C, C), "attn_qkv.bias": (3 * C,),
-        "attn_output.weight": (C, C), "attn_output.bias": (C,),
-        "ffn_norm.weight": (C,), "ffn_norm.bias": (C,),
-        "ffn_up.weight": (F, C), "ffn_up.bias": (F,),
-        "ffn_down.weight": (C, F), "ffn_down.bias": (C,),
-    }  # fmt: skip
-    for i in range(hp.n_layer):
-        shapes.update({f"blk.{i}.{name}": shape for name, shape in per_block.items()})
-    if not hp.tied:
-        shapes["output.weight"] = (hp.vocab_size, C)
-    return shapes
-
-
-def gguf_name(hf_name: str, tied: bool) -> tuple[str | None, bool]:
-    """(GGUF name or None to drop the tensor, transpose?) for an HF GPT-2 tensor name."""
-    if hf_name in _TOP_TENSORS:
-        return _TOP_TENSORS[hf_name], False
-    if hf_name == "lm_head.weight":
-        return (None if tied else "output.weight"), False
-    parts = hf_name.split(".", 3)  # transformer, h, i, rest
-    if len(parts) == 4 and parts[:2] == ["transformer", "h"] and parts[2].isdigit() and parts[3] in _BLOCK_TENSORS:
-        name, transpose = _BLOCK_TENSORS[parts[3]]
-        return f"blk.{parts[2]}.{name}", transpose
-    raise TinyGPTError(f"tensor {hf_name!r} is not part of a GPT-2 model; the export folder is not from tinygpt.export")
+def dims(hp: GPT2HParams) -> dict[str, int]:
+    """The symbols of the name table's shapes (tinygpt.export.names) for this model."""
+    return {"V": hp.vocab_size, "T": hp.n_ctx, "C": hp.n_embd, "3C": 3 * hp.n_embd, "F": hp.n_ff}
 
 
 def read_gguf_tensors(model_dir: Path, hp: GPT2HParams) -> dict[str, np.ndarray]:
     """model.safetensors as float32 numpy arrays under GGUF names and layouts, checked against the config."""
-    path = require_file(model_dir / "model.safetensors", "model weights", "run python -m tinygpt.export first")
+    path = require_file(model_dir / "model.safetensors", "model weights", "run tinygpt export first")
+    names = tensor_names("gpt2", hp.n_layer, hp.tied)
+    by_hf = by("hf", names)
     tensors: dict[str, np.ndarray] = {}
+    problems = []
     try:
         with safe_open(str(path), framework="numpy") as f:
             for hf_name in f.keys():
-                name, transpose = gguf_name(hf_name, hp.tied)
-                if name is not None:
-                    data = f.get_tensor(hf_name).astype(np.float32, copy=False)
-                    tensors[name] = data.T if transpose else data  # a view: encode_tensor makes it contiguous
+                if hf_name == GPT2_HEAD.hf and hp.tied:
+                    continue  # a tied head is token_embd again: llama.cpp reuses it when output.weight is absent
+                if hf_name not in by_hf:
+                    problems.append(f"{hf_name} is unexpected")
+                    continue
+                name = by_hf[hf_name]
+                data = f.get_tensor(hf_name).astype(np.float32, copy=False)
+                tensors[name.gguf] = data.T if name.hf_transposed else data  # a view: encode_tensor copies it
     except (SafetensorError, OSError, ValueError) as e:
-        raise TinyGPTError(f"cannot read {path} ({e}); re-run python -m tinygpt.export") from e
-    expected = expected_shapes(hp)
-    problems = [f"{n} is missing" for n in expected if n not in tensors]
-    problems += [f"{n} has shape {tensors[n].shape}, config.json needs {s}" for n, s in expected.items()
-                 if n in tensors and tensors[n].shape != s]  # fmt: skip
-    problems += [f"{n} is unexpected" for n in tensors if n not in expected]
+        raise TinyGPTError(f"cannot read {path} ({e}); re-run tinygpt export") from e
+    sizes = dims(hp)
+    problems += [f"{n.hf} is missing" for n in names if n.gguf not in tensors]
+    problems += [f"{n.hf} has shape {tensors[n.gguf].shape}, config.json needs {shape_of(n, sizes)}" for n in names
+                 if n.gguf in tensors and tensors[n.gguf].shape != shape_of(n, sizes)]  # fmt: skip
     if problems:
         shown = "; ".join(problems[:3])
-        raise TinyGPTError(f"{path} does not match config.json ({shown}); re-run python -m tinygpt.export")
-    return {name: tensors[name] for name in expected}  # in llama.cpp's loading order
+        raise TinyGPTError(f"{path} does not match config.json ({shown}); re-run tinygpt export")
+    return {n.gguf: tensors[n.gguf] for n in names}  # in the table's order
 
 
 def tensor_type(name: str, data: np.ndarray, weight_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
@@ -196,7 +150,7 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> Non
 
 
 def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", name: str = "tinygpt") -> Path:
-    """Write the GGUF file `out` (atomically) from a tinygpt.export folder; return its path."""
+    """Write the GGUF file `out` (atomically) from a tinygpt export folder; return its path."""
     if outtype not in OUTTYPES:
         raise TinyGPTError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     file_type, weight_type = OUTTYPES[outtype]
@@ -207,7 +161,7 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16"
     if tokenizer.vocab_size != hp.vocab_size:
         raise TinyGPTError(
             f"{model_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but config.json says "
-            f"vocab_size={hp.vocab_size}; re-run python -m tinygpt.export"
+            f"vocab_size={hp.vocab_size}; re-run tinygpt export"
         )
 
     with atomic_path(out) as tmp:
@@ -234,10 +188,10 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16"
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tinygpt.gguf_convert",
-        description="Convert a tinygpt.export folder (Hugging Face GPT-2 layout) into a GGUF file for llama.cpp.",
+        prog="tinygpt gguf_convert",
+        description="Convert a tinygpt export folder (Hugging Face GPT-2 layout) into a GGUF file for llama.cpp.",
     )
-    parser.add_argument("--model_dir", required=True, help="folder written by tinygpt.export")
+    parser.add_argument("--model_dir", required=True, help="folder written by tinygpt export")
     parser.add_argument("--out", required=True, help="GGUF file to write, e.g. exports/tinygpt/model-f16.gguf")
     parser.add_argument("--outtype", default="f16", choices=list(OUTTYPES),
                         help="type of the 2-D weights (default f16)")

@@ -1,6 +1,6 @@
 """Generate text from a checkpoint or a GGUF file: greedy, temperature, top-k and top-p sampling with a KV cache.
 
-    python -m tinygpt.sample --checkpoint checkpoints/best.pt --prompt "Once upon a time" --stream
+    tinygpt sample --checkpoint checkpoints/best.pt --prompt "Once upon a time" --stream
 
 Past the context window the model keeps generating on a sliding window. Positions are learned and absolute,
 so sliding by one token would change every cached key and value; instead, when the window is full, it is cut
@@ -21,8 +21,8 @@ from typing import TextIO
 import torch
 
 from tinygpt.common import TinyGPTError, require_file, run_cli
-from tinygpt.model import GPT
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.model.gpt import GPT
+from tinygpt.tokenizer.bpe import Tokenizer
 
 STOP_WORDS = ("", "quit", "exit")
 
@@ -157,14 +157,14 @@ def resolve_device(name: str) -> torch.device:
 def load(checkpoint: str | None, gguf: str | None, device: torch.device) -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) from a training checkpoint or a GGUF file."""
     if checkpoint is not None:
-        from tinygpt.checkpoint import load_model
+        from tinygpt.model.checkpoint import load_model
 
-        path = require_file(checkpoint, "checkpoint", "train one with `python -m tinygpt.train`")
+        path = require_file(checkpoint, "checkpoint", "train one with `tinygpt train`")
         model, tokenizer = load_model(path, device)
     else:
-        from tinygpt.gguf_model import load_gguf
+        from tinygpt.export.gguf_read import load_gguf
 
-        path = require_file(gguf, "GGUF file", "make one with `python -m tinygpt.gguf_convert`")
+        path = require_file(gguf, "GGUF file", "make one with `tinygpt gguf_convert`")
         model, tokenizer = load_gguf(path, device)
     return model.eval(), tokenizer
 
@@ -199,7 +199,7 @@ def sampling_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tinygpt.sample", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="tinygpt sample", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training checkpoint (.pt) to sample from")
     source.add_argument("--gguf", help="GGUF file to sample from (dequantized into our model)")

@@ -16,7 +16,7 @@ import torch
 
 from tinygpt.common import TinyGPTError, require_file
 
-ENCODE_HINT = "run the encode stage (python -m tinygpt.encode) first"
+ENCODE_HINT = "run the encode stage (tinygpt encode) first"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

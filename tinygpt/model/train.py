@@ -1,8 +1,8 @@
 """Train the GPT on the encoded tokens, resumably and bit-exactly.
 
-    python -m tinygpt.train --data_dir data/tokens --tokenizer data/tokenizer/tokenizer.json \\
+    tinygpt train --data_dir data/tokens --tokenizer data/tokenizer/tokenizer.json \\
         --out checkpoints/best.pt --runs_dir checkpoints/runs --preset toy
-    torchrun --nproc_per_node 2 -m tinygpt.train ...      (same flags; --batch_size is per process)
+    torchrun --nproc_per_node 2 -m tinygpt train ...      (same flags; --batch_size is per process)
 
 AdamW (weight decay on weight matrices only), linear warmup then cosine decay, gradient accumulation and
 clipping, mixed precision where the hardware is fast at it, DistributedDataParallel under torchrun.
@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
-from tinygpt.data import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
-from tinygpt.flops import matmul_peak
-from tinygpt.model import GPT, PRESETS, GPTConfig, config_from_preset
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
+from tinygpt.model.flops import matmul_peak
+from tinygpt.model.gpt import GPT, PRESETS, GPTConfig, config_from_preset
+from tinygpt.tokenizer.bpe import Tokenizer
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "dropout", "attention")
@@ -500,7 +500,7 @@ def train(cfg: TrainConfig) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig("", "", "")  # defaults
-    p = argparse.ArgumentParser(prog="python -m tinygpt.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="tinygpt train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("data and outputs")
     io.add_argument("--data_dir", required=True, help="folder with train.bin, val.bin and meta.json (encode stage)")

@@ -1,6 +1,6 @@
 """Export a checkpoint as a Hugging Face GPT-2 folder that `transformers` loads as `GPT2LMHeadModel`.
 
-    python -m tinygpt.export --checkpoint checkpoints/best.pt --out_dir exports/tinygpt
+    tinygpt export --checkpoint checkpoints/best.pt --out_dir exports/tinygpt
 
 writes model.safetensors, config.json, generation_config.json, tokenizer.json and tokenizer_config.json.
 Our model computes exactly GPT-2 (gelu_new, pre-LayerNorm, tied head), so only names and layouts change:
@@ -19,41 +19,18 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import save_file
 
-from tinygpt.checkpoint import checked_model_state, load_checkpoint
+from tinygpt.model.checkpoint import checked_model_state, load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, atomic_path, run_cli
-from tinygpt.model import GPTConfig
-from tinygpt.tokenizer import EOT, Tokenizer
-
-# our per-block tensor name -> (HF GPT-2 name, stored transposed as Conv1D)
-_BLOCK_TENSORS = {
-    "ln_1.weight": ("ln_1.weight", False),
-    "ln_1.bias": ("ln_1.bias", False),
-    "attn.qkv.weight": ("attn.c_attn.weight", True),
-    "attn.qkv.bias": ("attn.c_attn.bias", False),
-    "attn.proj.weight": ("attn.c_proj.weight", True),
-    "attn.proj.bias": ("attn.c_proj.bias", False),
-    "ln_2.weight": ("ln_2.weight", False),
-    "ln_2.bias": ("ln_2.bias", False),
-    "mlp.fc.weight": ("mlp.c_fc.weight", True),
-    "mlp.fc.bias": ("mlp.c_fc.bias", False),
-    "mlp.proj.weight": ("mlp.c_proj.weight", True),
-    "mlp.proj.bias": ("mlp.c_proj.bias", False),
-}
-_TOP_TENSORS = {
-    "tok_emb.weight": "transformer.wte.weight",
-    "pos_emb.weight": "transformer.wpe.weight",
-    "ln_f.weight": "transformer.ln_f.weight",
-    "ln_f.bias": "transformer.ln_f.bias",
-}
-
+from tinygpt.export.names import tensor_names
+from tinygpt.model.gpt import GPTConfig
+from tinygpt.tokenizer.bpe import EOT, Tokenizer
 
 def hf_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
     """Our state dict under GPT2LMHeadModel's names, float32, Conv1D weights transposed to (in, out)."""
-    out = {hf: state[ours] for ours, hf in _TOP_TENSORS.items()}
-    for i in range(n_layer):
-        for ours, (hf, transpose) in _BLOCK_TENSORS.items():
-            t = state[f"blocks.{i}.{ours}"]
-            out[f"transformer.h.{i}.{hf}"] = t.t() if transpose else t
+    out = {}
+    for name in tensor_names("gpt2", n_layer):
+        t = state[name.ours]
+        out[name.hf] = t.t() if name.hf_transposed else t
     # safetensors wants contiguous tensors that share no memory
     return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in out.items()}
 
@@ -114,7 +91,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if tokenizer.vocab_size != config.vocab_size:
         raise TinyGPTError(
             f"checkpoint {checkpoint}: its tokenizer has {tokenizer.vocab_size} tokens but the model has "
-            f"vocab_size={config.vocab_size}; the checkpoint mixes two runs, re-create it with tinygpt.train"
+            f"vocab_size={config.vocab_size}; the checkpoint mixes two runs, re-create it with tinygpt train"
         )
     eot_id = tokenizer.eot_id
 
@@ -135,11 +112,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tinygpt.export",
+        prog="tinygpt export",
         description="Export a tinygpt checkpoint as a Hugging Face GPT-2 folder (safetensors + tokenizer.json).",
     )
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint written by tinygpt.train (e.g. checkpoints/best.pt)")
+                        help="checkpoint written by tinygpt train (e.g. checkpoints/best.pt)")
     parser.add_argument("--out_dir", required=True, help="folder to write (e.g. exports/tinygpt)")
     args = parser.parse_args(argv)
     out = export_hf(args.checkpoint, args.out_dir)

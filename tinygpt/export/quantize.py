@@ -1,9 +1,9 @@
 """The `quantize` stage: an f16/f32/bf16 GGUF in, a quantized GGUF out, equal tensor by tensor to llama-quantize's.
 
-    python -m tinygpt.quantize --input model-f16.gguf --out model-q4_k_m.gguf --type q4_k_m [--threads N]
+    tinygpt quantize --input model-f16.gguf --out model-q4_k_m.gguf --type q4_k_m [--threads N]
 
 Which tensor gets which type follows llama.cpp's src/llama-quant.cpp for the file types we offer (GGUF_SPEC.md
-section 3); the bytes come from tinygpt.quants. Tensors are written in llama.cpp's order (by layer, then name)
+section 3); the bytes come from tinygpt.export.quants. Tensors are written in llama.cpp's order (by layer, then name)
 and the metadata is copied with general.quantization_version and general.file_type set last, as llama.cpp does.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli
-from tinygpt.gguf_model import read_gguf
-from tinygpt.quants import quantize
+from tinygpt.export.gguf_read import read_gguf
+from tinygpt.export.quants import quantize
 
 QT = GGMLQuantizationType
 
@@ -135,7 +135,7 @@ def _field_value(field) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
         return field.parts[field.data[0]].tolist()[0], vtype, None
     sub = field.types[-1]
     if len(field.types) != 2:
-        raise TinyGPTError(f"metadata key {field.name} is a nested array, which tinygpt.quantize does not copy")
+        raise TinyGPTError(f"metadata key {field.name} is a nested array, which tinygpt.export.quantize does not copy")
     if sub == GGUFValueType.STRING:
         return [bytes(field.parts[i]) for i in field.data], vtype, sub
     return [v for i in field.data for v in field.parts[i].tolist()], vtype, sub
@@ -179,13 +179,13 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
     """Quantize a float GGUF to `file_type`, like `llama-quantize input out <TYPE>`. Returns name -> new type."""
     if file_type not in FILE_TYPES:
         raise TinyGPTError(f"unknown quantization type {file_type!r}; supported: {', '.join(FILE_TYPES)}")
-    input_path = require_file(input_path, "input GGUF", "make it with: python -m tinygpt.gguf_convert")
+    input_path = require_file(input_path, "input GGUF", "make it with: tinygpt gguf_convert")
     out_path = Path(out_path)
     if out_path.exists() and out_path.resolve() == input_path.resolve():
         raise TinyGPTError(f"--out {out_path} is the input file; choose another output path")
     threads = threads or os.cpu_count() or 1
 
-    reader = read_gguf(input_path, "pass the f16 GGUF written by tinygpt.gguf_convert")
+    reader = read_gguf(input_path, "pass the f16 GGUF written by tinygpt gguf_convert")
     fields = {f.name: f for f in reader.fields.values()}
     arch_field = fields.get("general.architecture")
     if arch_field is None:
@@ -224,8 +224,8 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tinygpt.quantize", description=__doc__.split("\n")[0])
-    parser.add_argument("--input", required=True, help="f16/f32/bf16 GGUF (from tinygpt.gguf_convert)")
+    parser = argparse.ArgumentParser(prog="tinygpt quantize", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, help="f16/f32/bf16 GGUF (from tinygpt gguf_convert)")
     parser.add_argument("--out", required=True, help="quantized GGUF to write")
     parser.add_argument("--type", default="q4_k_m", metavar="TYPE",
                         help=f"quantization type: {', '.join(FILE_TYPES)} (default q4_k_m)")

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import regex
 
-from tinygpt.common import TinyGPTError, atomic_open, require_file
+from tinygpt.common import EOT, TinyGPTError, atomic_open, require_file
 
 # GPT-2's pre-tokenization regex, verbatim; llama.cpp's "gpt-2" pre-tokenizer splits text the same way.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -34,7 +34,6 @@ ASCII_PATTERN = (rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_ASCII_S
 # " " + piece on its own) unless a space has whitespace before it and whitespace or the end of text after it:
 # only then do the pattern's whitespace rules join that space to its left (e.g. "\n  x" -> "\n ", " x").
 _SPACE_SPLIT_BREAKER = regex.compile(r"\s (?:\s|\Z)")
-EOT = "<|endoftext|>"
 CACHE_SIZE = 100_000  # entries per encode cache; a cache is emptied when full, which bounds memory
 
 
@@ -288,7 +287,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        path = require_file(path, "tokenizer", "run `python -m tinygpt.train_bpe` to create it")
+        path = require_file(path, "tokenizer", "run `tinygpt train_bpe` to create it")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

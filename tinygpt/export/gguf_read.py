@@ -15,29 +15,13 @@ import numpy as np
 import torch
 
 from tinygpt.common import TinyGPTError, require_file
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.export.names import GPT2_HEAD, by, tensor_names
+from tinygpt.model.gpt import GPT, GPTConfig
+from tinygpt.tokenizer.bpe import Tokenizer
 
-# GGUF name -> our state-dict name
-_TOP_TENSORS = {
-    "token_embd.weight": "tok_emb.weight",
-    "position_embd.weight": "pos_emb.weight",
-    "output_norm.weight": "ln_f.weight",
-    "output_norm.bias": "ln_f.bias",
-}
-_BLOCK_TENSORS = {
-    "attn_norm": "ln_1",
-    "attn_qkv": "attn.qkv",
-    "attn_output": "attn.proj",
-    "ffn_norm": "ln_2",
-    "ffn_up": "mlp.fc",
-    "ffn_down": "mlp.proj",
-}
-
-
-def read_gguf(path: str | Path, hint: str = "re-create it with python -m tinygpt.gguf_convert") -> gguf.GGUFReader:
+def read_gguf(path: str | Path, hint: str = "re-create it with tinygpt gguf_convert") -> gguf.GGUFReader:
     """Parse a GGUF file (memory-mapped); a missing, truncated or non-GGUF file is one clear TinyGPTError."""
-    path = require_file(path, "GGUF file", "create it with python -m tinygpt.gguf_convert")
+    path = require_file(path, "GGUF file", "create it with tinygpt gguf_convert")
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
@@ -94,19 +78,17 @@ def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     return Tokenizer.from_token_strings(tokens, _field(reader, "tokenizer.ggml.merges"), eot_token=tokens[eos])
 
 
-def our_name(name: str) -> str:
+def our_name(name: str, n_layer: int) -> str:
     """Our state-dict name for a GGUF tensor name."""
-    if name in _TOP_TENSORS:
-        return _TOP_TENSORS[name]
-    parts = name.split(".")  # blk, i, kind, weight|bias
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TENSORS:
-        return f"blocks.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{parts[3]}"
-    if name == "output.weight":
+    if name == GPT2_HEAD.gguf:
         raise TinyGPTError("the GGUF file has a separate output.weight; tinygpt's GPT ties its LM head to token_embd")
-    raise TinyGPTError(f"the GGUF file has tensor {name!r}, which is not part of a gpt2 model")
+    names = by("gguf", tensor_names("gpt2", n_layer))
+    if name not in names:
+        raise TinyGPTError(f"the GGUF file has tensor {name!r}, which is not part of a gpt2 model")
+    return names[name].ours
 
 
-def dequantized_tensors(reader: gguf.GGUFReader) -> dict[str, torch.Tensor]:
+def dequantized_tensors(reader: gguf.GGUFReader, n_layer: int) -> dict[str, torch.Tensor]:
     """Every tensor as float32 under our names, in PyTorch layout (numpy shape = reversed GGML shape)."""
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -120,7 +102,7 @@ def dequantized_tensors(reader: gguf.GGUFReader) -> dict[str, torch.Tensor]:
         while len(dims) > 1 and dims[-1] == 1:  # a trailing unit dim is no dim, for llama.cpp as for us
             dims.pop()
         shape = tuple(reversed(dims))
-        tensors[our_name(t.name)] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+        tensors[our_name(t.name, n_layer)] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
     return tensors
 
 
@@ -128,7 +110,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT
     """Our GPT (eval mode, float32, on `device`) and Tokenizer from a gpt2 GGUF file, weights dequantized."""
     reader = read_gguf(path)
     config, tokenizer = gguf_config(reader), gguf_tokenizer(reader)
-    state = dequantized_tensors(reader)
+    state = dequantized_tensors(reader, config.n_layer)
     model = GPT(config)
     expected = model.state_dict()
     state["lm_head.weight"] = state.get("tok_emb.weight")  # tied: llama.cpp reuses token_embd as the output

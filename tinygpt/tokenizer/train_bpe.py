@@ -20,9 +20,9 @@ import sys
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
-from tinygpt.clean import DOC_END, iter_documents
+from tinygpt.data.clean import DOC_END, iter_documents
 from tinygpt.common import TinyGPTError, progress, run_cli
-from tinygpt.tokenizer import EOT, Tokenizer, compiled_pattern
+from tinygpt.tokenizer.bpe import EOT, Tokenizer, compiled_pattern
 
 
 def read_documents(path: str | os.PathLike, max_bytes: int | None = None) -> list[str]:

@@ -1,6 +1,6 @@
 """Stage 2: raw text -> a clean corpus of unique documents.
 
-`python -m tinygpt.clean --input data/raw/corpus.txt --out data/clean/corpus.txt --stats data/clean/corpus.stats.json`
+`tinygpt clean --input data/raw/corpus.txt --out data/clean/corpus.txt --stats data/clean/corpus.stats.json`
 
 What cleaning does, in order, streaming block by block (memory holds one block, one document, and an 8-byte
 hash per unique document):
@@ -33,8 +33,7 @@ import unicodedata
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tinygpt.common import TinyGPTError, atomic_open, atomic_path, progress, require_file, run_cli
-from tinygpt.tokenizer import EOT
+from tinygpt.common import EOT, TinyGPTError, atomic_open, atomic_path, progress, require_file, run_cli
 
 DOC_END = f"\n{EOT}\n"
 SPLITS = ("auto", "eot", "blank_line")
@@ -146,7 +145,7 @@ def clean_corpus(
     max_bytes: int | None = None,
 ) -> dict:
     """Clean `input` into `out` (and the stats JSON `stats`, if given), atomically; return the stats."""
-    input_path = require_file(input, "raw corpus", "run `python -m tinygpt.download` first")
+    input_path = require_file(input, "raw corpus", "run `tinygpt download` first")
     out = Path(out)
     if split not in SPLITS:
         raise TinyGPTError(f"--split {split!r} is unknown; use one of {', '.join(SPLITS)}")
@@ -209,7 +208,7 @@ def clean_corpus(
 
 def iter_documents(path: str | os.PathLike) -> Iterator[str]:
     """Stream the documents of a cleaned corpus (each was written as doc + "\\n<|endoftext|>\\n")."""
-    path = require_file(path, "clean corpus", "run `python -m tinygpt.clean` first")
+    path = require_file(path, "clean corpus", "run `tinygpt clean` first")
     pending = ""
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -220,8 +219,8 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
                 pending = docs.pop()
                 yield from docs
     except UnicodeDecodeError as e:
-        raise TinyGPTError(f"{path} is not UTF-8 text (byte {e.start}); pass a corpus written by tinygpt.clean") from None
-    if pending.strip():  # a file cut short, or not from tinygpt.clean: its last document has no separator
+        raise TinyGPTError(f"{path} is not UTF-8 text (byte {e.start}); pass a corpus written by tinygpt clean") from None
+    if pending.strip():  # a file cut short, or not from tinygpt clean: its last document has no separator
         yield pending.strip()
 
 
@@ -230,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="tinygpt clean",
         description="Clean raw text into a corpus of unique documents: UTF-8, NFC, \\n newlines, no control "
                     "characters, no empty or duplicate documents; each document ends with a line <|endoftext|>.")
-    parser.add_argument("--input", required=True, help="raw UTF-8 text, e.g. from tinygpt.download")
+    parser.add_argument("--input", required=True, help="raw UTF-8 text, e.g. from tinygpt download")
     parser.add_argument("--out", required=True, help="the clean corpus to write")
     parser.add_argument("--stats", default=None, help="where to write the cleaning statistics (JSON)")
     parser.add_argument("--split", choices=SPLITS, default="auto",

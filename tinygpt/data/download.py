@@ -1,7 +1,7 @@
-"""Stage 1: get raw text. `python -m tinygpt.download --source builtin --out data/raw/corpus.txt`.
+"""Stage 1: get raw text. `tinygpt download --source builtin --out data/raw/corpus.txt`.
 
 Sources:
-  builtin      our procedural children's stories (tinygpt.stories); needs no network, deterministic for --seed.
+  builtin      our procedural children's stories (tinygpt.data.stories.generator); needs no network, deterministic for --seed.
   tinystories  the public TinyStories file; a --size smaller than the file fetches only a prefix (HTTP Range).
   url          any http(s) files (--url repeated, optional --sha256 each), concatenated.
   file         local files or globs (--path repeated), concatenated.
@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from tinygpt import __version__
-from tinygpt.common import TinyGPTError, atomic_open, atomic_path, progress, run_cli, sha256_file
-from tinygpt.stories import iter_story_chunks
-from tinygpt.tokenizer import EOT
+from tinygpt.common import EOT, TinyGPTError, atomic_open, atomic_path, progress, run_cli, sha256_file
+from tinygpt.data.stories.generator import iter_story_chunks
 
 SOURCES = ("builtin", "tinystories", "url", "file")
 SIZE_PRESETS = {"tiny": 5_000_000, "small": 50_000_000, "medium": 200_000_000}

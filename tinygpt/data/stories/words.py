@@ -1,6 +1,6 @@
-"""The data tables of the story generator (tinygpt.stories): word lists, names, settings and phrasings.
+"""The data tables of the story generator (tinygpt.data.stories.generator): word lists, names, settings and phrasings.
 
-Data only; the generation logic lives in tinygpt.stories. A table is written compactly with `words` (one
+Data only; the generation logic lives in tinygpt.data.stories.generator. A table is written compactly with `words` (one
 whitespace-separated string) or `lines` (one entry per line); both drop duplicates and keep order, so that
 generation stays deterministic for a seed. Phrasings are `str.format` templates filled in from the story
 fields (`{name}`, `{he}`, `{obj}`, ...) that `stories.Teller` draws.

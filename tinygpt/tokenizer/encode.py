@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli, sha256_file
-from tinygpt.tokenizer import EOT, Tokenizer
+from tinygpt.tokenizer.bpe import EOT, Tokenizer
 
 SEPARATOR_LINE = f"{EOT}\n".encode()
 BATCH_BYTES = 1 << 20  # corpus text per worker task
@@ -145,8 +145,8 @@ def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     Returns the meta dict. When there are >= 2 documents and val_fraction > 0, both splits are non-empty
     (if the hash left one empty, the last document moves to it).
     """
-    corpus = require_file(corpus, "corpus", "run `python -m tinygpt.clean` to create it")
-    tokenizer_path = require_file(tokenizer_path, "tokenizer", "run `python -m tinygpt.train_bpe` to create it")
+    corpus = require_file(corpus, "corpus", "run `tinygpt clean` to create it")
+    tokenizer_path = require_file(tokenizer_path, "tokenizer", "run `tinygpt train_bpe` to create it")
     if not 0 <= val_fraction < 1:
         raise TinyGPTError(f"val_fraction {val_fraction} must be in [0, 1), e.g. 0.05")
     if threads < 1:

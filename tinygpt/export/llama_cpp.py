@@ -1,6 +1,6 @@
 """Run a GGUF file with llama.cpp: the proof that our files work outside our own code.
 
-    python -m tinygpt.llama --model exports/tinygpt/model-q4_k_m.gguf --prompt "Once upon a time" -n 64
+    tinygpt llama --model exports/tinygpt/model-q4_k_m.gguf --prompt "Once upon a time" -n 64
 
 Uses llama.cpp's command-line program when one is on PATH (`llama-completion`, or `llama-cli` in builds
 from before the chat-only llama-cli), else the `llama-cpp-python` package. Before llama.cpp sees the file we
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tinygpt.common import TinyGPTError, run_cli
-from tinygpt.gguf_model import gguf_config, gguf_tokenizer, read_gguf
+from tinygpt.export.gguf_read import gguf_config, gguf_tokenizer, read_gguf
 
 BACKENDS = ("auto", "cli", "python")
 CLI_PROGRAMS = ("llama-completion", "llama-cli")  # llama-completion is the plain-completion tool in new builds
@@ -104,7 +104,7 @@ def _run_python(model: Path, context: int, prompt: str, n_predict: int, temperat
     except ValueError as e:
         raise TinyGPTError(
             f"llama.cpp could not load {model} ({e}); check that it loads in tinygpt "
-            f"(python -m tinygpt.sample --gguf {model}) and that this llama.cpp build knows its tensor types"
+            f"(tinygpt sample --gguf {model}) and that this llama.cpp build knows its tensor types"
         ) from None
     # sampling as ours: no repetition penalty, no min-p; temperature 0 is greedy in llama.cpp too
     out = llm.create_completion(prompt, max_tokens=n_predict, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -135,7 +135,7 @@ def run_llama(model: str | Path, prompt: str, n_predict: int = 64, temperature: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tinygpt.llama",
+        prog="tinygpt llama",
         description="Generate text from a GGUF file with llama.cpp (llama-cli on PATH, else llama-cpp-python).",
     )
     parser.add_argument("--model", required=True, help="GGUF file, e.g. exports/tinygpt/model-q4_k_m.gguf")

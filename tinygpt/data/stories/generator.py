@@ -5,7 +5,7 @@ drawn at random, then one of two dozen story arcs (a problem, a turn, an ending 
 beat by beat. Every beat has several phrasings and most slots draw from large word tables (hundreds of names,
 animals, toys, foods, places, adjectives, verbs with their past tenses), so a small model has real structure to
 learn (names that recur, pronouns that agree, dialogue in quotes, cause and effect) rather than a few templates,
-and a BPE tokenizer finds a real vocabulary. The tables and phrasings live in tinygpt.story_words; this module
+and a BPE tokenizer finds a real vocabulary. The tables and phrasings live in tinygpt.data.stories.words; this module
 holds the logic (grammar helpers, the cast, the arcs) and the chunked generation.
 
 Generation is deterministic for a seed. Text is produced in independent chunks seeded by (seed, index), so
@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
-from tinygpt.story_words import (
+from tinygpt.common import EOT
+from tinygpt.data.stories.words import (
     ACTIVITIES, ACTS, AGES, ANIMAL_KINDS, ANIMAL_LOOKS, ANIMAL_NAMES, AN_BEFORE, A_BEFORE, BEDTIME_TALES,
     BEDTIME_WORRIES, BIRDS, BOY_NAMES, BUGS, BUILDS, CAKES, COLORS, DISHES, DOUBLING, ESCAPES, FAR_AWAY, FAVORITES,
     FEARS, FEMALE_PARENTS, FLOWERS, FOODS, FOUND_BY, FRIEND_ENDINGS, GARDEN_PESTS, GIFTS, GIRL_NAMES, HAPPY,
@@ -32,7 +33,6 @@ from tinygpt.story_words import (
     SCENES, SEARCH_SPOTS, SKILLS, SNACKS, SNOW_GAMES, SOUNDS, SPEECH, STORM_GAMES, STORM_SOUNDS, SURPRISES, THANKS,
     TIMES, TRAITS, TREES, TRIPS, TRIP_TROUBLES, TROUBLES, WARNINGS, WINTER_TIMES, WONDERS,
 )
-from tinygpt.tokenizer import EOT
 
 T = TypeVar("T")
 STORIES_PER_CHUNK = 1000  # ~0.7 MB of text: big enough to amortise inter-process transfer, small for latency

@@ -13,8 +13,8 @@ from dataclasses import fields
 import torch
 
 from tinygpt.common import TinyGPTError, atomic_open, require_file
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.model.gpt import GPT, GPTConfig
+from tinygpt.tokenizer.bpe import Tokenizer
 
 MODEL_KEYS = ("model", "model_config", "tokenizer_json")
 
@@ -27,7 +27,7 @@ def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint's dict on the CPU; TinyGPTError if the file is missing, truncated or not a checkpoint."""
-    path = require_file(path, "checkpoint", "train one with `python -m tinygpt.train`")
+    path = require_file(path, "checkpoint", "train one with `tinygpt train`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails anywhere in the unpickler (KeyError, EOFError, BadZipFile, ...)
@@ -36,7 +36,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"checkpoint {path} is truncated or not a tinygpt checkpoint ({reason}); delete it and train again"
         ) from None
     if not isinstance(ckpt, dict):
-        raise TinyGPTError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict; it was not written by tinygpt.train")
+        raise TinyGPTError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict; it was not written by tinygpt train")
     return ckpt
 
 
@@ -56,7 +56,7 @@ def checked_model_state(ckpt: dict, source: str | os.PathLike) -> tuple[GPTConfi
     """The checkpoint's GPTConfig and state dict, after checking every tensor's name and shape against the config."""
     missing = [key for key in MODEL_KEYS if key not in ckpt]
     if missing:
-        raise TinyGPTError(f"checkpoint {source} lacks {', '.join(missing)}; it was not written by tinygpt.train")
+        raise TinyGPTError(f"checkpoint {source} lacks {', '.join(missing)}; it was not written by tinygpt train")
     config = model_config_from_dict(ckpt["model_config"], source)
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
@@ -72,7 +72,7 @@ def checked_model_state(ckpt: dict, source: str | os.PathLike) -> tuple[GPTConfi
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise TinyGPTError(
             f"checkpoint {source} does not match its model_config ({shown}); the file is corrupt or was edited: "
-            "re-create it with tinygpt.train"
+            "re-create it with tinygpt train"
         )
     return config, state
 

@@ -1,0 +1,1 @@
+"""Data stages: download (or generate) raw text, clean it into documents."""

@@ -1,0 +1,1 @@
+"""The built-in data source: a procedural generator of children's stories (no network)."""

@@ -1,0 +1,1 @@
+"""The transformer, its training loop and run bookkeeping, checkpoints, batches and sampling."""
