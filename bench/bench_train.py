@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinygpt.model.flops import matmul_peak, synchronize  # noqa: E402
 from tinygpt.model.gpt import GPT, config_from_preset  # noqa: E402
 from tinygpt.tokenizer.bpe import Tokenizer  # noqa: E402
-from tinygpt.model.train import Ranks, Trainer, TrainConfig  # noqa: E402
+from tinygpt.model.hardware import Ranks  # noqa: E402
+from tinygpt.model.train import Trainer, TrainConfig  # noqa: E402
 
 
 def write_random_tokens(folder: Path, vocab_size: int, n_tokens: int) -> None:

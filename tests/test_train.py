@@ -22,7 +22,9 @@ from tinygpt.common import TinyGPTError
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches
 from tinygpt.model.gpt import GPT, GPTConfig
 from tinygpt.data.stories.generator import story
-from tinygpt.model.train import autocast_dtype, configure_optimizer, cosine_lr, cpu_has_fast_bf16, main, TrainConfig
+from tinygpt.model.hardware import autocast_dtype, cpu_has_fast_bf16
+from tinygpt.model.optim import configure_optimizer, cosine_lr
+from tinygpt.model.train import main
 from tinygpt.tokenizer.train_bpe import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +85,7 @@ def test_cosine_lr_warms_up_linearly_then_decays_to_min_lr():
 
 def test_weight_decay_applies_to_weight_matrices_only():
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8))
-    cfg = TrainConfig("", "", "", weight_decay=0.1)
-    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = configure_optimizer(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, device=torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     others = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}

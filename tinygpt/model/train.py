@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,11 +29,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
+from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
 from tinygpt.model.flops import matmul_peak
 from tinygpt.model.gpt import GPT, PRESETS, GPTConfig, config_from_preset
+from tinygpt.model.hardware import Ranks, autocast_dtype, pick_device
+from tinygpt.model.optim import configure_optimizer, cosine_lr
+from tinygpt.model.runs import announce_run, run_fingerprint, trim_metrics
 from tinygpt.tokenizer.bpe import Tokenizer
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -92,147 +94,6 @@ class TrainConfig:
             raise TinyGPTError(f"--device={self.device!r} must be auto, cpu or cuda")
 
 
-def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr`, then cosine decay to `min_lr`."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress_ = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (lr - min_lr)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated, slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags)) or "AMX" in torch.backends.cpu.get_cpu_capability()
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--amp` on `device`; None means full fp32.
-
-    auto: bf16 where the hardware is fast at it (CUDA compute capability 8+, CPUs with AMX / AVX512-BF16: on
-    the 2-core AVX512-BF16 machine this was written on, a toy-model training step runs 2-3x faster in bf16),
-    fp16 with a gradient scaler on older GPUs, fp32 elsewhere.
-    """
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise TinyGPTError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16 or --amp off")
-        return torch.float16
-    if device.type == "cuda":
-        fast_bf16 = torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
-        return torch.bfloat16 if fast_bf16 else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
-
-
-def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays weight matrices only: not biases, LayerNorm parameters or the (tied) embeddings."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for param in model.parameters():  # a tied tensor is yielded once
-        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel for the whole update on CPU and CUDA (also bit-reproducible, which resuming needs)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process sits in a (possibly one-process) data-parallel run started by torchrun."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        return cls(*(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def gather(self, obj: object) -> list:
-        """`obj` from every rank, in rank order (a collective: every rank must call it)."""
-        if not self.distributed:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def pick_device(requested: str, ranks: Ranks) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise TinyGPTError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(ranks.local_rank)
-    return torch.device("cuda", ranks.local_rank)
-
-
-def run_fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def announce_run(run_dir: Path, settings: dict, resumed_step: int | None) -> None:
-    """Say whether this resumes a run or starts one, and if so which settings changed since the latest run."""
-    if resumed_step is not None:
-        print(f"resuming run {run_dir} from step {resumed_step}")
-        return
-    others = sorted(run_dir.parent.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-    others = [p for p in others if p.parent != run_dir]
-    if not others:
-        print(f"starting run {run_dir}")
-        return
-    previous = json.loads(others[-1].read_text())
-    previous.pop("fingerprint", None)  # the folder name, stored beside the settings: not a setting itself
-    flat_new, flat_old = _flatten(settings), _flatten(previous)
-    changes = [f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in sorted(flat_new.keys() | flat_old.keys())
-               if flat_new.get(k) != flat_old.get(k)]
-    print(f"starting a fresh run {run_dir}: settings or data differ from run {others[-1].parent.name} "
-          f"({'; '.join(changes) or 'no visible change'})")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past `last_step`: a killed run logged steps that its resumption will log again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
-            continue
-    with atomic_open(path, "w") as f:
-        f.write("".join(f"{line}\n" for line in kept))
-
-
 class Trainer:
     """One training run: built from the settings and data, then `run()` to max_steps and `write_final()`."""
 
@@ -248,7 +109,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(device)
         torch.manual_seed(cfg.seed + 1 + ranks.rank)  # dropout: one stream per rank, apart from the init stream
-        self.optimizer = configure_optimizer(self.model, cfg, device)
+        self.optimizer = configure_optimizer(self.model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                             weight_decay=cfg.weight_decay, device=device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.sampler = RandomBatches(self.train_tokens, cfg.batch_size, self.model_config.block_size, cfg.seed,
                                      ranks.rank, ranks.world_size)
