@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygpt.common import TinyGPTError
+from tinygpt.model.presets import PRESETS
 
 ATTENTION_KINDS = ("sdpa", "explicit")
 
@@ -48,12 +49,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-PRESETS: dict[str, dict] = {
-    "toy": dict(n_layer=4, n_head=4, n_embd=256, block_size=128),
-    "small": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
-}
 
 
 def config_from_preset(preset: str, vocab_size: int, **overrides) -> GPTConfig:
