@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tinygpt.data import clean
 from tinygpt.data.clean import EOT, clean_corpus, iter_documents, main
-from tinygpt.common import TinyGPTError
+from tinygpt.common import TinyGPTError, run_cli
 
 # The format characters cleaning drops, listed independently of the module's regular expression.
 DROPPED_FORMAT = {0xAD, 0x200B, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF, 0x202A, 0x202B, 0x202C, 0x202D,
@@ -82,13 +82,20 @@ def raw_texts(draw) -> bytes:
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=raw_texts(), split=st.sampled_from(["auto", "eot", "blank_line"]), block=st.sampled_from([3, 7, 64, 1 << 22]))
-def test_streaming_clean_matches_the_whole_file_reference(tmp_path_factory, raw, split, block):
+@given(raw=raw_texts(), split=st.sampled_from(["auto", "eot", "blank_line"]), block=st.sampled_from([3, 7, 64, 1 << 22]),
+       limit=st.sampled_from([0.01, 0.2, 1.0]))
+def test_streaming_clean_matches_the_whole_file_reference(tmp_path_factory, raw, split, block, limit):
     folder = tmp_path_factory.mktemp("c")
     (folder / "raw.txt").write_bytes(raw)
     expected, expected_stats = reference_clean(raw, split)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(clean, "BLOCK", block)  # small blocks cut separators, CRLF and characters apart
+        mp.setattr(clean, "MAX_INVALID_FRACTION", limit)  # 1.0 never refuses, so the replacement is tested too
+        if expected_stats["replaced_characters"] > limit * len(raw):
+            with pytest.raises(TinyGPTError, match="is not UTF-8 text|looks binary"):
+                clean_corpus(folder / "raw.txt", folder / "clean.txt", None, split)
+            assert not (folder / "clean.txt").exists()
+            return
         if not expected_stats["documents_out"]:
             with pytest.raises(TinyGPTError, match="cleans to nothing"):
                 clean_corpus(folder / "raw.txt", folder / "clean.txt", None, split)
@@ -134,35 +141,78 @@ def test_auto_split_uses_blank_lines_when_there_is_no_separator(tmp_path):
     assert list(iter_documents(tmp_path / "clean.txt")) == ["one\ntwo", "three", "four"]
 
 
-def test_invalid_utf8_is_replaced_and_counted(tmp_path):
-    raw = write(tmp_path, b"caf\xc3 ok \xff\xfe end")
-    stats = clean_corpus(raw, tmp_path / "clean.txt")
-    assert (tmp_path / "clean.txt").read_text() == f"caf\ufffd ok \ufffd\ufffd end\n{EOT}\n"
-    assert stats["replaced_characters"] == 3
+def test_a_few_invalid_bytes_are_replaced_counted_and_reported(tmp_path, capsys):
+    text = b"".join(b"line %d is fine\n" % i for i in range(30))  # 470 bytes of UTF-8, then 3 bad ones
+    raw = write(tmp_path, text + b"caf\xc3 ok \xff\xfe end")
+    stats = clean_corpus(raw, tmp_path / "clean.txt", tmp_path / "stats.json")
+    assert (tmp_path / "clean.txt").read_bytes() == text.strip() + f"\ncaf\ufffd ok \ufffd\ufffd end\n{EOT}\n".encode()
+    assert stats["replaced_characters"] == 3 == json.loads((tmp_path / "stats.json").read_text())["replaced_characters"]
+    warning = capsys.readouterr().err
+    size = raw.stat().st_size
+    assert f"warning: {raw}: 3 of its {size} bytes are not UTF-8 (the first at line 31, byte {len(text) + 3})" in warning
 
 
-def test_zwj_emoji_survive_and_invisible_junk_goes(tmp_path):
-    family = "👨\u200d👩\u200d👧"
-    raw = write(tmp_path, f"\ufeffa\u200bb {family} c\u00add \u202eevil\u202c")
-    clean_corpus(raw, tmp_path / "clean.txt")
-    assert next(iter_documents(tmp_path / "clean.txt")) == f"ab {family} cd evil"
+def test_valid_utf8_gives_no_warning(tmp_path, capsys):
+    clean_corpus(write(tmp_path, "café ✓\n"), tmp_path / "clean.txt")
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, refused", [(10, False), (11, True)])
+def test_more_than_one_percent_invalid_is_refused(tmp_path, bad, refused):
+    # 1000 bytes, `bad` of them invalid and all at the end: the whole-file check sees them, the first block's not.
+    raw = write(tmp_path, b"a" * (1000 - bad - 1) + b"\n" + b"\xe9" * bad)
+    if not refused:
+        assert clean_corpus(raw, tmp_path / "clean.txt")["replaced_characters"] == bad
+        return
+    with pytest.raises(TinyGPTError, match=re.escape(f"{raw} is not UTF-8 text: 11 of its 1,000 bytes are invalid "
+                                                      "(over 1%; the first at line 2, byte 989)")):
+        clean_corpus(raw, tmp_path / "clean.txt")
+    assert not (tmp_path / "clean.txt").exists()
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 1 << 22])
+def test_first_invalid_byte_is_found_across_block_boundaries(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(clean, "BLOCK", block)
+    data = "ab\nçé\n€\n".encode()
+    # a stray continuation byte; a character cut short before a newline; one cut short at the very end
+    for bad in [data + b"\n\x80x", data[:-2] + b"\nz", data[:4] + b"\nz\n", data[:-2]]:
+        raw = write(tmp_path, bad)
+        with pytest.raises(UnicodeDecodeError) as e:  # the one-shot decoder, as the independent answer
+            bad.decode("utf-8")
+        assert clean._first_invalid_byte(raw) == (bad[: e.value.start].count(b"\n") + 1, e.value.start)
+    assert clean._first_invalid_byte(write(tmp_path, data)) == (0, -1)
 
 
 @pytest.mark.parametrize("data, message", [
     (b"text\x00more", "looks binary \\(NUL byte at offset 4\\)"),
-    (bytes(range(128, 256)) * 4, "looks binary \\(512 of its first 512 bytes"),
+    (bytes(range(128, 256)) * 4, "looks binary \\(512 of its 512 bytes are not UTF-8\\).*iconv"),
+    (bytes(range(128, 256)) * 1024, "looks binary \\(65536 of its first 65536 bytes"),
 ])
-def test_binary_input_is_rejected(tmp_path, data, message):
+def test_binary_input_is_rejected(tmp_path, monkeypatch, data, message):
+    monkeypatch.setattr(clean, "BLOCK", 1 << 16)  # the first check comes after the first 64 kB, not at the end
     raw = write(tmp_path, data)
     with pytest.raises(TinyGPTError, match=message):
         clean_corpus(raw, tmp_path / "clean.txt")
     assert not (tmp_path / "clean.txt").exists()
 
 
-def test_latin1_text_is_not_called_binary(tmp_path):
-    raw = write(tmp_path, ("Le café était très bon, à côté de la forêt.\n\n" * 20).encode("latin-1"))
+def test_latin1_text_is_refused_with_the_conversion_to_run(tmp_path, capsys):
+    # Issue 8: this was cleaned with every accented letter silently turned into U+FFFD, and exit status 0.
+    raw = write(tmp_path, ("Le café était très bon, à côté de la forêt.\n\n" * 13).encode("latin-1"))
+    (tmp_path / "clean.txt").write_text("previous")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--input", str(raw), "--out", str(tmp_path / "clean.txt")])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f"error: {raw} is not UTF-8 text: 91 of its 585 bytes are invalid (over 1%; the first at line 1, byte 6)" in error
+    assert "looks binary" not in error and "iconv -f latin1 -t utf-8 in.txt > out.txt" in error
+    assert (tmp_path / "clean.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.txt", "raw.txt"]
+    # converted as the message says, the same text cleans without a word about encodings
+    write(tmp_path, raw.read_bytes().decode("latin-1").encode())
     stats = clean_corpus(raw, tmp_path / "clean.txt")
-    assert stats["replaced_characters"] == 7 * 20 and stats["documents_out"] == 1 and stats["duplicates"] == 19
+    assert stats["replaced_characters"] == 0 and stats["documents_out"] == 1 and stats["duplicates"] == 12
+    assert "UTF-8" not in capsys.readouterr().err
 
 
 def test_input_that_cleans_to_nothing_is_an_error(tmp_path):

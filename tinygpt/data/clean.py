@@ -4,8 +4,12 @@
 
 What cleaning does, in order, streaming block by block (memory holds one block, one document, and an 8-byte
 hash per unique document):
-  1. Reject binary input: a NUL byte anywhere, or a first 64 kB that is over a quarter invalid UTF-8.
-  2. Decode UTF-8 (a leading BOM is dropped); each invalid byte becomes U+FFFD and is counted.
+  1. Reject binary input: a NUL byte anywhere.
+  2. Decode UTF-8 (a leading BOM is dropped); each invalid byte becomes U+FFFD and is counted
+     (`replaced_characters` in the stats). Text that is not UTF-8 is never cleaned silently: over 1% invalid
+     bytes (checked after the first block, then over the whole file) is an error that names the file, the first
+     bad line and byte, and suggests `iconv` ("looks binary" when over a quarter is invalid); fewer is a
+     warning on stderr with the count.
   3. Drop invisible junk, counted: control characters (category Cc) except tab and newline, and the format
      characters (category Cf) that carry no meaning in running text: soft hyphen, zero-width space, word joiner,
      BOM, invisible math operators, bidirectional embeddings/overrides/isolates, and interlinear annotation marks.
@@ -29,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,9 +43,13 @@ from tinygpt.common import EOT, TinyGPTError, atomic_open, atomic_path, progress
 DOC_END = f"\n{EOT}\n"
 SPLITS = ("auto", "eot", "blank_line")
 BLOCK = 1 << 22
-# Binary check: over the first BINARY_PROBE bytes (or the whole file, if at least BINARY_MIN_BYTES), the share
-# of invalid UTF-8. Text in a wrong 8-bit encoding stays far below 25%; random bytes are far above it.
-BINARY_PROBE, BINARY_MIN_BYTES, BINARY_INVALID_FRACTION = 1 << 16, 256, 0.25
+# One UTF-8 check, on the share of invalid bytes read so far: after the first block (at least UTF8_PROBE bytes,
+# so a wrong file fails fast) and at the end. Over MAX_INVALID_FRACTION is an error: a few stray bytes (a cut
+# character, a mojibake'd name) stay well below it, while text in an 8-bit encoding (Latin-1, cp1252: every
+# accented letter is invalid) is far above it. Over BINARY_INVALID_FRACTION only words the error differently:
+# text in a wrong 8-bit encoding stays far below 25%, random bytes are far above it.
+UTF8_PROBE, MAX_INVALID_FRACTION, BINARY_INVALID_FRACTION = 1 << 16, 0.01, 0.25
+ICONV_HINT = "convert it to UTF-8 first, e.g. for Latin-1 text `iconv -f latin1 -t utf-8 in.txt > out.txt`"
 
 # Pure-ASCII blocks (the common case) drop their control characters at the byte level, which is much faster.
 # (Not done on other blocks: dropping a byte between two invalid fragments could glue them into a character.)
@@ -64,6 +73,37 @@ def _contains(path: Path, needle: bytes) -> bool:
             if needle in window:
                 return True
     return False
+
+
+def _first_invalid_byte(path: Path) -> tuple[int, int]:
+    """(line, byte offset) of the first byte of `path` that is not UTF-8, counted from 1 and 0; (0, -1) if none."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # strict
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(BLOCK)
+            held = len(decoder.getstate()[0])  # an unfinished character from the previous block
+            try:
+                decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:  # e.start counts from the held bytes
+                return line + raw[: max(0, e.start - held)].count(b"\n"), offset - held + e.start
+            if not raw:
+                return 0, -1
+            offset += len(raw)
+            line += raw.count(b"\n")
+
+
+def _check_utf8(path: Path, invalid: int, seen: int, whole: bool) -> None:
+    """Refuse text whose share of invalid UTF-8 bytes, `invalid` of the `seen` read so far, is over the limit."""
+    if invalid <= MAX_INVALID_FRACTION * seen:
+        return
+    part = "its" if whole else "its first"
+    if invalid > BINARY_INVALID_FRACTION * seen:
+        raise TinyGPTError(f"{path} looks binary ({invalid} of {part} {seen} bytes are not UTF-8); give a UTF-8 "
+                           f"text file, or if it is text in another encoding, {ICONV_HINT}")
+    line, offset = _first_invalid_byte(path)
+    raise TinyGPTError(f"{path} is not UTF-8 text: {invalid:,} of {part} {seen:,} bytes are invalid (over "
+                       f"{MAX_INVALID_FRACTION:.0%}; the first at line {line}, byte {offset}); {ICONV_HINT}")
 
 
 def _text_blocks(path: Path, stats: dict) -> Iterator[str]:
@@ -103,12 +143,9 @@ def _text_blocks(path: Path, stats: dict) -> Iterator[str]:
                 text = text.replace("\x0b", "\n").replace("\x0c", "\n")
             else:
                 text = _UNICODE_BREAKS.sub("\n", text).replace("\u2029", "\n\n")
-            if not probed and (stats["bytes_in"] >= BINARY_PROBE or not raw):
+            if not raw or (not probed and stats["bytes_in"] >= UTF8_PROBE):
                 probed = True
-                seen, invalid = stats["bytes_in"], stats["replaced_characters"]
-                if seen >= BINARY_MIN_BYTES and invalid > BINARY_INVALID_FRACTION * seen:
-                    raise TinyGPTError(f"{path} looks binary ({invalid} of its first {seen} bytes are not UTF-8); "
-                                       "give a UTF-8 text file")
+                _check_utf8(path, stats["replaced_characters"], stats["bytes_in"], whole=not raw)
             yield text
             if not raw:
                 return
@@ -200,6 +237,11 @@ def clean_corpus(
                                "duplicates); check that it is the right file")
 
     result = {"input": str(input_path), "output": str(out), "split": split, **counts, "truncated": truncated}
+    if counts["replaced_characters"]:
+        line, offset = _first_invalid_byte(input_path)
+        print(f"warning: {input_path}: {counts['replaced_characters']:,} of its {counts['bytes_in']:,} bytes are "
+              f"not UTF-8 (the first at line {line}, byte {offset}) and became U+FFFD; if the file is in another "
+              "encoding, convert it to UTF-8 first (iconv)", file=sys.stderr)
     if stats is not None:
         with atomic_path(stats) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")

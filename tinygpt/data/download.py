@@ -4,9 +4,12 @@ Sources:
   builtin      our procedural children's stories (tinygpt.data.stories.generator); needs no network, deterministic for --seed.
   tinystories  the public TinyStories file; a --size smaller than the file fetches only a prefix (HTTP Range).
   url          any http(s) files (--url repeated, optional --sha256 each), concatenated.
-  file         local files or globs (--path repeated), concatenated.
+  file         local files, folders or globs (--path repeated), concatenated.
 
-Every source writes one UTF-8 file of documents separated by a line `<|endoftext|>`. Downloads stream to a
+url and file read plain text, JSON lines, Parquet, and any of them compressed (.gz .bz2 .xz .zst), each file's
+format told from its name unless --format forces one (see tinygpt.data.formats). Every source writes one
+file of documents separated by a line `<|endoftext|>`: a JSON line or a Parquet row is one document. Downloads
+stream to a
 hidden `.part` file beside the output, retry transient failures with exponential backoff, resume a partial
 file with a Range request, verify sha256, and rename into place only when complete: a failed run leaves any
 previous output untouched. (Interrupted with Ctrl-C, the `.part` file stays, and the same command resumes it.)
@@ -15,19 +18,20 @@ previous output untouched. (Interrupted with Ctrl-C, the `.part` file stays, and
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import http.client
 import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import Sequence
 
 from tinygpt import __version__
 from tinygpt.common import EOT, TinyGPTError, atomic_open, atomic_path, progress, run_cli, sha256_file
+from tinygpt.data.formats import FORMATS, SEPARATOR, expand_paths, read_as_corpus
 from tinygpt.data.stories.generator import iter_story_chunks
 
 SOURCES = ("builtin", "tinystories", "url", "file")
@@ -35,7 +39,6 @@ SIZE_PRESETS = {"tiny": 5_000_000, "small": 50_000_000, "medium": 200_000_000}
 TINYSTORIES_URL = (
     "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt"
 )
-SEPARATOR = f"{EOT}\n".encode()  # ends every document in our files
 BLOCK = 1 << 20
 MAX_BACKOFF_S = 60.0
 
@@ -236,30 +239,26 @@ def fetch(
 # ------------------------------------------------------------------------------------------- concatenate
 
 
-def _copy(src: BinaryIO, dst: BinaryIO, budget: int | None) -> tuple[int, bytes]:
-    """Copy up to `budget` bytes; return the count and the last few bytes (to see how the file ended)."""
-    copied, tail = 0, b""
-    while budget is None or copied < budget:
-        data = src.read(BLOCK if budget is None else min(BLOCK, budget - copied))
-        if not data:
-            break
-        dst.write(data)
-        copied += len(data)
-        tail = (tail + data)[-len(SEPARATOR) - 2 :]
-    return copied, tail
-
-
-def concatenate(files: Sequence[Path], out: Path, max_bytes: int | None, what: str) -> Path:
-    """Join `files` into `out` (atomically), with a separator line between files that do not end with one."""
+def concatenate(files: Sequence[Path], out: Path, max_bytes: int | None, what: str, *,
+                names: Sequence[str] | None = None, format: str = "auto", text_field: str = "text") -> Path:
+    """Join `files`, each read as its format says (told from `names`, by default the files' own names), into
+    `out` (atomically), with a separator line between files that do not end with one."""
+    names = names or [path.name for path in files]
     with atomic_path(out) as tmp:
         written = 0
         with open(tmp, "wb") as f:
-            for i, path in enumerate(files):
-                budget = None if max_bytes is None else max_bytes - written
-                if budget is not None and budget <= 0:
+            for i, (path, name) in enumerate(zip(files, names)):
+                if max_bytes is not None and written >= max_bytes:
                     break
-                with open(path, "rb") as src:
-                    copied, tail = _copy(src, f, budget)
+                copied, tail = 0, b""  # the last few bytes show how the file ended
+                for block in read_as_corpus(path, name, format, text_field):
+                    if max_bytes is not None:
+                        block = block[: max_bytes - written - copied]
+                    f.write(block)
+                    copied += len(block)
+                    tail = (tail + block)[-len(SEPARATOR) - 2 :]
+                    if max_bytes is not None and written + copied >= max_bytes:
+                        break
                 written += copied
                 if i + 1 < len(files) and copied and not tail.rstrip().endswith(EOT.encode()):
                     joint = (b"" if tail.endswith(b"\n") else b"\n") + SEPARATOR
@@ -270,16 +269,9 @@ def concatenate(files: Sequence[Path], out: Path, max_bytes: int | None, what: s
     return out
 
 
-def expand_paths(patterns: Iterable[str]) -> list[Path]:
-    """Files matching each pattern in order (a glob's matches sorted); a pattern with no match is an error."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        matches = [Path(m) for m in matches if os.path.isfile(m)]
-        if not matches:
-            raise TinyGPTError(f"--path {pattern!r} matches no file; check the path or glob")
-        files.extend(matches)
-    return files
+def url_file_name(url: str) -> str:
+    """The file name at the end of a URL's path (query left out): what the file's format is told from."""
+    return urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -298,6 +290,8 @@ def download(
     retries: int = 5,
     backoff: float = 1.0,
     workers: int | None = None,
+    format: str = "auto",
+    text_field: str = "text",
 ) -> Path:
     """Write the raw corpus for `source` to `out` (see the module docstring); return `out`.
 
@@ -311,6 +305,13 @@ def download(
         raise TinyGPTError(f"--url does not apply to --source {source}; use --source url or tinystories")
     if paths and source != "file":
         raise TinyGPTError(f"--path does not apply to --source {source}; use --source file")
+    if format not in FORMATS:
+        raise TinyGPTError(f"--format {format!r} is unknown; use one of {', '.join(FORMATS)}")
+    if (format != "auto" or text_field != "text") and source not in ("url", "file"):
+        raise TinyGPTError(f"--format and --text_field do not apply to --source {source}; use --source url or file")
+    if not text_field:
+        raise TinyGPTError("--text_field is empty; give the JSON field or Parquet column that holds the text")
+    reading = dict(format=format, text_field=text_field)
     for digest in sha256s:
         if digest != "-" and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
             raise TinyGPTError(f"--sha256 {digest!r} is not a sha256 hex digest (64 hex digits, or - for none)")
@@ -349,7 +350,8 @@ def download(
         try:
             for url, checksum in zip(urls, checksums):
                 parts.append(fetch(url, out, sha256=checksum, **net))
-            return concatenate(parts, out, max_bytes, what=f"the first {max_bytes} bytes of {', '.join(urls)}")
+            return concatenate(parts, out, max_bytes, what=f"the first {max_bytes} bytes of {', '.join(urls)}",
+                               names=[url_file_name(url) for url in urls], **reading)
         finally:
             for part in parts:
                 part.unlink(missing_ok=True)
@@ -359,7 +361,7 @@ def download(
     files = expand_paths(paths)
     if out.resolve() in {f.resolve() for f in files}:
         raise TinyGPTError(f"--out {out} is also an input --path; write the corpus somewhere else")
-    return concatenate(files, out, max_bytes, what=f"the first {max_bytes} bytes of {', '.join(paths)}")
+    return concatenate(files, out, max_bytes, what=f"the first {max_bytes} bytes of {', '.join(paths)}", **reading)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -375,7 +377,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--url", action="append", default=[],
                         help=f"url: a file URL (repeat); tinystories: instead of {TINYSTORIES_URL}")
     parser.add_argument("--sha256", action="append", default=[], help="expected sha256 of each --url, same order (- for none)")
-    parser.add_argument("--path", action="append", default=[], help="file: a path or glob (repeat)")
+    parser.add_argument("--path", action="append", default=[], help="file: a file, folder or glob (repeat)")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="url, file: how to read each file: auto (from its name: .jsonl/.json/.ndjson, .parquet, "
+                             "else text; any of them may end in .gz/.bz2/.xz/.zst), text, jsonl or parquet")
+    parser.add_argument("--text_field", default="text",
+                        help="url, file: the JSON field or Parquet column that holds the text (text)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or data (30)")
     parser.add_argument("--retries", type=int, default=5, help="retries of a failing download (5)")
     parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubling (1)")
@@ -383,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = download(args.source, args.out, size=args.size, seed=args.seed, urls=args.url, sha256s=args.sha256,
                    paths=args.path, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                   workers=args.workers)
+                   workers=args.workers, format=args.format, text_field=args.text_field)
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 
