@@ -309,3 +309,23 @@ def test_file_pattern_without_match_names_the_pattern(tmp_path):
     with pytest.raises(TinyGPTError, match=re.escape(f"--path '{tmp_path}/nothing*.txt'")):
         download("file", tmp_path / "raw.txt", paths=[f"{tmp_path}/nothing*.txt"])
     assert files_in(tmp_path) == []
+
+
+def test_url_files_are_read_in_the_format_their_url_names(server, tmp_path):
+    import gzip
+    import json
+
+    docs = ["first document\n\nwith two paragraphs", "second"]
+    lines = "".join(json.dumps({"text": doc}) + "\n" for doc in docs).encode()
+    jsonl = server.route("/data/docs.jsonl.gz?download=true", gzip.compress(lines))  # the query is no name
+    text = server.route("/notes.txt", b"plain text")
+    out = download("url", tmp_path / "raw.txt", urls=[jsonl, text], **FAST)
+    assert out.read_bytes() == f"{docs[0]}\n{EOT}\n{docs[1]}\n{EOT}\nplain text".encode()
+    assert files_in(tmp_path) == ["raw.txt"]
+
+
+def test_format_settings_apply_to_url_and_file_only(tmp_path):
+    with pytest.raises(TinyGPTError, match="--format and --text_field do not apply to --source builtin"):
+        download("builtin", tmp_path / "raw.txt", size=20_000, format="jsonl")
+    with pytest.raises(TinyGPTError, match="--text_field is empty"):
+        download("file", tmp_path / "raw.txt", paths=["x"], text_field="")

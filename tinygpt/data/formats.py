@@ -47,7 +47,7 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd", ".z
 SEPARATOR = f"{EOT}\n".encode()  # ends every document in the raw corpus
 DOC_END = b"\n" + SEPARATOR  # what follows a jsonl/parquet document
 BLOCK = 1 << 20
-PARQUET_BATCH_ROWS = 1024
+PARQUET_BATCH_ROWS = 256
 ZSTD_READ = 1 << 14  # compressed bytes fed to zstd at a time: bounds what one call can expand to
 
 
