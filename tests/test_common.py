@@ -38,3 +38,17 @@ def test_run_cli_turns_errors_into_one_line_and_exit_1(capsys):
         run_cli(main, [])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "error: corpus not found: x.txt\n"
+
+
+def test_declared_torch_floor_has_every_feature_the_code_uses():
+    """pyproject.toml's torch floor is at least the release that brought each feature we rely on."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = tuple(int(x) for x in re.search(r'"torch>=(\d+)\.(\d+)', text).groups())
+    needs = {
+        "AdamW(fused=True) on the CPU": (2, 4),
+        "torch.amp.GradScaler(device_type)": (2, 3),
+    }
+    assert {feature: v for feature, v in needs.items() if v > floor} == {}

@@ -1,6 +1,7 @@
 """The config schema: the shipped config.yaml is valid, and each kind of mistake is named in one sentence."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,33 @@ def test_url_entries_need_a_url_and_a_valid_checksum():
 
 def test_command_line_values_are_read_as_yaml():
     # `snakemake --config train='{lr: 0.001, compile: true}'` hands over the leaves as text
-    checked = check_config({"train": {"lr": "0.001", "compile": "true"}, "download": {"size": "2000"}}, SCHEMA)
+    checked = check_config({"train": {"lr": "0.001", "compile": "true"}, "download": {"size": "20000"}}, SCHEMA)
     assert checked["train"]["lr"] == 0.001 and checked["train"]["compile"] is True
-    assert checked["download"]["size"] == 2000
+    assert checked["download"]["size"] == 20000
     assert check_config({"sample": {"prompt": "42"}}, SCHEMA)["sample"]["prompt"] == "42"
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"train": {"lr": 0.001, "min_lr": 0.01}}, "train.min_lr (0.01) is above train.lr (0.001)"),
+        ({"model": {"n_embd": 90}}, "model.n_embd (90) is not a multiple of model.n_head (4)"),
+        ({"model": {"preset": "small", "n_head": 3}}, "model.n_embd (512) is not a multiple of model.n_head (3)"),
+        ({"download": {"size": 2000}, "model": {"block_size": 512}},
+         "model.block_size 512 needs windows of 513 tokens, but validation gets about 100 bytes"),
+        ({"clean": {"max_bytes": 5000}, "encode": {"val_fraction": 0.01}}, "validation gets about 50 bytes"),
+    ],
+)
+def test_contradicting_settings_are_rejected_before_any_job(changes, expected):
+    config = copy.deepcopy(CONFIG)
+    for section, values in changes.items():
+        config[section].update(values)
+    with pytest.raises(TinyGPTError, match=re.escape(expected)):
+        check_config(config, SCHEMA)
+
+
+def test_a_block_size_the_data_can_hold_passes():
+    config = copy.deepcopy(CONFIG)
+    config["download"]["size"] = 300_000
+    config["model"]["block_size"] = 512
+    assert check_config(config, SCHEMA)["model"]["block_size"] == 512

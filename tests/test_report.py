@@ -157,6 +157,18 @@ def test_bytes_per_token_and_data_table(tmp_path):
     assert "cleaning: input" not in rows
 
 
+def test_document_separators_count_no_bytes(tmp_path):
+    """Bits per byte divides by the bytes of text: <|endoftext|> between documents is not 13 bytes of it."""
+    docs = ["The cat sat on the mat.", "A dog sat on a log.", "Birds sing."]
+    tokenizer = train_bpe(docs, vocab_size=270, show_progress=False)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    ids = [i for doc in docs for i in [*tokenizer.encode_ordinary(doc), tokenizer.eot_id]]
+    np.array(ids, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    text_bytes = sum(len(doc.encode()) for doc in docs)
+    assert report.val_bytes_per_token(tmp_path / "val.bin", tmp_path / "tokenizer.json", 270) == pytest.approx(
+        text_bytes / len(ids))
+
+
 def test_bytes_per_token_refuses_tokens_from_another_tokenizer(tmp_path):
     tokenizer = train_bpe(["aaaa bbbb " * 10], vocab_size=260, show_progress=False)
     tokenizer.save(tmp_path / "tokenizer.json")

@@ -300,6 +300,82 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(da
     assert not (tmp_path / "best.pt").exists()
 
 
+def test_nan_validation_loss_stops_with_the_divergence_error(data_dir, tmp_path, monkeypatch):
+    forward = GPT.forward
+
+    def poisoned_eval(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        return logits, (loss if self.training else loss * float("nan"))
+
+    monkeypatch.setattr(GPT, "forward", poisoned_eval)
+    with pytest.raises(TinyGPTError, match=r"validation loss is nan at step 4; stopped"):
+        main(train_args(data_dir, tmp_path, "--max_steps", "8", "--eval_interval", "4"))
+
+
+def test_a_kill_at_a_checkpoint_write_loses_no_metrics_line(data_dir, tmp_path, monkeypatch):
+    """The step's metrics line is written before last.pt: dying while the checkpoint is written leaves the
+    line (a resumed run trims what it repeats), never a checkpoint past a lost line."""
+    from tinygpt.model import train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def dies_at_step_4(path, state):
+        if state["step"] == 4 and path.name == "last.pt":
+            raise KeyboardInterrupt  # stands for SIGKILL in the middle of the write
+        real_save(path, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", dies_at_step_4)
+    args = train_args(data_dir, tmp_path, "--max_steps", "6", "--ckpt_interval", "2", "--log_interval", "1",
+                      "--eval_interval", "100")
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    [run_dir] = run_dirs(tmp_path)
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    main(args)  # resumes from step 2
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_threads_never_exceed_the_usable_cpus(data_dir, tmp_path, monkeypatch):
+    from tinygpt.common import capped_threads, usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert usable_cpus() == 2
+    assert [capped_threads(n) for n in (None, 0, 1, 2, 4, 64)] == [2, 2, 1, 2, 2, 2]
+    before = torch.get_num_threads()
+    try:
+        main(train_args(data_dir, tmp_path, "--max_steps", "1", "--threads", "4"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_device_choice_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    from tinygpt.model import hardware
+
+    def machine(cuda: bool, mps: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+    machine(cuda=False, mps=True)
+    assert hardware.pick_device("auto") == torch.device("mps")
+    assert hardware.pick_device("mps") == torch.device("mps")
+    assert hardware.pick_device("cpu") == torch.device("cpu")
+    assert hardware.autocast_dtype("auto", torch.device("mps")) is None  # fp32: MPS autocast is partial
+    with pytest.raises(TinyGPTError, match="no CUDA GPU"):
+        hardware.pick_device("cuda")
+    machine(cuda=True, mps=True)
+    assert hardware.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert hardware.pick_device("cuda:3") == torch.device("cuda", 3)
+    machine(cuda=False, mps=False)
+    assert hardware.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(TinyGPTError, match="MPS .* not available"):
+        hardware.pick_device("mps")
+    with pytest.raises(TinyGPTError, match="choose auto, cpu, cuda, cuda:N or mps"):
+        hardware.pick_device("tpu")
+
+
 def test_bad_flag_values_are_clear_errors(data_dir, tmp_path):
     with pytest.raises(TinyGPTError, match="--min_lr=0.1 must lie between 0 and --lr=0.01"):
         main(train_args(data_dir, tmp_path, "--lr", "0.01", "--min_lr", "0.1"))

@@ -156,6 +156,21 @@ def test_every_package_module_is_a_source_of_some_stage():
     assert {p.relative_to(PACKAGE_DIR).as_posix() for p in unused} == {"cli.py", "__main__.py", "config.py", "sources.py"}
 
 
+def test_sample_seed_picks_the_samples(project):
+    """Sample i uses sample.seed + i - 1: seed 5's second sample is seed 6's first."""
+
+    def samples(seed: int) -> list[str]:
+        edit_config(project, "sample", "seed", seed)
+        edit_config(project, "sample", "count", 2)
+        snakemake(project, "reports/samples.txt")
+        text = (project / "reports/samples.txt").read_text()
+        return [part.strip() for part in text.split("--- sample ")[1:]]
+
+    five, six = samples(5), samples(6)
+    assert five[0] != five[1] and five[0] != six[0]
+    assert five[1].split("\n", 1)[1] == six[0].split("\n", 1)[1]  # the text after "2 ---" / "1 ---"
+
+
 def test_a_config_typo_stops_before_any_job(project):
     edit_config(project, "train", "max_step", 5)
     result = snakemake(project, "-n", TARGET, check=False)

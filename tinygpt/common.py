@@ -61,6 +61,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
             os.fsync(f.fileno())
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (which containers, `taskset` and SLURM narrow),
+    not the machine's core count that os.cpu_count() reports."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS: no affinity masks
+
+
+def capped_threads(requested: int | None) -> int:
+    """`requested` threads or processes (None or 0: one per usable CPU), never more than the usable CPUs:
+    `snakemake --cores 4` on a 2-core machine asks for 4, and two threads per core made training 20% slower."""
+    return max(1, min(requested or usable_cpus(), usable_cpus()))
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -23,7 +23,37 @@ def check_config(config: dict, schema: dict, source: str = "config.yaml") -> dic
     errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
         raise TinyGPTError(f"{source}: {describe(errors[0])}")
-    return with_defaults(config, schema)
+    config = with_defaults(config, schema)
+    problem = contradiction(config)
+    if problem:
+        raise TinyGPTError(f"{source}: {problem}")
+    return config
+
+
+def contradiction(config: dict) -> str | None:
+    """The first pair of settings that cannot hold together, which the schema's per-key rules cannot see, so
+    that it stops the workflow before any job runs rather than the train stage after the data stages ran."""
+    from tinygpt.data.download import parse_size  # torch-free, like the presets
+    from tinygpt.model.presets import PRESETS
+
+    model, train = config["model"], config["train"]
+    if train["min_lr"] > train["lr"]:
+        return f"train.min_lr ({train['min_lr']}) is above train.lr ({train['lr']}); the schedule decays lr to min_lr"
+    shape = {**PRESETS[model["preset"]], **{k: v for k, v in model.items() if k in PRESETS["toy"] and v is not None}}
+    if shape["n_embd"] % shape["n_head"]:
+        return (f"model.n_embd ({shape['n_embd']}) is not a multiple of model.n_head ({shape['n_head']}); "
+                "each head takes an equal share of the width")
+    download, clean, encode = config["download"], config["clean"], config["encode"]
+    known_bytes = [b for b in (clean["max_bytes"], download["source"] in ("builtin", "tinystories")
+                               and parse_size(download["size"])) if b]
+    if known_bytes:
+        # a token is at least one byte, so validation holds at most this many tokens
+        val_bytes = int(min(known_bytes) * encode["val_fraction"])
+        if val_bytes < shape["block_size"] + 1:
+            return (f"model.block_size {shape['block_size']} needs windows of {shape['block_size'] + 1} tokens, but "
+                    f"validation gets about {val_bytes} bytes (encode.val_fraction {encode['val_fraction']} of "
+                    f"{min(known_bytes)}); use more data, a larger val_fraction or a smaller block_size")
+    return None
 
 
 def describe(error: ValidationError) -> str:

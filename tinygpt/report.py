@@ -180,12 +180,13 @@ def loss_curve_svg(records: list[dict], width: int = 720, height: int = 400) -> 
 
 def val_bytes_per_token(tokens: str | Path, tokenizer_path: str | Path, vocab_size: int) -> float:
     """Mean bytes of text per token of a token file, counted as training counts them for bits per byte (each
-    token's byte length, <|endoftext|> as its 13 characters)."""
+    token's byte length; <|endoftext|> stands for no text and counts 0)."""
     tokenizer = Tokenizer.load(tokenizer_path)
     if tokenizer.vocab_size != vocab_size:
         raise TinyGPTError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but {tokens} was encoded with "
                            f"{vocab_size}; rerun the encode stage")
-    return TokenFile.open(tokens, token_dtype(vocab_size), 1).bytes_per_token(tokenizer.vocab)
+    return TokenFile.open(tokens, token_dtype(vocab_size), 1).bytes_per_token(tokenizer.vocab,
+                                                                   tokenizer.special_tokens.values())
 
 
 def data_rows(meta: dict, bytes_per_token: float, corpus_stats: dict) -> list[tuple[str, str]]:

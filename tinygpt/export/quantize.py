@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli
+from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli
 from tinygpt.export.gguf_read import read_gguf
 from tinygpt.export.quants import quantize
 
@@ -183,7 +183,7 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
     out_path = Path(out_path)
     if out_path.exists() and out_path.resolve() == input_path.resolve():
         raise TinyGPTError(f"--out {out_path} is the input file; choose another output path")
-    threads = threads or os.cpu_count() or 1
+    threads = capped_threads(threads)
 
     reader = read_gguf(input_path, "pass the f16 GGUF written by tinygpt gguf_convert")
     fields = {f.name: f for f in reader.fields.values()}
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=f"quantization type: {', '.join(FILE_TYPES)} (default q4_k_m)")
     parser.add_argument("--pure", action="store_true",
                         help="one type for every quantizable tensor, no Q4_K_M-style mix (llama-quantize --pure)")
-    parser.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="worker threads (default and at most: the usable CPUs)")
     args = parser.parse_args(argv)
     plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads, args.pure)
     counts: dict[str, int] = {}

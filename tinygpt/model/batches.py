@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -87,10 +88,12 @@ class TokenFile:
             counts += chunk_counts
         return counts
 
-    def bytes_per_token(self, vocab: list[bytes]) -> float:
-        """Mean bytes of text per token (each id's byte length; <|endoftext|> as its 13 characters): what turns
-        nats per token into bits per byte, which compares across vocabularies."""
+    def bytes_per_token(self, vocab: list[bytes], special_ids: Iterable[int]) -> float:
+        """Mean bytes of text per token: what turns nats per token into bits per byte, which compares across
+        vocabularies. Special tokens (the <|endoftext|> between documents) stand for no text: they count
+        0 bytes, so the cost of predicting them is charged to the text's bytes."""
         lengths = np.array([len(token) for token in vocab], dtype=np.int64)
+        lengths[list(special_ids)] = 0
         counts = self.token_counts(len(vocab))
         return float(counts @ lengths / counts.sum())
 

@@ -26,7 +26,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
     auto: bf16 where the hardware is fast at it (CUDA compute capability 8+, CPUs with AMX / AVX512-BF16: on
     the 2-core AVX512-BF16 machine this was written on, a toy-model training step runs 2-3x faster in bf16),
-    fp16 with a gradient scaler on older GPUs, fp32 elsewhere.
+    fp16 with a gradient scaler on older GPUs, fp32 elsewhere (MPS included).
     """
     if amp == "off":
         return None
@@ -39,6 +39,8 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         fast_bf16 = torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
         return torch.bfloat16 if fast_bf16 else torch.float16
+    if device.type == "mps":
+        return None  # MPS autocast is young and partial across macOS versions: fp32 unless asked for bf16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
@@ -76,10 +78,24 @@ class Ranks:
         return out
 
 
-def pick_device(requested: str, ranks: Ranks) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise TinyGPTError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(ranks.local_rank)
-    return torch.device("cuda", ranks.local_rank)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """`auto` takes CUDA, then Apple silicon's MPS, then the CPU; `cuda:N` names one GPU. Asking for a device
+    this machine lacks is an error, not a silent fallback."""
+    kind, _, index = requested.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise TinyGPTError(f"--device {requested!r}: choose auto, cpu, cuda, cuda:N or mps")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if kind == "cuda" and not cuda:
+        raise TinyGPTError(f"--device {requested}: PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if kind == "mps" and not mps:
+        raise TinyGPTError(f"--device {requested}: MPS (Apple silicon) is not available here; use --device cpu or auto")
+    if kind == "cuda" or (kind == "auto" and cuda):
+        device = torch.device("cuda", int(index) if index else local_rank)
+        torch.cuda.set_device(device)
+        return device
+    if kind == "mps" or (kind == "auto" and mps):
+        return torch.device("mps")
+    return torch.device("cpu")

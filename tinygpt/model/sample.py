@@ -22,6 +22,7 @@ import torch
 
 from tinygpt.common import TinyGPTError, require_file, run_cli
 from tinygpt.model.gpt import GPT
+from tinygpt.model.hardware import pick_device
 from tinygpt.tokenizer.bpe import Tokenizer
 
 STOP_WORDS = ("", "quit", "exit")
@@ -140,20 +141,6 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
     return text_pieces(tokenizer, generate(model, prompt_ids, max_new_tokens, eot_id=tokenizer.eot_id, **sampling))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TinyGPTError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TinyGPTError("--device mps: MPS is not available here; use --device cpu or auto")
-    return torch.device(name)
-
-
 def load(checkpoint: str | None, gguf: str | None, device: torch.device) -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) from a training checkpoint or a GGUF file."""
     if checkpoint is not None:
@@ -220,7 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.top_p)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     model, tokenizer = load(args.checkpoint, args.gguf, device)
     generator = torch.Generator().manual_seed(args.seed)
     if args.interactive:

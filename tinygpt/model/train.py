@@ -29,18 +29,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
+from tinygpt.common import TinyGPTError, atomic_open, capped_threads, progress, require_file, run_cli
 from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
 from tinygpt.model.flops import matmul_peak
-from tinygpt.model.gpt import GPT, PRESETS, GPTConfig, config_from_preset
-from tinygpt.model.hardware import Ranks, autocast_dtype, pick_device
+from tinygpt.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, config_from_preset
+from tinygpt.model.hardware import DEVICES, Ranks, autocast_dtype, pick_device
 from tinygpt.model.optim import configure_optimizer, cosine_lr
 from tinygpt.model.runs import announce_run, run_fingerprint, trim_metrics
 from tinygpt.tokenizer.bpe import Tokenizer
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "dropout", "attention")
+MODEL_FLAGS = ("preset", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "norm_eps",
+               "rope_theta", "tie_embeddings", "attention")
 # Settings that never change what a run computes, so a run may be resumed with different values of them.
 RUN_NEUTRAL = ("data_dir", "tokenizer", "out", "runs_dir", "ckpt_interval", "log_interval", "device", "compile", "threads")
 
@@ -52,11 +53,16 @@ class TrainConfig:
     out: str
     runs_dir: str = "checkpoints/runs"
     preset: str = "toy"
+    arch: str = "gpt2"
     n_layer: int | None = None  # None: the preset's value
     n_head: int | None = None
+    n_kv_head: int | None = None  # None: n_head
     n_embd: int | None = None
     block_size: int | None = None
     dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
     attention: str = "sdpa"
     max_steps: int = 1000
     batch_size: int = 16  # per process and micro-step
@@ -76,7 +82,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
-    threads: int = 0  # 0: PyTorch's default
+    threads: int = 0  # 0: one per usable CPU; capped at the usable CPUs
 
     def check(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval")
@@ -90,8 +96,6 @@ class TrainConfig:
                 raise TinyGPTError(f"--{name}={getattr(self, name)} must not be negative")
         if self.amp not in AMP_CHOICES:
             raise TinyGPTError(f"--amp={self.amp!r} must be one of {', '.join(AMP_CHOICES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise TinyGPTError(f"--device={self.device!r} must be auto, cpu or cuda")
 
 
 class Trainer:
@@ -140,7 +144,8 @@ class Trainer:
         self.train_tokens = TokenFile.open(data_dir / "train.bin", dtype, window)
         self.val_tokens = TokenFile.open(data_dir / "val.bin", dtype, window)
         self.meta_sha256 = hashlib.sha256((data_dir / "meta.json").read_bytes()).hexdigest()
-        self.val_bytes_per_token = self.val_tokens.bytes_per_token(self.tokenizer.vocab)  # for bits per byte
+        self.val_bytes_per_token = self.val_tokens.bytes_per_token(self.tokenizer.vocab,  # for bits per byte
+                                                                   self.tokenizer.special_tokens.values())
         # eval_batches global batches, so the validation set does not depend on how many processes share it
         self.val_batches = fixed_batches(self.val_tokens, cfg.eval_batches * self.ranks.world_size, cfg.batch_size,
                                          self.model_config.block_size)
@@ -309,6 +314,8 @@ class Trainer:
                 val_loss, improved = math.nan, False
                 if self.step % cfg.eval_interval == 0 or done:
                     val_loss = self.evaluate()
+                    if not math.isfinite(val_loss):
+                        raise self._diverged(f"the validation loss is {val_loss}")
                     improved = val_loss < self.best_val_loss
                     self.best_val_loss = min(self.best_val_loss, val_loss)
                     bpb = val_loss / (math.log(2) * self.val_bytes_per_token)
@@ -316,6 +323,11 @@ class Trainer:
                     if main:
                         bar.write(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                                   f"{bpb:.3f} bits/byte")
+                # the metrics line first: a kill between the two then leaves an extra line, which the resumed run
+                # trims, rather than a checkpoint past a line that is lost for good
+                if main and record:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 save_last = self.step % cfg.ckpt_interval == 0 or done
                 if improved or save_last:
                     self._check_weights_finite()
@@ -324,9 +336,6 @@ class Trainer:
                         save_checkpoint(self.best_path, state)
                     if main and save_last:
                         save_checkpoint(self.last_path, state)
-                if main and record:
-                    with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
 
     def write_final(self) -> Path:
         """The best checkpoint's model, config and tokenizer (no training state), atomically to --out."""
@@ -341,10 +350,9 @@ class Trainer:
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) the run `cfg` describes; return the path of the final checkpoint (--out)."""
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(capped_threads(cfg.threads))
     ranks = Ranks.from_env()
-    device = pick_device(cfg.device, ranks)
+    device = pick_device(cfg.device, ranks.local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -370,10 +378,25 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", required=True, help="final checkpoint: the best model (by validation loss)")
     io.add_argument("--runs_dir", default=d.runs_dir, help="resumable run folders, one per settings fingerprint")
     m = p.add_argument_group("model (a preset, optionally overridden)")
+
+    def true_or_false(text: str) -> bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(text)  # argparse: "invalid true_or_false value"
+        return text.lower() == "true"
+
     m.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    m.add_argument("--arch", default=d.arch, choices=ARCHS,
+                   help="gpt2 (LayerNorm, learned positions, GELU) or llama (RMSNorm, RoPE, SwiGLU, no biases)")
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         m.add_argument(f"--{name}", type=int, default=None, help="default: the preset's")
+    m.add_argument("--n_kv_head", type=int, default=None, help="llama: key/value heads (grouped-query attention); "
+                   "default: n_head")
     m.add_argument("--dropout", type=float, default=d.dropout)
+    m.add_argument("--norm_eps", type=float, default=d.norm_eps, help="LayerNorm / RMSNorm epsilon")
+    m.add_argument("--rope_theta", type=float, default=d.rope_theta, help="llama: base of the rotary frequencies")
+    # a value, not only a switch: the workflow passes `--tie_embeddings false` (an absent flag means the default)
+    m.add_argument("--tie_embeddings", type=true_or_false, nargs="?", const=True, default=d.tie_embeddings,
+                   metavar="true|false", help="the LM head is the token embedding")
     m.add_argument("--attention", default=d.attention, choices=["sdpa", "explicit"])
     o = p.add_argument_group("optimization")
     o.add_argument("--max_steps", type=int, default=d.max_steps, help="optimizer steps")
@@ -393,12 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt_interval", type=int, default=d.ckpt_interval, help="steps between writes of last.pt")
     e.add_argument("--log_interval", type=int, default=d.log_interval, help="steps between metrics.jsonl lines")
     h = p.add_argument_group("hardware")
-    h.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    h.add_argument("--device", default=d.device, choices=DEVICES, help="auto: cuda, then mps, then cpu")
     h.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="mixed precision; auto: bf16 where fast (Ampere+ GPUs, AMX/AVX512-BF16 CPUs), fp16 on older GPUs")
     h.add_argument("--no_amp", dest="amp", action="store_const", const="off", help="same as --amp off")
     h.add_argument("--compile", action="store_true", help="torch.compile the model")
-    h.add_argument("--threads", type=int, default=d.threads, help="CPU threads for PyTorch; 0: its default")
+    h.add_argument("--threads", type=int, default=d.threads, help="CPU threads for PyTorch; 0: one per usable CPU (never more)")
     return p
 
 

@@ -22,7 +22,7 @@ rule train:
         "benchmarks/train.tsv"
     threads: 4
     resources:
-        gpu=config["train"]["gpus"] if config["train"]["device"] != "cpu" else 0,
+        gpu=config["train"]["gpus"] if config["train"]["device"] in ("auto", "cuda") else 0,
     conda:
         "../envs/tinygpt.yaml"
     shell:
@@ -37,15 +37,17 @@ rule samples:
     output:
         text=report("reports/samples.txt", category="Samples", caption="../report/samples.rst"),
     params:
-        args=flags(config["sample"], skip=("count",)),
+        args=flags(config["sample"], skip=("count", "seed")),
         n=config["sample"]["count"],
+        seed=config["sample"]["seed"],
     log:
         "logs/samples.log",
     threads: 1
     conda:
         "../envs/tinygpt.yaml"
     shell:
+        # sample i uses seed + i - 1: sample.seed picks the set, and every sample differs
         "for i in $(seq 1 {params.n}); do"
         " echo \"--- sample $i ---\";"
-        " python -m tinygpt sample --checkpoint {input.checkpoint} {params.args} --seed $i;"
+        " python -m tinygpt sample --checkpoint {input.checkpoint} {params.args} --seed $(({params.seed} + i - 1));"
         " echo; done > {output.text} 2> {log}"
