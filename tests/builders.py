@@ -43,14 +43,15 @@ def tiny_tokenizer(vocab_size: int = 320) -> Tokenizer:
 
 
 def random_gpt(tokenizer: Tokenizer, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, block_size: int = 64,
-               seed: int = 0, std: float = 0.02) -> GPT:
-    """A random GPT whose every parameter (LayerNorms and biases too) is non-trivial.
+               seed: int = 0, std: float = 0.02, **config) -> GPT:
+    """A random GPT whose every parameter (norms and biases too) is non-trivial; `config` sets other GPTConfig
+    fields (arch="llama", n_kv_head, ...).
 
     A larger `std` spreads the logits, so that greedy decoding has no near-ties that float rounding could flip.
     """
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                       block_size=block_size)
+                       block_size=block_size, **config)
     model = GPT(config)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -102,3 +102,33 @@ def test_interrupted_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_pa
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoint_from_before_llama_loads_as_gpt2(tmp_path):
+    """Old checkpoints have no `arch` and call norm_eps layer_norm_epsilon."""
+    ckpt = final_checkpoint()
+    old_config = {k: v for k, v in ckpt["model_config"].items()
+                  if k not in ("arch", "n_kv_head", "norm_eps", "rope_theta", "tie_embeddings")}
+    old_config["layer_norm_epsilon"] = 1e-4
+    save_checkpoint(tmp_path / "old.pt", {**ckpt, "model_config": old_config})
+    model, _ = load_model(tmp_path / "old.pt")
+    assert model.config.arch == "gpt2" and model.config.norm_eps == 1e-4 and model.config.n_kv_head == 2
+    assert model.blocks[0].ln_1.eps == 1e-4
+
+
+def test_llama_checkpoint_round_trip_keeps_arch_and_untied_head(tmp_path):
+    config = GPTConfig(vocab_size=259, arch="llama", n_layer=2, n_head=2, n_kv_head=1, n_embd=16, block_size=8,
+                       rope_theta=1000.0, tie_embeddings=False)
+    torch.manual_seed(0)
+    original = GPT(config).eval()
+    save_checkpoint(tmp_path / "llama.pt", {**final_checkpoint(), "model": original.state_dict(),
+                                            "model_config": asdict(config)})
+    model, _ = load_model(tmp_path / "llama.pt")
+    assert model.config == config and model.lm_head.weight is not model.tok_emb.weight
+    idx = torch.randint(0, 259, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], original(idx)[0])
+    # a gpt2 state dict under a llama config is refused by name
+    save_checkpoint(tmp_path / "mixed.pt", {**final_checkpoint(), "model_config": asdict(config)})
+    with pytest.raises(TinyGPTError, match="does not match its model_config.*is missing"):
+        load_model(tmp_path / "mixed.pt")

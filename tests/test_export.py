@@ -1,4 +1,4 @@
-"""Export to the Hugging Face GPT-2 layout, checked against transformers itself."""
+"""Export to the Hugging Face GPT-2 and Llama layouts, checked against transformers itself."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tinygpt.common import TinyGPTError
 from tinygpt.export.hf import export_hf, main
 from tinygpt.model.gpt import GPT
+from tinygpt.model.sample import generate
 from tinygpt.tokenizer.bpe import Tokenizer
 
 from builders import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
@@ -20,13 +21,30 @@ from builders import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tin
 EXPORT_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, GPT, Tokenizer]:
-    tmp = tmp_path_factory.mktemp("export")
+# llama with grouped-query attention and a rope_theta of its own, so that config.json must carry both
+LLAMA = dict(arch="llama", n_kv_head=2, rope_theta=5000.0)
+
+
+def export_random(tmp: Path, std: float = 0.1, **config) -> tuple[Path, GPT, Tokenizer]:
     tokenizer = tiny_tokenizer()
-    model = random_gpt(tokenizer, std=0.1)
+    model = random_gpt(tokenizer, std=std, **config)
     export_hf(save_tiny_checkpoint(tmp / "best.pt", model, tokenizer), tmp / "hf")
     return tmp / "hf", model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, GPT, Tokenizer]:
+    return export_random(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def exported_llama(tmp_path_factory) -> tuple[Path, GPT, Tokenizer]:
+    return export_random(tmp_path_factory.mktemp("export_llama"), std=0.15, **LLAMA)
+
+
+@pytest.fixture(params=["exported", "exported_llama"])
+def each_export(request) -> tuple[Path, GPT, Tokenizer]:
+    return request.getfixturevalue(request.param)
 
 
 def test_writes_the_hf_gpt2_layout(exported):
@@ -55,9 +73,9 @@ def test_writes_the_hf_gpt2_layout(exported):
                                rtol=0, atol=0)
 
 
-def test_transformers_loads_it_cleanly_with_our_logits(exported, caplog):
+def load_cleanly(out: Path, caplog):
+    """transformers' model for the folder, after checking that no weight was missing, unused or initialized."""
     transformers = pytest.importorskip("transformers")
-    out, model, _ = exported
     transformers.utils.logging.enable_propagation()  # transformers' own logger does not propagate to caplog
     try:
         with caplog.at_level(logging.WARNING):
@@ -68,20 +86,75 @@ def test_transformers_loads_it_cleanly_with_our_logits(exported, caplog):
     words = ("missing", "unexpected", "newly initialized", "not used")
     weight_warnings = [r.getMessage() for r in caplog.records if any(w in r.getMessage().lower() for w in words)]
     assert weight_warnings == []
-    assert type(hf).__name__ == "GPT2LMHeadModel"
-    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, not a random head
+    return hf.eval()
+
+
+def test_transformers_loads_it_cleanly_with_our_logits(each_export, caplog):
+    out, model, _ = each_export
+    hf = load_cleanly(out, caplog)
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[model.config.arch]
+    # tied, not a random head
+    assert hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
 
     generator = torch.Generator().manual_seed(0)
     idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size), generator=generator)
     with torch.no_grad():
         ours, _ = model(idx)
-        theirs = hf.eval()(idx).logits
+        theirs = hf(idx).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
-def test_transformers_tokenizer_gives_our_ids(exported):
+def test_transformers_greedy_generate_gives_our_text(each_export, caplog):
     transformers = pytest.importorskip("transformers")
-    out, _, tokenizer = exported
+    out, model, tokenizer = each_export
+    hf, hf_tok = load_cleanly(out, caplog), transformers.AutoTokenizer.from_pretrained(out)
+    prompt = "Once upon a time, a little"
+    ours = tokenizer.decode(generate(model, tokenizer.encode(prompt), 24, temperature=0.0, eot_id=tokenizer.eot_id))
+    assert len(ours) > 10
+    inputs = hf_tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = hf.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eot_id)
+    theirs = hf_tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert theirs == ours
+
+
+def test_writes_the_hf_llama_layout(exported_llama):
+    out, model, tokenizer = exported_llama
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES
+    config = json.loads((out / "config.json").read_text())
+    cfg = model.config
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    expected = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": cfg.block_size, "rms_norm_eps": 1e-5,
+                "rope_theta": 5000.0, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
+                "hidden_act": "silu", "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.eot_id,
+                "eos_token_id": tokenizer.eot_id}
+    assert {k: config[k] for k in expected} == expected
+    tensors = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in tensors and len(tensors) == 2 + 9 * cfg.n_layer
+    state = model.state_dict()
+    # Llama keeps Linear's (out, in) and Hugging Face's rotary order: the weights are ours, renamed
+    for hf_name, ours in (("model.layers.1.self_attn.k_proj.weight", "blocks.1.attn.k.weight"),
+                          ("model.layers.0.mlp.down_proj.weight", "blocks.0.mlp.proj.weight"),
+                          ("model.norm.weight", "ln_f.weight")):
+        torch.testing.assert_close(tensors[hf_name], state[ours], rtol=0, atol=0)
+
+
+def test_untied_llama_exports_its_head(tmp_path, caplog):
+    out, model, _ = export_random(tmp_path, arch="llama", tie_embeddings=False)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    torch.testing.assert_close(load_file(out / "model.safetensors")["lm_head.weight"], model.lm_head.weight.detach(),
+                               rtol=0, atol=0)
+    hf = load_cleanly(out, caplog)
+    assert hf.lm_head.weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    idx = torch.randint(0, model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+
+
+def test_transformers_tokenizer_gives_our_ids(each_export):
+    transformers = pytest.importorskip("transformers")
+    out, _, tokenizer = each_export
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok.eos_token == hf_tok.bos_token == "<|endoftext|>" and hf_tok.eos_token_id == tokenizer.eot_id
     for text in PARITY_TEXTS + corpus(1):

@@ -75,7 +75,7 @@ def test_metadata_has_every_key_with_its_exact_type(converted, model_dir, outtyp
         "gpt2.feed_forward_length": (V.UINT32, 4 * cfg.n_embd),
         "gpt2.block_count": (V.UINT32, cfg.n_layer),
         "gpt2.attention.head_count": (V.UINT32, cfg.n_head),
-        "gpt2.attention.layer_norm_epsilon": (V.FLOAT32, pytest.approx(cfg.layer_norm_epsilon)),
+        "gpt2.attention.layer_norm_epsilon": (V.FLOAT32, pytest.approx(cfg.norm_eps)),
         "tokenizer.ggml.model": (V.STRING, "gpt2"),
         "tokenizer.ggml.pre": (V.STRING, "gpt-2"),
         "tokenizer.ggml.bos_token_id": (V.UINT32, tokenizer.eot_id),

@@ -46,10 +46,11 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("arch", [{}, {"arch": "llama", "n_kv_head": 1}])  # llama with grouped-query attention
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("prompt_len, n_new", [(5, 8), (3, 50), (40, 30)])  # inside, past, and beyond the context
-def test_greedy_with_and_without_cache_equals_reference(attention, prompt_len, n_new):
-    model = tiny_model(attention=attention)
+def test_greedy_with_and_without_cache_equals_reference(attention, prompt_len, n_new, arch):
+    model = tiny_model(attention=attention, **arch)
     prompt = torch.randint(0, 300, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     expected = reference_greedy(model, prompt, n_new)
     assert list(generate(model, prompt, n_new, temperature=0, use_cache=True)) == expected
@@ -161,6 +162,14 @@ def test_cli_greedy_prints_prompt_and_completion(checkpoint, tokenizer, capsys):
     assert capsys.readouterr().out == plain
     main(argv + ["--no_cache"])
     assert capsys.readouterr().out == plain
+
+
+def test_cli_samples_a_llama_checkpoint(tokenizer, tmp_path, capsys):
+    model = tiny_model(tokenizer.vocab_size, arch="llama", n_kv_head=1, tie_embeddings=False)
+    path = save_tiny_checkpoint(tmp_path / "llama.pt", model, tokenizer)
+    main(["--checkpoint", str(path), "--prompt", "the cat", "--max_tokens", "20", "--temperature", "0"])
+    ids = list(generate(model, tokenizer.encode("the cat"), 20, temperature=0, eot_id=tokenizer.eot_id))
+    assert len(ids) > 5 and capsys.readouterr().out == "the cat" + tokenizer.decode(ids) + "\n"
 
 
 def test_cli_seeded_sampling_is_reproducible(checkpoint, capsys):

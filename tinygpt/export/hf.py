@@ -1,12 +1,12 @@
-"""Export a checkpoint as a Hugging Face GPT-2 folder that `transformers` loads as `GPT2LMHeadModel`.
+"""Export a checkpoint as a Hugging Face folder: `GPT2LMHeadModel` (arch gpt2) or `LlamaForCausalLM` (arch llama).
 
     tinygpt export --checkpoint checkpoints/best.pt --out_dir exports/tinygpt
 
 writes model.safetensors, config.json, generation_config.json, tokenizer.json and tokenizer_config.json.
-Our model computes exactly GPT-2 (gelu_new, pre-LayerNorm, tied head), so only names and layouts change:
-HF GPT-2 keeps its attention/MLP weights in `Conv1D` modules, stored (in, out), the transpose of our
-`nn.Linear` (out, in). The LM head is tied to `transformer.wte.weight` and not stored (safetensors refuses
-shared tensors, and transformers re-ties it from `tie_word_embeddings`).
+Our model computes exactly what transformers' model of the same architecture computes, so only names and layouts
+change (tinygpt.export.names): HF GPT-2 keeps its attention/MLP weights in `Conv1D` modules, stored (in, out),
+the transpose of our `nn.Linear` (out, in); HF Llama stores them as we do. A tied LM head is not stored
+(safetensors refuses shared tensors, and transformers re-ties it from `tie_word_embeddings`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from tinygpt.export.names import tensor_names
 from tinygpt.model.gpt import GPTConfig
 from tinygpt.tokenizer.bpe import EOT, Tokenizer
 
-def hf_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """Our state dict under GPT2LMHeadModel's names, float32, Conv1D weights transposed to (in, out)."""
+
+def hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our state dict under the HF model's names, float32, GPT-2's Conv1D weights transposed to (in, out)."""
     out = {}
-    for name in tensor_names("gpt2", n_layer):
+    for name in tensor_names(config.arch, config.n_layer, config.tie_embeddings):
         t = state[name.ours]
         out[name.hf] = t.t() if name.hf_transposed else t
     # safetensors wants contiguous tensors that share no memory
@@ -36,7 +37,11 @@ def hf_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, tor
 
 
 def hf_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
-    """config.json for GPT2LMHeadModel: the same network, all dropouts off (this is an inference export)."""
+    """config.json for the HF model of `config.arch`: the same network, dropouts off (an inference export)."""
+    return gpt2_config(config, eot_id) if config.arch == "gpt2" else llama_config(config, eot_id)
+
+
+def gpt2_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -48,14 +53,44 @@ def hf_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
         "n_head": config.n_head,
         "n_inner": None,  # None means 4 * n_embd, as in our MLP
         "activation_function": "gelu_new",
-        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "layer_norm_epsilon": config.norm_eps,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
         "summary_first_dropout": 0.0,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def llama_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,  # transformers 4 reads this key, 5 rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "use_cache": True,
@@ -64,7 +99,8 @@ def hf_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
 
 
 def tokenizer_config(block_size: int) -> dict[str, Any]:
-    # PreTrainedTokenizerFast runs tokenizer.json exactly as written; GPT-2 never prepends a BOS token
+    # PreTrainedTokenizerFast runs tokenizer.json exactly as written: no BOS token is prepended (for Llama
+    # either: ours is GPT-2's byte-level BPE, trained without one)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": EOT,
@@ -84,7 +120,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write the Hugging Face GPT-2 folder for `checkpoint` into `out_dir` (each file atomically); return out_dir."""
+    """Write the Hugging Face folder for `checkpoint` into `out_dir` (each file atomically); return out_dir."""
     ckpt = load_checkpoint(checkpoint)
     config, state = checked_model_state(ckpt, checkpoint)
     tokenizer = Tokenizer.from_json_str(ckpt["tokenizer_json"])
@@ -98,7 +134,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(hf_state_dict(state, config.n_layer), str(tmp), metadata={"format": "pt"})
+        save_file(hf_state_dict(state, config), str(tmp), metadata={"format": "pt"})
     _write_json(out_dir / "config.json", hf_config(config, eot_id))
     _write_json(
         out_dir / "generation_config.json",
@@ -113,14 +149,16 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="tinygpt export",
-        description="Export a tinygpt checkpoint as a Hugging Face GPT-2 folder (safetensors + tokenizer.json).",
+        description="Export a tinygpt checkpoint as a Hugging Face folder, GPT-2 or Llama after its architecture "
+                    "(safetensors + tokenizer.json).",
     )
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint written by tinygpt train (e.g. checkpoints/best.pt)")
     parser.add_argument("--out_dir", required=True, help="folder to write (e.g. exports/tinygpt)")
     args = parser.parse_args(argv)
     out = export_hf(args.checkpoint, args.out_dir)
-    print(f"wrote Hugging Face GPT-2 folder {out}")
+    architecture = json.loads((out / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+    print(f"wrote Hugging Face {architecture} folder {out}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A checkpoint never needs unpickling of arbitrary objects, so loading one from elsewhere cannot run code.
 The final checkpoint (what `--out` of the train stage holds) is self-contained: "model" (state dict),
-"model_config" (GPTConfig fields), "tokenizer_json" (the tokenizer.json text), "step" and "val_loss".
+"model_config" (GPTConfig fields, the architecture among them), "tokenizer_json" (the tokenizer.json text),
+"step" and "val_loss".
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from tinygpt.model.gpt import GPT, GPTConfig
 from tinygpt.tokenizer.bpe import Tokenizer
 
 MODEL_KEYS = ("model", "model_config", "tokenizer_json")
+# model_config keys that older versions wrote under another name
+RENAMED_KEYS = {"layer_norm_epsilon": "norm_eps"}
 
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
@@ -41,6 +44,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def model_config_from_dict(config: dict, source: str | os.PathLike) -> GPTConfig:
+    """The GPTConfig a checkpoint's model_config describes. Checkpoints from before the llama architecture have
+    no `arch` (GPTConfig's default, gpt2, is right for them) and call norm_eps layer_norm_epsilon."""
+    config = {RENAMED_KEYS.get(key, key): value for key, value in config.items()}
     known = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(config) - known)
     if unknown:

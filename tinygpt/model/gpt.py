@@ -1,8 +1,13 @@
-"""The GPT-2 transformer: exactly what Hugging Face `GPT2LMHeadModel` and llama.cpp's `gpt2` architecture compute.
+"""The transformer, in two architectures that differ by three small pieces (norm, positions, MLP).
 
-Token + learned position embeddings, pre-LayerNorm blocks of causal multi-head attention and a 4x MLP with
-tanh-approximated GELU, a final LayerNorm and an LM head tied to the token embedding. A `KVCache` makes
-decoding incremental: `forward` then processes only the new tokens, at positions that continue from the cache.
+- `gpt2`: token + learned position embeddings, pre-LayerNorm blocks with biases, a 4x MLP with tanh-approximated
+  GELU, a final LayerNorm. Exactly Hugging Face `GPT2LMHeadModel` and llama.cpp's `gpt2`.
+- `llama`: token embedding only, pre-RMSNorm blocks without biases, rotary position embeddings (RoPE) on queries
+  and keys, optional grouped-query attention (n_kv_head key/value heads shared by groups of query heads), a
+  SwiGLU MLP, a final RMSNorm. Exactly Hugging Face `LlamaForCausalLM` and llama.cpp's `llama`.
+
+Both tie the LM head to the token embedding unless `tie_embeddings` is off. A `KVCache` makes decoding
+incremental: `forward` then processes only the new tokens, at positions that continue from the cache.
 """
 
 from __future__ import annotations
@@ -17,22 +22,31 @@ import torch.nn.functional as F
 from tinygpt.common import TinyGPTError
 from tinygpt.model.presets import PRESETS
 
+ARCHS = ("gpt2", "llama")
 ATTENTION_KINDS = ("sdpa", "explicit")
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int
+    arch: str = "gpt2"  # "gpt2" or "llama"
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int | None = None  # llama: key/value heads (grouped-query attention); None: n_head
     n_embd: int = 256
     block_size: int = 128
     dropout: float = 0.0
-    layer_norm_epsilon: float = 1e-5
+    norm_eps: float = 1e-5  # LayerNorm (gpt2) or RMSNorm (llama) epsilon
+    rope_theta: float = 10000.0  # llama: base of the rotary frequencies
+    tie_embeddings: bool = True  # the LM head is the token embedding
     attention: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "explicit" (masked softmax)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+        if self.arch not in ARCHS:
+            raise TinyGPTError(f"model config arch={self.arch!r} must be one of {', '.join(ARCHS)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TinyGPTError(f"model config {name}={value!r} must be a positive integer")
@@ -41,14 +55,34 @@ class GPTConfig:
                 f"model config n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 "pick n_embd a multiple of n_head"
             )
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise TinyGPTError(f"model config n_kv_head={self.n_kv_head}: gpt2 has no grouped-query attention; "
+                               "leave n_kv_head unset or use arch llama")
+        if self.n_head % self.n_kv_head:
+            raise TinyGPTError(f"model config n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}; "
+                               "each key/value head serves an equal group of query heads")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise TinyGPTError(f"model config head size n_embd/n_head={self.head_dim} is odd; "
+                               "rotary embeddings rotate pairs of values, pick an even head size")
         if not 0.0 <= self.dropout < 1.0:
             raise TinyGPTError(f"model config dropout={self.dropout} must be in [0, 1)")
+        for name in ("norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise TinyGPTError(f"model config {name}={getattr(self, name)} must be positive")
         if self.attention not in ATTENTION_KINDS:
             raise TinyGPTError(f"model config attention={self.attention!r} must be one of {', '.join(ATTENTION_KINDS)}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The MLP's hidden width: 4 * n_embd for gpt2; for llama 2/3 of that (SwiGLU has three matrices, not
+        two) rounded up to a multiple of 256, as Llama does (256 for n_embd 64, 768 for 256, 1536 for 512)."""
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return 256 * math.ceil(int(2 * 4 * self.n_embd / 3) / 256)
 
 
 def config_from_preset(preset: str, vocab_size: int, **overrides) -> GPTConfig:
@@ -66,13 +100,13 @@ def config_from_preset(preset: str, vocab_size: int, **overrides) -> GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, preallocated per layer as (B, n_head, block_size, head_dim).
+    """Keys and values of the positions seen so far, preallocated per layer as (B, n_kv_head, block_size, head_dim).
 
     Each layer writes its new keys/values at `length`; `GPT.forward` advances `length` once all layers ran.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.block_size = config.block_size
@@ -89,41 +123,102 @@ class KVCache:
         self.length = 0
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring and without a bias (llama)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return RMSNorm(config.n_embd, config.norm_eps)
+
+
+class Rotary(nn.Module):
+    """cos and sin of RoPE's angles (position * theta^(-2i/head_dim)) for every position, computed once.
+
+    Hugging Face's layout: value i of a head is rotated together with value i + head_dim/2 (llama.cpp pairs
+    neighbours instead; the GGUF converter permutes the rows of Q and K to match, see tinygpt.export.names).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        half = config.head_dim // 2
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float32) * 2 / config.head_dim)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, half)
+        # buffers follow .to(device) and are never saved: the state dict and GGUF tensor count stay the weights
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of positions start..start+length-1 in `dtype` (the attention's, autocast's under autocast)."""
+        return self.cos[start : start + length].to(dtype), self.sin[start : start + length].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + d/2]) of every head of x (B, heads, T, d) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.layer_idx = layer_idx
         self.attention = config.attention
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # rows: Q, K, V (GPT-2's c_attn, transposed)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        C, kv_width = config.n_embd, config.n_kv_head * config.head_dim
+        self.fused = config.arch == "gpt2"
+        if self.fused:
+            self.qkv = nn.Linear(C, 3 * C)  # rows: Q, K, V (GPT-2's c_attn, transposed)
+        else:  # separate, as Llama stores them: K and V have only n_kv_head heads
+            self.q = nn.Linear(C, C, bias=False)
+            self.k = nn.Linear(C, kv_width, bias=False)
+            self.v = nn.Linear(C, kv_width, bias=False)
+        self.proj = nn.Linear(C, C, bias=self.fused)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         # mask[i, j]: may position i attend to position j; a buffer so it follows .to(device), never saved
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        q, k, v = self.qkv(x).split(C, dim=2) if self.fused else (self.q(x), self.k(x), self.v(x))
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         start = 0
         if kv_cache is not None:
             start = kv_cache.length
             k, v = kv_cache.append(self.layer_idx, k, v)
         # new queries sit at positions start..start+T-1 and see every key up to their own position
         mask = self.causal_mask[start : start + T, : start + T]
+        grouped = self.n_kv_head != self.n_head  # query head h reads key/value head h // (n_head / n_kv_head)
 
         if self.attention == "sdpa":
-            dropout_p = self.dropout if self.training else 0.0
+            kwargs = dict(dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped)
             if start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
             elif T == 1:  # one new query sees every key: no mask keeps the fastest kernels available
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+                y = F.scaled_dot_product_attention(q, k, v, **kwargs)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
         else:
+            if grouped:
+                group = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
             scores = scores.masked_fill(~mask, float("-inf"))
             y = self.attn_dropout(F.softmax(scores, dim=-1)) @ v
@@ -132,10 +227,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's: up to 4x the width, tanh-approximated GELU, back down."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.fc = nn.Linear(config.n_embd, config.ffn_hidden)
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,16 +240,31 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
+class SwiGLU(nn.Module):
+    """Llama's: a SiLU-activated gate multiplies the up projection, then down (`proj`), no biases."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config) if config.arch == "gpt2" else SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -161,12 +273,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        # where positions come in: added at the input (gpt2) or rotating queries and keys (llama)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.arch == "gpt2" else None
+        self.rotary = Rotary(config) if config.arch == "llama" else None
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied, as in GPT-2: one (V, C) matrix
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one (V, C) matrix, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2 scales the projections that add into the residual stream, which grows by two per layer
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -180,7 +295,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-        # nn.LayerNorm already starts at weight 1, bias 0
+        # nn.LayerNorm already starts at weight 1, bias 0, and RMSNorm at weight 1
 
     def forward(
         self,
@@ -202,10 +317,18 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens exceeds the model's block_size={self.config.block_size}; "
                 "crop the context to the last block_size tokens"
             )
-        positions = torch.arange(start, start + T, device=idx.device)
-        x = self.dropout(self.tok_emb(idx) + self.pos_emb(positions))
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:  # the tables once per forward, in the dtype the attention computes in
+            device_type = idx.device.type
+            dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else self.tok_emb.weight.dtype)
+            rope = self.rotary(start, T, dtype)
+        x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, kv_cache)
+            x = block(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.ln_f(x)
@@ -221,23 +344,28 @@ class GPT(nn.Module):
         weight = self.tok_emb.weight
         return KVCache(self.config, batch_size, weight.device, weight.dtype)
 
+    def _lookup_params(self) -> int:
+        """Weights used by lookup rather than matmul: the position embedding, and an untied token embedding."""
+        n = self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        return n if self.config.tie_embeddings else n + self.tok_emb.weight.numel()
+
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count, the tied token embedding / LM head counted once.
+        """Parameter count, a tied token embedding / LM head counted once.
 
         `non_embedding=True` leaves out the token and position embeddings (Kaplan et al.'s N).
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
 
     def estimate_flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward) at full context, for MFU (PaLM paper, appendix B).
 
-        6 * N for the matmuls, where N counts every weight but the position embedding (a lookup; the tied
-        token embedding is counted because it is the LM head's matmul), plus 12 * n_layer * n_embd * block_size
-        for the attention scores and the weighted sum of values.
+        6 * N for the matmuls, where N counts every weight but those only looked up (the position embedding;
+        a tied token embedding counts because it is the LM head's matmul), plus 12 * n_layer * n_embd *
+        block_size for the attention scores and the weighted sum of values.
         """
         cfg = self.config
-        n_matmul = self.num_params() - self.pos_emb.weight.numel()
+        n_matmul = self.num_params() - self._lookup_params()
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
