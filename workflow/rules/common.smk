@@ -84,5 +84,7 @@ def train_launcher(settings):
 
 
 def train_flags(model, train):
-    """Model shape and optimisation settings, in one string so that a change to either reruns training."""
+    """Model shape and optimisation settings, in one string so that a change to either reruns training.
+    tie_embeddings goes as a value: it defaults to true, so an absent flag could not say false."""
+    model = {**model, "tie_embeddings": str(model.get("tie_embeddings", True)).lower()}
     return f"{flags(model)} {flags(train, skip=('gpus',))}"
