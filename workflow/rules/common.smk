@@ -1,6 +1,5 @@
 # Shared helpers for the rules: where the package lives, and how settings become command-line flags.
 
-import glob
 import os
 import shlex
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 from tinygpt.cli import COMMANDS
+from tinygpt.data.formats import matching_files
 from tinygpt.sources import module_sources
 
 ROOT = Path(workflow.basedir)  # the folder holding the Snakefile, config.yaml and tinygpt/
@@ -64,16 +64,19 @@ def download_flags(settings):
         args["sha256"] = [u.get("sha256", "-") for u in settings["urls"]]
     elif source == "file":
         args["path"] = settings["paths"]
+    if source in ("url", "file"):
+        args |= {"format": settings["format"], "text_field": settings["text_field"]}
     if source in ("tinystories", "url"):
         args |= {"timeout": settings["timeout"], "retries": settings["retries"]}
     return flags(args)
 
 
 def local_files(settings):
-    """Source `file`: the files themselves are inputs, so that editing one reruns clean and what follows."""
+    """Source `file`: the files themselves (a folder's too) are inputs, so that editing, adding or removing one
+    reruns clean and what follows. A path that names nothing is left to the download stage to report."""
     if settings["source"] != "file":
         return []
-    return sorted({p for pattern in settings["paths"] for p in glob.glob(str(Path(pattern).expanduser()))})
+    return sorted({str(p) for pattern in settings["paths"] for p in matching_files(pattern)})
 
 
 def train_launcher(settings):
