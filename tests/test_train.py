@@ -23,7 +23,7 @@ from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches
 from tinygpt.model.gpt import GPT, GPTConfig
 from tinygpt.data.stories.generator import story
 from tinygpt.model.hardware import autocast_dtype, cpu_has_fast_bf16
-from tinygpt.model.optim import configure_optimizer, cosine_lr
+from tinygpt.model.optim import configure_optimizers, cosine_lr
 from tinygpt.model.train import main
 from tinygpt.tokenizer.train_bpe import train_bpe
 
@@ -85,7 +85,7 @@ def test_cosine_lr_warms_up_linearly_then_decays_to_min_lr():
 
 def test_weight_decay_applies_to_weight_matrices_only():
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8))
-    optimizer = configure_optimizer(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, device=torch.device("cpu"))
+    [optimizer] = configure_optimizers(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, device=torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     others = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -93,6 +93,20 @@ def test_weight_decay_applies_to_weight_matrices_only():
     assert decayed == expected
     assert decayed | others == set(names.values()) and not decayed & others
     assert "tok_emb.weight" in others and "pos_emb.weight" in others and "blocks.0.ln_1.weight" in others
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    adamw, muon = configure_optimizers(model, optimizer="muon", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                       device=torch.device("cpu"), muon_lr=0.02)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrices = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == matrices
+    rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert rest == set(names.values()) - matrices and "tok_emb.weight" in rest
+    assert [g["peak_lr"] for g in muon.param_groups] == [0.02]
+    assert all(g["weight_decay"] == 0.0 for g in adamw.param_groups)  # no AdamW matrix left to decay
 
 
 def test_autocast_dtype_choices():
@@ -147,8 +161,10 @@ def subprocess_env() -> dict:
     return {**os.environ, "TINYGPT_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
 
 
-def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path):
-    settings = ["--max_steps", "200", "--ckpt_interval", "7", "--eval_interval", "40", "--threads", "1", "--dropout", "0.1"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path, optimizer):
+    settings = ["--max_steps", "200", "--ckpt_interval", "7", "--eval_interval", "40", "--threads", "1", "--dropout", "0.1",
+                "--optimizer", optimizer]
     command = [sys.executable, "-m", "tinygpt.model.train"]
     env = subprocess_env()
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -175,8 +191,10 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path):
     for name, tensor in final_whole["model"].items():
         assert torch.equal(tensor, final_resumed["model"][name]), name
     last_whole, last_resumed = (load_checkpoint(d / "last.pt") for d in (run_dirs(whole)[0], run_dir))
-    for a, b in zip(last_whole["optimizer"]["state"].values(), last_resumed["optimizer"]["state"].values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert len(last_whole["optimizers"]) == (2 if optimizer == "muon" else 1)
+    for opt_whole, opt_resumed in zip(last_whole["optimizers"], last_resumed["optimizers"]):
+        for a, b in zip(opt_whole["state"].values(), opt_resumed["state"].values()):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "optimizer state"
     # the log holds each step once, as the uninterrupted run wrote it
     assert [m["step"] for m in metrics(run_dir)] == [m["step"] for m in metrics(run_dirs(whole)[0])]
 
@@ -216,7 +234,7 @@ def test_final_checkpoint_is_the_best_model_without_training_state(data_dir, tmp
     assert final["step"] == best["step"] and final["val_loss"] == min(m["val_loss"] for m in metrics(run_dir))
     assert all(torch.equal(final["model"][k], best["model"][k]) for k in best["model"])
     assert final["tokenizer_json"] == (data_dir / "tokenizer.json").read_text()
-    assert {"optimizer", "scaler", "sampler", "rng", "best_val_loss"} <= set(best)
+    assert {"optimizers", "scaler", "sampler", "rng", "best_val_loss"} <= set(best)
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data_dir, tmp_path):
@@ -334,6 +352,44 @@ def test_a_kill_at_a_checkpoint_write_loses_no_metrics_line(data_dir, tmp_path, 
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     main(args)  # resumes from step 2
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stop_signal_saves_the_step_and_the_same_command_resumes_to_the_same_weights(data_dir, tmp_path):
+    """SIGUSR1 (SLURM's --signal) or SIGTERM: last.pt at the next step boundary, exit 75, then an exact resume."""
+    settings = ["--max_steps", "60", "--ckpt_interval", "50", "--eval_interval", "30", "--threads", "1"]
+    command = [sys.executable, "-m", "tinygpt", "train"]
+    env = subprocess_env()
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    subprocess.run(command + train_args(data_dir, whole, *settings), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(command + train_args(data_dir, stopped, *settings, "--log_interval", "1"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((stopped / "runs").glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    [run_dir] = run_dirs(stopped)
+    stopped_at = load_checkpoint(run_dir / "last.pt")["step"]
+    assert f"stopped by SIGUSR1 at step {stopped_at}" in err and 0 < stopped_at < 60
+    subprocess.run(command + train_args(data_dir, stopped, *settings, "--log_interval", "1"), env=env, check=True,
+                   capture_output=True)
+    a, b = load_checkpoint(whole / "best.pt")["model"], load_checkpoint(stopped / "best.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_event_files_hold_the_metrics(data_dir, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    main(train_args(data_dir, tmp_path, "--max_steps", "6", "--eval_interval", "3", "--log_interval", "2",
+                    "--optimizer", "muon", "--tensorboard"))
+    [run_dir] = run_dirs(tmp_path)
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    logged = metrics(run_dir)
+    assert {"loss/train", "loss/val", "bits_per_byte/val", "lr/adamw", "lr/muon", "speed/tokens_per_s"} <= set(scalars)
+    assert [s for s, _ in scalars["loss/train"]] == [m["step"] for m in logged if "train_loss" in m]
+    assert [v for _, v in scalars["bits_per_byte/val"]] == pytest.approx([m["val_bpb"] for m in logged if "val_bpb" in m])
 
 
 def test_threads_never_exceed_the_usable_cpus(data_dir, tmp_path, monkeypatch):

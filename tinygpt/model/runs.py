@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tinygpt.common import atomic_open
+from tinygpt.common import TinyGPTError, atomic_open
 
 
 def run_fingerprint(settings: dict) -> str:
@@ -55,3 +55,46 @@ def trim_metrics(path: Path, last_step: int) -> None:
             continue
     with atomic_open(path, "w") as f:
         f.write("".join(f"{line}\n" for line in kept))
+
+
+# metrics.jsonl key -> TensorBoard tag (flops_per_s stays in the JSON only: mfu says it better)
+TENSORBOARD_TAGS = {
+    "train_loss": "loss/train", "val_loss": "loss/val", "val_bpb": "bits_per_byte/val",
+    "lr": "lr/adamw", "muon_lr": "lr/muon", "tokens_per_s": "speed/tokens_per_s", "mfu": "speed/mfu",
+}  # fmt: skip
+
+
+class MetricsLog:
+    """The run's metrics: one JSON line per record in metrics.jsonl and, when asked, TensorBoard event files.
+
+    `open(step)` after trimming: TensorBoard then hides events past `step` that a killed run had written.
+    """
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
+        self.path, self.tensorboard_dir, self.writer = path, tensorboard_dir, None
+
+    def open(self, step: int) -> None:
+        if self.tensorboard_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TinyGPTError("train.tensorboard is on but the tensorboard package is missing; "
+                               "pip install tensorboard (or set tensorboard: false)") from None
+        self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=step + 1 if step else None)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key in TENSORBOARD_TAGS:
+                    self.writer.add_scalar(TENSORBOARD_TAGS[key], value, record["step"])
+            self.writer.flush()  # the notebook's %tensorboard shows the curve live
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()

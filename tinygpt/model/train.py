@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,15 +36,19 @@ from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_
 from tinygpt.model.flops import matmul_peak
 from tinygpt.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, config_from_preset
 from tinygpt.model.hardware import DEVICES, Ranks, autocast_dtype, pick_device
-from tinygpt.model.optim import configure_optimizer, cosine_lr
-from tinygpt.model.runs import announce_run, run_fingerprint, trim_metrics
+from tinygpt.model.optim import OPTIMIZERS, configure_optimizers, cosine_lr, set_learning_rates
+from tinygpt.model.runs import MetricsLog, announce_run, run_fingerprint, trim_metrics
 from tinygpt.tokenizer.bpe import Tokenizer
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 MODEL_FLAGS = ("preset", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "norm_eps",
                "rope_theta", "tie_embeddings", "attention")
 # Settings that never change what a run computes, so a run may be resumed with different values of them.
-RUN_NEUTRAL = ("data_dir", "tokenizer", "out", "runs_dir", "ckpt_interval", "log_interval", "device", "compile", "threads")
+RUN_NEUTRAL = ("data_dir", "tokenizer", "out", "runs_dir", "ckpt_interval", "log_interval", "device", "compile", "threads",
+               "tensorboard")
+# Clusters ask a job to stop with these (SLURM's --signal, preemption, time limits): save, then exit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable; not a failure of the run
 
 
 @dataclass
@@ -71,6 +76,9 @@ class TrainConfig:
     min_lr: float = 2e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (hidden matrices) + adamw (the rest)
+    muon_lr: float | None = None  # None: lr (Muon's update is scaled to AdamW's RMS)
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -82,6 +90,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files into the run folder
     threads: int = 0  # 0: one per usable CPU; capped at the usable CPUs
 
     def check(self) -> None:
@@ -89,6 +98,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TinyGPTError(f"--{name}={getattr(self, name)} must be at least 1")
+        if self.lr <= 0:
+            raise TinyGPTError(f"--lr={self.lr} must be positive")
         if not 0 <= self.min_lr <= self.lr:
             raise TinyGPTError(f"--min_lr={self.min_lr} must lie between 0 and --lr={self.lr}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "threads"):
@@ -113,12 +124,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(device)
         torch.manual_seed(cfg.seed + 1 + ranks.rank)  # dropout: one stream per rank, apart from the init stream
-        self.optimizer = configure_optimizer(self.model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                             weight_decay=cfg.weight_decay, device=device)
+        self.optimizers = configure_optimizers(self.model, optimizer=cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                               weight_decay=cfg.weight_decay, device=device, muon_lr=cfg.muon_lr,
+                                               muon_momentum=cfg.muon_momentum)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.sampler = RandomBatches(self.train_tokens, cfg.batch_size, self.model_config.block_size, cfg.seed,
                                      ranks.rank, ranks.world_size)
-        self.step, self.best_val_loss = 0, math.inf
+        self.step, self.best_val_loss, self.last_bpb = 0, math.inf, math.nan
+        self.stop_signal: str | None = None  # set by a signal handler (see `stop_on_signals`)
+        self.stopping = False  # this step is the last: some process got a stop signal
+        self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tensorboard" if cfg.tensorboard else None)
         self.fast_model = torch.compile(self.model) if cfg.compile else self.model
         self.train_model = DistributedDataParallel(self.fast_model) if ranks.distributed else self.fast_model
 
@@ -178,6 +193,7 @@ class Trainer:
             with atomic_open(self.run_dir / "config.json", "w") as f:
                 json.dump({**self.settings, "fingerprint": self.run_dir.name}, f, indent=2)
             trim_metrics(self.metrics_path, self.step)
+            self.metrics.open(self.step)
 
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state()}
@@ -191,7 +207,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "model_config": asdict(self.model_config),
             "tokenizer_json": self.tokenizer_json,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": self.ranks.gather(self._rng_state()),
@@ -207,7 +223,10 @@ class Trainer:
                                "delete the run folder to start over")
         try:
             self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if len(ckpt["optimizers"]) != len(self.optimizers):
+                raise ValueError(f"{len(ckpt['optimizers'])} optimizer states for {len(self.optimizers)} optimizers")
+            for opt, state in zip(self.optimizers, ckpt["optimizers"]):
+                opt.load_state_dict(state)
             self.scaler.load_state_dict(ckpt["scaler"])
             self.sampler.load_state_dict(ckpt["sampler"])
             rng = ckpt["rng"][self.ranks.rank]
@@ -254,9 +273,8 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean training loss over all ranks."""
         cfg = self.cfg
-        lr = cosine_lr(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(self.optimizers, cosine_lr(self.step, lr=1.0, min_lr=cfg.min_lr / cfg.lr,
+                                                      warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps))
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             x, y = self.sampler.next(self.device)
@@ -267,15 +285,21 @@ class Trainer:
                     _, loss = self.train_model(x, y)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        train_loss = self.ranks.all_reduce_sum(loss_sum).item() / (cfg.grad_accum * self.ranks.world_size)
+        # one all-reduce carries the loss and whether any process was asked to stop, so all stop at this step
+        stop = loss_sum.new_tensor(float(self.stop_signal is not None))
+        loss_total, stops = self.ranks.all_reduce_sum(torch.stack([loss_sum, stop])).tolist()
+        train_loss, self.stopping = loss_total / (cfg.grad_accum * self.ranks.world_size), stops > 0
         if not math.isfinite(train_loss):
             raise self._diverged(f"the training loss is {train_loss}")
         if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        for opt in self.optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         self.step += 1
         return train_loss
 
@@ -304,12 +328,14 @@ class Trainer:
                 record: dict = {}
                 if self.step % cfg.log_interval == 0 or done:
                     tokens_per_s = tokens_per_step * window_steps / window_time
-                    lr = self.optimizer.param_groups[0]["lr"]
+                    lr = self.optimizers[0].param_groups[0]["lr"]
                     flops_per_s = tokens_per_s * flops_per_token
                     record = {"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s,
                               "flops_per_s": flops_per_s, "mfu": flops_per_s / peak}
-                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                    mfu=f"{flops_per_s / peak:.0%}", refresh=False)
+                    if len(self.optimizers) > 1:
+                        record["muon_lr"] = self.optimizers[1].param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{train_loss:.3f}", val_bpb=f"{self.last_bpb:.3f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{tokens_per_s:,.0f}", mfu=f"{flops_per_s / peak:.0%}", refresh=False)
                     window_time, window_steps = 0.0, 0
                 val_loss, improved = math.nan, False
                 if self.step % cfg.eval_interval == 0 or done:
@@ -318,17 +344,16 @@ class Trainer:
                         raise self._diverged(f"the validation loss is {val_loss}")
                     improved = val_loss < self.best_val_loss
                     self.best_val_loss = min(self.best_val_loss, val_loss)
-                    bpb = val_loss / (math.log(2) * self.val_bytes_per_token)
+                    bpb = self.last_bpb = val_loss / (math.log(2) * self.val_bytes_per_token)
                     record = {"step": self.step, "train_loss": train_loss, **record, "val_loss": val_loss, "val_bpb": bpb}
                     if main:
-                        bar.write(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                                  f"{bpb:.3f} bits/byte")
+                        bar.write(f"step {self.step}: validation {bpb:.4f} bits/byte (loss {val_loss:.4f}), "
+                                  f"train loss {train_loss:.4f}")
                 # the metrics line first: a kill between the two then leaves an extra line, which the resumed run
                 # trims, rather than a checkpoint past a line that is lost for good
                 if main and record:
-                    with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                save_last = self.step % cfg.ckpt_interval == 0 or done
+                    self.metrics.write(record)
+                save_last = self.step % cfg.ckpt_interval == 0 or done or self.stopping
                 if improved or save_last:
                     self._check_weights_finite()
                     state = self._state(val_loss)  # every rank joins: it gathers their RNG states
@@ -336,6 +361,9 @@ class Trainer:
                         save_checkpoint(self.best_path, state)
                     if main and save_last:
                         save_checkpoint(self.last_path, state)
+                if self.stopping and not done:
+                    raise TrainingStopped(f"stopped by {self.stop_signal or 'another process'} at step {self.step}, "
+                                          f"state saved in {self.last_path}; run the same command to resume")
 
     def write_final(self) -> Path:
         """The best checkpoint's model, config and tokenizer (no training state), atomically to --out."""
@@ -361,11 +389,34 @@ def train(cfg: TrainConfig) -> Path:
     try:
         trainer = Trainer(cfg, ranks, device)
         trainer.resume_or_start()
-        trainer.run()
+        with stop_on_signals(trainer), trainer.metrics:
+            trainer.run()
         return trainer.write_final() if ranks.is_main else Path(cfg.out)
     finally:
         if ranks.distributed:
             dist.destroy_process_group()
+
+
+class TrainingStopped(TinyGPTError):
+    """A stop signal arrived: the state is saved and the same command resumes."""
+
+    exit_code = EXIT_STOPPED
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """While training, SIGTERM and SIGUSR1 ask the trainer to save last.pt after the current step and stop
+    (clusters send them before preempting a job or at its time limit); the old handlers come back after."""
+
+    def request_stop(signum, frame):
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,7 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     o.add_argument("--min_lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
     o.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
-    o.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW decay of the weight matrices")
+    o.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
+                   help="adamw, or muon for the hidden weight matrices with adamw for the rest")
+    o.add_argument("--muon_lr", type=float, default=d.muon_lr, help="Muon's peak learning rate; default: --lr")
+    o.add_argument("--muon_momentum", type=float, default=d.muon_momentum)
+    o.add_argument("--weight_decay", type=float, default=d.weight_decay, help="decay of the weight matrices")
     o.add_argument("--beta1", type=float, default=d.beta1)
     o.add_argument("--beta2", type=float, default=d.beta2)
     o.add_argument("--grad_clip", type=float, default=d.grad_clip, help="max gradient norm; 0 disables clipping")
@@ -421,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision; auto: bf16 where fast (Ampere+ GPUs, AMX/AVX512-BF16 CPUs), fp16 on older GPUs")
     h.add_argument("--no_amp", dest="amp", action="store_const", const="off", help="same as --amp off")
     h.add_argument("--compile", action="store_true", help="torch.compile the model")
+    e.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into the run folder")
     h.add_argument("--threads", type=int, default=d.threads, help="CPU threads for PyTorch; 0: one per usable CPU (never more)")
     return p
 
