@@ -48,6 +48,7 @@ def test_declared_torch_floor_has_every_feature_the_code_uses():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     floor = tuple(int(x) for x in re.search(r'"torch>=(\d+)\.(\d+)', text).groups())
     needs = {
+        "torch.optim.Muon with adjust_lr_fn": (2, 9),
         "AdamW(fused=True) on the CPU": (2, 4),
         "torch.amp.GradScaler(device_type)": (2, 3),
     }
