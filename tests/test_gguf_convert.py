@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -159,3 +160,103 @@ def test_bad_inputs_are_one_clear_error(model_dir, tmp_path):
     with pytest.raises(TinyGPTError, match=r"cannot read .*model\.safetensors"):
         convert_to_gguf(broken, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*tmp"))
+
+
+# ------------------------------------------------------------------------------------------------- llama
+
+LLAMA_BLOCK_NAMES = {
+    "attn_norm": "ln_1", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.proj",
+    "ffn_norm": "ln_2", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.proj",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama_files(tmp_path_factory):
+    """f32 and f16 files of a width-64 llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    tmp = tmp_path_factory.mktemp("gguf_llama")
+    tokenizer = tiny_tokenizer()
+    model = random_gpt(tokenizer, n_embd=64, n_layer=2, n_head=4, block_size=48, arch="llama", n_kv_head=2,
+                       rope_theta=5000.0, norm_eps=1e-6)
+    export_hf(save_tiny_checkpoint(tmp / "best.pt", model, tokenizer), tmp / "hf")
+    files = {t: convert_to_gguf(tmp / "hf", tmp / f"llama-{t}.gguf", t, name="tiny") for t in ("f32", "f16")}
+    return files, model, tokenizer
+
+
+def test_llama_metadata_has_every_key_with_its_exact_type(llama_files):
+    files, model, tokenizer = llama_files
+    reader = gguf.GGUFReader(files["f16"])
+    expected = {
+        "general.architecture": (V.STRING, "llama"),
+        "general.file_type": (V.UINT32, 1),
+        "llama.context_length": (V.UINT32, 48),
+        "llama.embedding_length": (V.UINT32, 64),
+        "llama.feed_forward_length": (V.UINT32, 256),
+        "llama.block_count": (V.UINT32, 2),
+        "llama.attention.head_count": (V.UINT32, 4),
+        "llama.attention.head_count_kv": (V.UINT32, 2),
+        "llama.attention.layer_norm_rms_epsilon": (V.FLOAT32, pytest.approx(1e-6)),
+        "llama.rope.freq_base": (V.FLOAT32, 5000.0),
+        "llama.rope.dimension_count": (V.UINT32, 16),
+        "llama.vocab_size": (V.UINT32, tokenizer.vocab_size),
+        "tokenizer.ggml.model": (V.STRING, "gpt2"),
+        "tokenizer.ggml.pre": (V.STRING, "gpt-2"),
+        "tokenizer.ggml.add_bos_token": (V.BOOL, False),
+    }
+    for key, (vtype, value) in expected.items():
+        field = reader.get_field(key)
+        assert field is not None, key
+        assert field.types == [vtype], key
+        assert field.contents() == value, key
+    assert not any(key.startswith("gpt2.") for key in reader.fields)
+
+
+def adjacent_pair_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Independent of the converter: head h's rows i and i + d/2 (rotated together by us and Hugging Face) become
+    rows 2i and 2i + 1, the neighbours llama.cpp rotates together."""
+    d = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        for i in range(d // 2):
+            out[h * d + 2 * i] = w[h * d + i]
+            out[h * d + 2 * i + 1] = w[h * d + i + d // 2]
+    return out
+
+
+def test_llama_tensors_names_shapes_types_and_permuted_rows(llama_files):
+    files, model, _ = llama_files
+    state = model.state_dict()
+    reader = gguf.GGUFReader(files["f32"])
+    names = [t.name for t in reader.tensors]
+    assert len(names) == 2 + 9 * 2 and "output.weight" not in names and "position_embd.weight" not in names
+    for t in reader.tensors:
+        if t.name in ("token_embd.weight", "output_norm.weight"):
+            ours = state[{"token_embd.weight": "tok_emb.weight", "output_norm.weight": "ln_f.weight"}[t.name]]
+        else:
+            _, i, kind, leaf = t.name.split(".")
+            ours = state[f"blocks.{i}.{LLAMA_BLOCK_NAMES[kind]}.{leaf}"]
+        ours = ours.numpy()
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            ours = adjacent_pair_rows(ours, 4 if "attn_q" in t.name else 2)
+        assert tuple(reversed(t.shape.tolist())) == ours.shape, t.name
+        assert t.tensor_type == T.F32
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(ours.shape), ours, err_msg=t.name)
+    f16_types = {t.name: t.tensor_type for t in gguf.GGUFReader(files["f16"]).tensors}
+    assert f16_types["blk.1.attn_k.weight"] == f16_types["token_embd.weight"] == T.F16
+    assert f16_types["blk.1.ffn_norm.weight"] == f16_types["output_norm.weight"] == T.F32
+
+
+def test_llama_config_the_converter_cannot_run_is_refused(llama_files, tmp_path):
+    files, _, _ = llama_files
+    source = files["f32"].parent / "hf"
+    for change, message in [({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
+                            ({"attention_bias": True}, "attention_bias is true"),
+                            ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "its RoPE is scaled")]:
+        folder = tmp_path / "changed"
+        folder.mkdir(exist_ok=True)
+        for f in source.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(TinyGPTError, match=message):
+            convert_to_gguf(folder, tmp_path / "x.gguf")
+        assert not (tmp_path / "x.gguf").exists()

@@ -1,4 +1,4 @@
-"""Our GGUF reader: GGUF -> PyTorch GPT + Tokenizer, checked against the checkpoint it came from."""
+"""Our GGUF reader: GGUF -> PyTorch GPT + Tokenizer (gpt2 and llama), checked against the checkpoint it came from."""
 
 from __future__ import annotations
 
@@ -12,19 +12,29 @@ from tinygpt.common import TinyGPTError
 from tinygpt.export.hf import export_hf
 from tinygpt.export.gguf_convert import convert_to_gguf
 from tinygpt.export.gguf_read import load_gguf
+from tinygpt.model.gpt import GPT
+
+
+LLAMA = dict(arch="llama", n_kv_head=2)  # grouped-query attention: the reader un-permutes Q and K per head count
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """f32/f16/q8_0 files of a width-64 model, and f16 of a width-256 model (K-quants need rows of 256)."""
+    """f32/f16/q8_0 files of width-64 models, f16 of width-256 ones (K-quants need rows of 256), gpt2 and llama;
+    and an f32 file of a llama with an untied head."""
     tmp = tmp_path_factory.mktemp("gguf_model")
     tokenizer = tiny_tokenizer()
     models = {"narrow": random_gpt(tokenizer, n_embd=64, block_size=32, std=0.1),
-              "wide": random_gpt(tokenizer, n_embd=256, block_size=32, seed=1, std=0.05)}
+              "wide": random_gpt(tokenizer, n_embd=256, block_size=32, seed=1, std=0.05),
+              "llama_narrow": random_gpt(tokenizer, n_embd=64, block_size=32, std=0.1, rope_theta=500.0, **LLAMA),
+              "llama_wide": random_gpt(tokenizer, n_embd=256, block_size=32, seed=1, std=0.03, **LLAMA),
+              "llama_untied": random_gpt(tokenizer, n_embd=64, block_size=32, seed=2, std=0.1, tie_embeddings=False,
+                                         **LLAMA)}
+    outtypes = {"narrow": ("f32", "f16", "q8_0"), "llama_narrow": ("f32", "f16", "q8_0"), "llama_untied": ("f32",)}
     paths = {}
     for kind, model in models.items():
         export_hf(save_tiny_checkpoint(tmp / f"{kind}.pt", model, tokenizer), tmp / kind)
-        for outtype in ("f32", "f16", "q8_0") if kind == "narrow" else ("f16",):
+        for outtype in outtypes.get(kind, ("f16",)):
             paths[kind, outtype] = convert_to_gguf(tmp / kind, tmp / f"{kind}-{outtype}.gguf", outtype)
     return models, tokenizer, paths
 
@@ -38,25 +48,27 @@ def batch(config, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (2, config.block_size), generator=torch.Generator().manual_seed(seed))
 
 
-def test_f32_file_gives_the_checkpoint_exactly(files):
+@pytest.mark.parametrize("kind", ["narrow", "llama_narrow", "llama_untied"])
+def test_f32_file_gives_the_checkpoint_exactly(files, kind):
     models, tokenizer, paths = files
-    model, tok = load_gguf(paths["narrow", "f32"])
-    original = models["narrow"]
+    model, tok = load_gguf(paths[kind, "f32"])
+    original = models[kind]
     assert model.config == original.config and not model.training
     assert tok == tokenizer and [tok.encode(t) for t in PARITY_TEXTS] == [tokenizer.encode(t) for t in PARITY_TEXTS]
-    for name, value in original.state_dict().items():
+    for name, value in original.state_dict().items():  # llama's Q and K rows back in our order
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
-    assert model.lm_head.weight is model.tok_emb.weight  # still tied after loading
+    # still tied after loading (or still untied)
+    assert (model.lm_head.weight is model.tok_emb.weight) == original.config.tie_embeddings
 
 
-@pytest.mark.parametrize("kind", ["narrow", "wide"])
+@pytest.mark.parametrize("kind", ["narrow", "wide", "llama_narrow", "llama_wide"])
 def test_f16_file_logits_match_the_checkpoint(files, kind):
     models, _, paths = files
     model, _ = load_gguf(paths[kind, "f16"])
     original = models[kind]
     idx = batch(original.config)
     # exact against the checkpoint with its 2-D weights rounded to fp16 as the file stores them ...
-    rounded = random_gpt(tiny_tokenizer(), n_embd=original.config.n_embd, block_size=original.config.block_size)
+    rounded = GPT(original.config).eval()
     rounded.load_state_dict({n: (p.half().float() if p.ndim == 2 and n != "pos_emb.weight" else p)
                              for n, p in original.state_dict().items()})
     torch.testing.assert_close(logits(model, idx), logits(rounded, idx), rtol=0, atol=1e-5)
@@ -64,25 +76,27 @@ def test_f16_file_logits_match_the_checkpoint(files, kind):
     torch.testing.assert_close(logits(model, idx), logits(original, idx), rtol=0, atol=2e-2)
 
 
-def test_q8_0_file_is_close(files):
+@pytest.mark.parametrize("kind", ["narrow", "llama_narrow"])
+def test_q8_0_file_is_close(files, kind):
     models, _, paths = files
-    model, _ = load_gguf(paths["narrow", "q8_0"])
-    idx = batch(models["narrow"].config)
-    ours, theirs = logits(model, idx), logits(models["narrow"], idx)
+    model, _ = load_gguf(paths[kind, "q8_0"])
+    idx = batch(models[kind].config)
+    ours, theirs = logits(model, idx), logits(models[kind], idx)
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
-def test_q4_k_m_file_loads_with_k_quant_types(files, tmp_path):
+@pytest.mark.parametrize("kind", ["wide", "llama_wide"])
+def test_q4_k_m_file_loads_with_k_quant_types(files, tmp_path, kind):
     quantize = pytest.importorskip("tinygpt.export.quantize")
     models, tokenizer, paths = files
     out = tmp_path / "wide-q4_k_m.gguf"
-    quantize.quantize_gguf(paths["wide", "f16"], out, "q4_k_m", threads=1)
+    quantize.quantize_gguf(paths[kind, "f16"], out, "q4_k_m", threads=1)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
     assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q4_K
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q6_K
     model, tok = load_gguf(out)
     assert tok == tokenizer
-    original = models["wide"]
+    original = models[kind]
     idx = batch(original.config)
     ours, theirs = logits(model, idx), logits(original, idx)
     # 4-bit weights: logits stay strongly correlated with the float model's, and most argmaxes agree

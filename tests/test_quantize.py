@@ -82,6 +82,27 @@ def test_q4_k_m_mix_follows_the_spec(model_files, tmp_path):
         assert types[f"blk.{i}.attn_output.weight"] == types[f"blk.{i}.ffn_up.weight"] == "Q4_K"
 
 
+def test_q4_k_m_mix_for_llama(model_files, tmp_path):
+    """llama's own tensors: attn_v counted on its own (use_more_bits over the attn_v tensors), ffn_gate like
+    ffn_up, attn_q and the grouped-query attn_k (128 rows of 256) plain Q4_K."""
+    out = tmp_path / "q.gguf"
+    quantize_gguf(model_files["llama256"], out, "q4_k_m")
+    types = types_of(out)
+    assert types["token_embd.weight"] == "Q6_K" and "output.weight" not in types
+    assert types["output_norm.weight"] == types["blk.0.attn_norm.weight"] == types["blk.3.ffn_norm.weight"] == "F32"
+    for i in range(4):  # use_more_bits(i, 4): layers 2 and 3
+        more = "Q6_K" if i >= 2 else "Q4_K"
+        assert types[f"blk.{i}.attn_v.weight"] == types[f"blk.{i}.ffn_down.weight"] == more
+        for kind in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            assert types[f"blk.{i}.{kind}.weight"] == "Q4_K", kind
+    out = tmp_path / "narrow.gguf"
+    quantize_gguf(model_files["llama96"], out, "q4_k_m")  # rows of 96 and 320: 32-block fallbacks
+    types = types_of(out)
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q5_0"  # untied: Q4_K -> Q5_0
+    assert types["blk.2.attn_v.weight"] == types["blk.5.ffn_down.weight"] == "Q8_0"  # Q6_K -> Q8_0
+    assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_gate.weight"] == "Q5_0"
+
+
 def test_fallbacks_for_narrow_rows(model_files, tmp_path):
     out = tmp_path / "q.gguf"
     quantize_gguf(model_files["w80"], out, "q4_k_m")

@@ -39,7 +39,7 @@ VECTOR_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 @dataclass(frozen=True)
 class TestModel:
-    """A gpt2-architecture GGUF small enough to build in a test, shaped to reach llama-quantize's branches."""
+    """A GGUF small enough to build in a test, shaped to reach llama-quantize's branches."""
     name: str
     n_embd: int
     n_head: int
@@ -49,6 +49,8 @@ class TestModel:
     n_ctx: int
     float_type: GGMLQuantizationType  # type of the 2-D tensors (1-D ones are always F32)
     tied: bool  # no output.weight: token_embd doubles as the LM head
+    arch: str = "gpt2"  # or "llama": separate attn_q/k/v, ffn_gate, RMSNorm weights without biases
+    n_kv_head: int = 0  # llama: key/value heads (attn_k/attn_v have n_kv_head * head size rows); 0: n_head
 
 
 TEST_MODELS = [
@@ -61,6 +63,13 @@ TEST_MODELS = [
     # rows of 80 (not a multiple of 32: F16 from F32) and 160; separate output.weight; 8 layers -> 0, 3, 6, 7
     TestModel("w80", n_embd=80, n_head=4, n_layer=8, n_ff=160, n_vocab=300, n_ctx=32,
               float_type=QT.F32, tied=False),
+    # llama, rows of 256 and 512; grouped-query attention (attn_k/attn_v have 128 rows); attn_v counted on its
+    # own (use_more_bits over the attn_v tensors), ffn_down by layer, ffn_gate as ffn_up; tied token_embd
+    TestModel("llama256", n_embd=256, n_head=4, n_layer=4, n_ff=512, n_vocab=300, n_ctx=64,
+              float_type=QT.F16, tied=True, arch="llama", n_kv_head=2),
+    # llama, rows of 96 and 320: every K-quant falls back; untied output and token_embd; 6 layers -> 2 and 5
+    TestModel("llama96", n_embd=96, n_head=6, n_layer=6, n_ff=320, n_vocab=257, n_ctx=32,
+              float_type=QT.F32, tied=False, arch="llama", n_kv_head=2),
 ]
 
 
@@ -122,16 +131,23 @@ def edge_case_rows(cols: int = 512) -> np.ndarray:
 # --------------------------------------------------------------------------------------- test model files
 
 def write_test_model(spec: TestModel, path: str | Path) -> None:
-    """Write `spec` as a gpt2 GGUF like tinygpt.export.gguf_convert does (the tests rebuild it with this function)."""
+    """Write `spec` as a GGUF like tinygpt.export.gguf_convert does (the tests rebuild it with this function)."""
     C, F, V = spec.n_embd, spec.n_ff, spec.n_vocab
-    w = GGUFWriter(str(path), "gpt2")
+    w = GGUFWriter(str(path), spec.arch)
     w.add_name(f"test-{spec.name}")
     w.add_context_length(spec.n_ctx)
     w.add_embedding_length(C)
     w.add_feed_forward_length(F)
     w.add_block_count(spec.n_layer)
     w.add_head_count(spec.n_head)
-    w.add_layer_norm_eps(1e-5)
+    if spec.arch == "gpt2":
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_head_count_kv(spec.n_kv_head or spec.n_head)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_freq_base(10000.0)
+        w.add_rope_dimension_count(C // spec.n_head)
+        w.add_vocab_size(V)
     w.add_file_type({QT.F32: 0, QT.F16: 1, QT.BF16: 32}[spec.float_type])
     tokens = [f"<t{i}>" for i in range(V - 1)] + ["<|endoftext|>"]  # unique strings suffice to quantize
     w.add_tokenizer_model("gpt2")
@@ -156,6 +172,20 @@ def write_test_model(spec: TestModel, path: str | Path) -> None:
     def vector(name: str, n: int, center: float) -> None:
         w.add_tensor(name, (center + hash_normal(next(seed) * 7919, n) * 0.05).astype(np.float32))
 
+    if spec.arch == "llama":
+        write_llama_tensors(spec, matrix, vector)
+    else:
+        write_gpt2_tensors(spec, matrix, vector)
+    if not spec.tied:
+        matrix("output.weight", V, C)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_gpt2_tensors(spec: TestModel, matrix, vector) -> None:
+    C, F, V = spec.n_embd, spec.n_ff, spec.n_vocab
     matrix("token_embd.weight", V, C)
     matrix("position_embd.weight", spec.n_ctx, C, 0.01)
     for i in range(spec.n_layer):
@@ -174,12 +204,24 @@ def write_test_model(spec: TestModel, path: str | Path) -> None:
         vector(p + "ffn_down.bias", C, 0.0)
     vector("output_norm.weight", C, 1.0)
     vector("output_norm.bias", C, 0.0)
-    if not spec.tied:
-        matrix("output.weight", V, C)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+
+def write_llama_tensors(spec: TestModel, matrix, vector) -> None:
+    C, F, V = spec.n_embd, spec.n_ff, spec.n_vocab
+    kv_rows = (spec.n_kv_head or spec.n_head) * (C // spec.n_head)
+    matrix("token_embd.weight", V, C)
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", C, 1.0)
+        matrix(p + "attn_q.weight", C, C)
+        matrix(p + "attn_k.weight", kv_rows, C)
+        matrix(p + "attn_v.weight", kv_rows, C)
+        matrix(p + "attn_output.weight", C, C, 0.01)
+        vector(p + "ffn_norm.weight", C, 1.0)
+        matrix(p + "ffn_gate.weight", F, C)
+        matrix(p + "ffn_up.weight", F, C)
+        matrix(p + "ffn_down.weight", C, F, 0.01)
+    vector("output_norm.weight", C, 1.0)
 
 
 def tensor_digests(path: str | Path) -> dict[str, list[str]]:
