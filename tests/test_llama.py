@@ -1,4 +1,4 @@
-"""llama.cpp runs our GGUF files: same token ids, same logits, same greedy text as our PyTorch model."""
+"""llama.cpp runs our GGUF files, gpt2 and llama: same token ids, same logits, same greedy text as our PyTorch model."""
 
 from __future__ import annotations
 
@@ -28,19 +28,25 @@ def printable(piece: bytes) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def gguf_files(tmp_path_factory):
-    """f16 of a width-64 model with spread-out logits (no greedy near-ties) and q4_k_m of a width-256 one."""
-    tmp = tmp_path_factory.mktemp("llama")
+# llama with grouped-query attention: the converter permutes Q and K rows with different head counts
+ARCHS = {"gpt2": {}, "llama": dict(arch="llama", n_kv_head=2)}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def gguf_files(tmp_path_factory, request):
+    """For each architecture: f16 of a width-64 model with spread-out logits (no greedy near-ties) and q4_k_m of
+    a width-256 one."""
+    tmp = tmp_path_factory.mktemp(f"llama-{request.param}")
     tokenizer = tiny_tokenizer()
     files = {}
-    narrow = random_gpt(tokenizer, n_embd=64, block_size=64, std=0.15)
+    arch = ARCHS[request.param]
+    narrow = random_gpt(tokenizer, n_embd=64, block_size=64, std=0.15, **arch)
     with torch.no_grad():  # shrink tokens that are not whole printable characters: greedy text is then comparable
         for i, piece in enumerate(tokenizer.vocab):
             if not printable(piece):
                 narrow.tok_emb.weight[i] *= 0.1
     for kind, model in {"narrow": narrow,
-                        "wide": random_gpt(tokenizer, n_embd=256, block_size=64, seed=1, std=0.05)}.items():
+                        "wide": random_gpt(tokenizer, n_embd=256, block_size=64, seed=1, std=0.05, **arch)}.items():
         export_hf(save_tiny_checkpoint(tmp / f"{kind}.pt", model, tokenizer), tmp / kind)
         files[kind] = convert_to_gguf(tmp / kind, tmp / f"{kind}-f16.gguf", "f16")
     try:
