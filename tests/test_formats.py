@@ -249,6 +249,15 @@ def test_parquet_column_of_numbers_or_with_nulls(tmp_path):
     expect_error(tmp_path, [path], re.escape(f"{path} row 3: column 'text' is null"))
 
 
+def test_a_parquet_file_damaged_in_the_middle(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": [f"document {i} " * 30 for i in range(2000)]}), path, row_group_size=500)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # inside a compressed page of a later row group
+    path.write_bytes(data)
+    expect_error(tmp_path, [path], re.escape(f"{path} is a damaged Parquet file (error after row ") + "[1-9]")
+
+
 def test_a_file_that_is_not_parquet(tmp_path):
     path = tmp_path / "t.parquet"
     path.write_text("just text")

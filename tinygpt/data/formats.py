@@ -227,16 +227,9 @@ def _jsonl_documents(stream: BinaryIO, path: Path, field: str) -> Iterator[bytes
     remover.report()
 
 
-def _parquet_documents(source, path: Path, column: str) -> Iterator[bytes]:
-    import pyarrow as pa  # only needed for Parquet files
-    import pyarrow.parquet as pq
+def _check_text_column(schema, path: Path, column: str) -> None:
+    import pyarrow as pa
 
-    try:
-        parquet = pq.ParquetFile(source)
-    except (pa.ArrowException, OSError) as e:
-        raise TinyGPTError(f"{path} is not a readable Parquet file ({e}); check the file, or force "
-                           "--format text/jsonl if it is not Parquet") from None
-    schema = parquet.schema_arrow
     if schema.get_field_index(column) < 0:
         names = ", ".join(map(repr, schema.names[:8])) or "none"
         raise TinyGPTError(f"{path} has no column {column!r} (its columns: {names}); set download.text_field "
@@ -247,20 +240,34 @@ def _parquet_documents(source, path: Path, column: str) -> Iterator[bytes]:
             or getattr(pa.types, "is_string_view", lambda _: False)(value_kind)):
         raise TinyGPTError(f"{path}: column {column!r} holds {kind}, not strings; set download.text_field "
                            "(--text_field) to a text column")
+
+
+def _parquet_documents(source, path: Path, column: str) -> Iterator[bytes]:
+    import pyarrow as pa  # only needed for Parquet files
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source)
+    except (pa.ArrowException, OSError) as e:
+        raise TinyGPTError(f"{path} is not a readable Parquet file ({e}); check the file, or force "
+                           "--format text/jsonl if it is not Parquet") from None
     remover = _EotRemover(path, "row")
     row = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
-            values = batch.column(0)
-            if values.null_count:
-                first = next(i for i, valid in enumerate(values.is_valid().to_pylist()) if not valid)
-                raise TinyGPTError(f"{path} row {row + first + 1}: column {column!r} is null, not a string; "
-                                   "drop or fill the rows without text")
-            for text in values.to_pylist():
-                row += 1
-                yield _document_bytes(remover(text, row))
-    except (pa.ArrowException, OSError) as e:
-        raise TinyGPTError(f"{path} is a damaged Parquet file (error after row {row}: {e}); check the file") from None
+    with parquet:
+        _check_text_column(parquet.schema_arrow, path, column)
+        try:
+            # one thread: the download rule is given one CPU, and pyarrow's pool would take them all
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column], use_threads=False):
+                values = batch.column(0)
+                if values.null_count:
+                    first = next(i for i, valid in enumerate(values.is_valid().to_pylist()) if not valid)
+                    raise TinyGPTError(f"{path} row {row + first + 1}: column {column!r} is null, not a string; "
+                                       "drop or fill the rows without text")
+                for text in values.to_pylist():
+                    row += 1
+                    yield _document_bytes(remover(text, row))
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise TinyGPTError(f"{path} is a damaged Parquet file (error after row {row}: {e}); check the file") from None
     remover.report()
 
 
