@@ -65,7 +65,7 @@ def random_gpt(tokenizer: Tokenizer, n_embd: int = 64, n_layer: int = 2, n_head:
 
 
 def save_tiny_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer) -> Path:
-    """A checkpoint in the INTERFACES.md format, as tinygpt train writes it."""
+    """A checkpoint in the format of docs/formats.md#checkpoints, as tinygpt train writes it."""
     ckpt = {"model": model.state_dict(), "model_config": asdict(model.config),
             "tokenizer_json": tokenizer.to_json_str(), "step": 0, "val_loss": 0.0}
     torch.save(ckpt, path)

@@ -1,4 +1,4 @@
-"""GGUF conversion, checked with gguf-py's reader against GGUF_SPEC.md and against the PyTorch weights."""
+"""GGUF conversion, checked with gguf-py's reader against docs/gguf.md and against the PyTorch weights."""
 
 from __future__ import annotations
 

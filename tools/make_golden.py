@@ -1,6 +1,6 @@
 """Make the golden files that tests/test_quants.py and tests/test_quantize.py compare against llama.cpp.
 
-    pip install llama-cpp-python      # a source build; see GGUF_SPEC.md section 6 for build flags
+    pip install llama-cpp-python      # a source build; see docs/gguf.md#build-flags for build flags
     python tools/make_golden.py       # writes tests/data/quant_vectors.npz and tests/data/quantize_golden.json
 
 Not run by the tests (they need no llama.cpp); run it again after changing the test models below, and commit

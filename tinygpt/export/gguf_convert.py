@@ -2,7 +2,7 @@
 
     tinygpt gguf_convert --model_dir exports/tinygpt --out exports/tinygpt/model-f16.gguf --outtype f16
 
-Metadata and tensors follow GGUF_SPEC.md. Which tensors keep F32 follows llama.cpp's convert_hf_to_gguf.py:
+Metadata and tensors follow docs/gguf.md. Which tensors keep F32 follows llama.cpp's convert_hf_to_gguf.py:
 1-D tensors (biases, norms) and `position_embd.weight` stay F32 in every output type (llama.cpp's quantizer
 keeps the position embedding F32 too), the other 2-D weights take the output type. A Q8_0 tensor whose rows
 are not a multiple of 32 values falls back to F16, as convert_hf_to_gguf does. The tied LM head is left out:
@@ -200,7 +200,7 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> Non
 
 
 def add_model_metadata(writer: gguf.GGUFWriter, hp: HParams) -> None:
-    """The `<arch>.*` keys llama.cpp reads (GGUF_SPEC.md sections 1 and 7), with their exact types."""
+    """The `<arch>.*` keys llama.cpp reads, with their exact types (docs/gguf.md, a section per architecture)."""
     writer.add_context_length(hp.n_ctx)
     writer.add_embedding_length(hp.n_embd)
     writer.add_feed_forward_length(hp.n_ff)

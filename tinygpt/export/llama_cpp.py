@@ -55,7 +55,7 @@ def cli_command(program: str, help_text: str, model: Path, prompt: str, n_predic
     optional = (
         "-no-cnv",  # plain completion, not a chat session
         "--no-display-prompt",  # print only the continuation
-        "--no-repack",  # AMX weight repacking in native builds has crashed on K-quant files (GGUF_SPEC.md §6)
+        "--no-repack",  # AMX weight repacking in native builds has crashed on K-quant files (docs/gguf.md#build-flags)
         "--no-warmup",
     )
     return cmd + [flag for flag in optional if flag in help_text]

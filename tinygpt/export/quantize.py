@@ -2,9 +2,10 @@
 
     tinygpt quantize --input model-f16.gguf --out model-q4_k_m.gguf --type q4_k_m [--threads N]
 
-Which tensor gets which type follows llama.cpp's src/llama-quant.cpp for the file types we offer (GGUF_SPEC.md
-section 3); the bytes come from tinygpt.export.quants. Tensors are written in llama.cpp's order (by layer, then name)
-and the metadata is copied with general.quantization_version and general.file_type set last, as llama.cpp does.
+Which tensor gets which type follows llama.cpp's src/llama-quant.cpp for the file types we offer
+(docs/gguf.md#which-tensor-gets-which-type); the bytes come from tinygpt.export.quants. Tensors are written
+in llama.cpp's order (by layer, then name) and the metadata is copied with general.quantization_version and
+general.file_type set last, as llama.cpp does.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every quantizer works on all blocks of a tensor at once. The K-quant searches (`
 a sub-block is a reduction over axis 0: numpy adds the rows one after another, which is exactly the
 left-to-right float32 accumulation of the C loops (a reduction over the contiguous axis would be pairwise and
 differ in the last bits). All arithmetic stays float32 in the C order of operations; numpy never fuses a
-multiply-add, and neither does ggml's portable build. See GGUF_SPEC.md section 4 for the algorithms.
+multiply-add, and neither does ggml's portable build. See docs/gguf.md#bit-exact-quantizers for the algorithms.
 
 Public entry point: `quantize(data, qtype)`, returning bytes shaped like `gguf.quants.quantize` does, so the
 result goes straight into `gguf.GGUFWriter.add_tensor(..., raw_dtype=qtype)`.

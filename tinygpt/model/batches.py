@@ -21,7 +21,7 @@ ENCODE_HINT = "run the encode stage (tinygpt encode) first"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The token file's element type: uint16 while every id fits, uint32 above (DESIGN.md)."""
+    """The token file's element type: uint16 while every id fits, uint32 above (docs/formats.md#token-files)."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
