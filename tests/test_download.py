@@ -322,6 +322,10 @@ def test_url_files_are_read_in_the_format_their_url_names(server, tmp_path):
     out = download("url", tmp_path / "raw.txt", urls=[jsonl, text], **FAST)
     assert out.read_bytes() == f"{docs[0]}\n{EOT}\n{docs[1]}\n{EOT}\nplain text".encode()
     assert files_in(tmp_path) == ["raw.txt"]
+    bad = server.route("/bad.jsonl", b'{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(TinyGPTError, match=re.escape(f"{bad} line 2 has no field 'text'")):  # the URL, not the part file
+        download("url", tmp_path / "raw.txt", urls=[jsonl, bad], **FAST)
+    assert files_in(tmp_path) == ["raw.txt"]
 
 
 def test_format_settings_apply_to_url_and_file_only(tmp_path):

@@ -7,12 +7,12 @@ Sources:
   file         local files, folders or globs (--path repeated), concatenated.
 
 url and file read plain text, JSON lines, Parquet, and any of them compressed (.gz .bz2 .xz .zst), each file's
-format told from its name unless --format forces one (see tinygpt.data.formats). Every source writes one
-file of documents separated by a line `<|endoftext|>`: a JSON line or a Parquet row is one document. Downloads
-stream to a
-hidden `.part` file beside the output, retry transient failures with exponential backoff, resume a partial
-file with a Range request, verify sha256, and rename into place only when complete: a failed run leaves any
-previous output untouched. (Interrupted with Ctrl-C, the `.part` file stays, and the same command resumes it.)
+format told from its name unless --format forces one (see tinygpt.data.formats). Every source writes one file
+of documents separated by a line `<|endoftext|>`: a JSON line or a Parquet row is one document.
+
+Downloads stream to a hidden `.part` file beside the output, retry transient failures with exponential backoff,
+resume a partial file with a Range request, verify sha256, and rename into place only when complete: a failed
+run leaves any previous output untouched. (Interrupted with Ctrl-C, the `.part` file stays, and the same command resumes it.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import re
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -239,19 +238,18 @@ def fetch(
 # ------------------------------------------------------------------------------------------- concatenate
 
 
-def concatenate(files: Sequence[Path], out: Path, max_bytes: int | None, what: str, *,
-                names: Sequence[str] | None = None, format: str = "auto", text_field: str = "text") -> Path:
-    """Join `files`, each read as its format says (told from `names`, by default the files' own names), into
-    `out` (atomically), with a separator line between files that do not end with one."""
-    names = names or [path.name for path in files]
+def concatenate(files: Sequence[Path], out: Path, max_bytes: int | None, what: str, *, urls: Sequence[str] = (),
+                format: str = "auto", text_field: str = "text") -> Path:
+    """Join `files` (downloaded from `urls`, if given), each read as its format says, into `out` (atomically),
+    with a separator line between files that do not end with one."""
     with atomic_path(out) as tmp:
         written = 0
         with open(tmp, "wb") as f:
-            for i, (path, name) in enumerate(zip(files, names)):
+            for i, (path, url) in enumerate(zip(files, urls or [None] * len(files))):
                 if max_bytes is not None and written >= max_bytes:
                     break
                 copied, tail = 0, b""  # the last few bytes show how the file ended
-                for block in read_as_corpus(path, name, format, text_field):
+                for block in read_as_corpus(path, format, text_field, url=url):
                     if max_bytes is not None:
                         block = block[: max_bytes - written - copied]
                     f.write(block)
@@ -267,11 +265,6 @@ def concatenate(files: Sequence[Path], out: Path, max_bytes: int | None, what: s
         if max_bytes is not None and written >= max_bytes:
             truncate_to_last_document(tmp, what)
     return out
-
-
-def url_file_name(url: str) -> str:
-    """The file name at the end of a URL's path (query left out): what the file's format is told from."""
-    return urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -351,7 +344,7 @@ def download(
             for url, checksum in zip(urls, checksums):
                 parts.append(fetch(url, out, sha256=checksum, **net))
             return concatenate(parts, out, max_bytes, what=f"the first {max_bytes} bytes of {', '.join(urls)}",
-                               names=[url_file_name(url) for url in urls], **reading)
+                               urls=urls, **reading)
         finally:
             for part in parts:
                 part.unlink(missing_ok=True)

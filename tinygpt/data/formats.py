@@ -35,6 +35,7 @@ import json
 import lzma
 import os
 import sys
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -174,7 +175,7 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
 class _EotRemover:
     """Removes the literal separator from documents (it would cut them in two) and warns once per file."""
 
-    def __init__(self, path: Path, unit: str):
+    def __init__(self, path: Path | str, unit: str):
         self.path, self.unit, self.count, self.first = path, unit, 0, None
 
     def __call__(self, doc: str, where: int) -> str:
@@ -197,7 +198,7 @@ def _document_bytes(doc: str) -> bytes:
     return doc.encode("utf-8", "surrogatepass") + DOC_END
 
 
-def _jsonl_documents(stream: BinaryIO, path: Path, field: str) -> Iterator[bytes]:
+def _jsonl_documents(stream: BinaryIO, path: Path | str, field: str) -> Iterator[bytes]:
     remover = _EotRemover(path, "line")
     for number, line in enumerate(stream, 1):
         if not line.strip():
@@ -227,7 +228,7 @@ def _jsonl_documents(stream: BinaryIO, path: Path, field: str) -> Iterator[bytes
     remover.report()
 
 
-def _check_text_column(schema, path: Path, column: str) -> None:
+def _check_text_column(schema, path: Path | str, column: str) -> None:
     import pyarrow as pa
 
     if schema.get_field_index(column) < 0:
@@ -242,7 +243,7 @@ def _check_text_column(schema, path: Path, column: str) -> None:
                            "(--text_field) to a text column")
 
 
-def _parquet_documents(source, path: Path, column: str) -> Iterator[bytes]:
+def _parquet_documents(source, path: Path | str, column: str) -> Iterator[bytes]:
     import pyarrow as pa  # only needed for Parquet files
     import pyarrow.parquet as pq
 
@@ -276,20 +277,26 @@ def _text_blocks(stream: BinaryIO) -> Iterator[bytes]:
         yield block
 
 
-def read_as_corpus(path: str | os.PathLike, name: str | None = None, format: str = "auto",
-                   text_field: str = "text") -> Iterator[bytes]:
-    """The bytes that `path` adds to the raw corpus, in blocks (see the module docstring). `name` is what its
-    format is told from, if not its own file name (a download's URL)."""
-    path = Path(path)
-    format, compression = detect(name or path.name, format)
+def url_file_name(url: str) -> str:
+    """The file name at the end of a URL's path (the query left out)."""
+    return urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+
+
+def read_as_corpus(file: str | os.PathLike, format: str = "auto", text_field: str = "text",
+                   url: str | None = None) -> Iterator[bytes]:
+    """The bytes that `file` adds to the raw corpus, in blocks (see the module docstring). A file downloaded from
+    `url` is named by it in messages, and its format is told from the URL's file name."""
+    file = Path(file)
+    format, compression = detect(url_file_name(url) if url else file.name, format)
+    path = url or file  # what messages call it
     try:
-        with open_decompressed(path, compression) as stream:
+        with open_decompressed(file, compression) as stream:
             if format == "text":
                 yield from _text_blocks(stream)
             elif format == "jsonl":
                 yield from _jsonl_documents(stream, path, text_field)
             else:  # Parquet needs random access: a compressed file is decompressed into memory
-                yield from _parquet_documents(path if compression is None else io.BytesIO(stream.read()),
+                yield from _parquet_documents(file if compression is None else io.BytesIO(stream.read()),
                                               path, text_field)
     except _stream_errors() as e:
         if compression is None:
