@@ -84,13 +84,18 @@ def files_in(folder: Path) -> list[str]:
     ("X.JSONL.XZ", "auto", ("jsonl", "xz")),
     ("x.md", "auto", ("text", None)),
     ("README", "auto", ("text", None)),
-    ("x.tar.gz", "auto", ("text", "gzip")),
     ("x.txt.gz", "jsonl", ("jsonl", "gzip")),
     ("x.jsonl", "text", ("text", None)),
     ("x.data", "parquet", ("parquet", None)),
 ])
 def test_format_and_compression_come_from_the_name_unless_forced(name, forced, expected):
     assert detect(name, forced) == expected
+
+
+@pytest.mark.parametrize("name", ["books.tar.gz", "books.tgz", "books.zip", "books.tar"])
+def test_an_archive_is_an_error_not_garbage_text(tmp_path, name):
+    (tmp_path / name).write_bytes(gzip.compress(b"not really a tar"))
+    expect_error(tmp_path, [tmp_path / name], re.escape(f"{name} is an archive of files; unpack it"))
 
 
 def test_unknown_format_is_an_error(tmp_path):

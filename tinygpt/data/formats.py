@@ -45,6 +45,7 @@ from tinygpt.common import EOT, TinyGPTError
 FORMATS = ("auto", "text", "jsonl", "parquet")
 FORMAT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+ARCHIVES = (".tar", ".tgz", ".zip", ".7z", ".rar")  # many files in one: read as text they would be garbage
 SEPARATOR = f"{EOT}\n".encode()  # ends every document in the raw corpus
 DOC_END = b"\n" + SEPARATOR  # what follows a jsonl/parquet document
 BLOCK = 1 << 20
@@ -99,6 +100,8 @@ def detect(name: str, format: str = "auto") -> tuple[str, str | None]:
     compression = COMPRESSIONS.get(path.suffix.lower())
     if compression:
         path = path.with_suffix("")
+    if path.suffix.lower() in ARCHIVES:
+        raise TinyGPTError(f"{name} is an archive of files; unpack it and give the folder as --path")
     if format == "auto":
         format = FORMAT_SUFFIXES.get(path.suffix.lower(), "text")
     return format, compression
