@@ -59,15 +59,19 @@ def test_metrics_are_read_in_step_order_and_bad_lines_named(tmp_path):
 
 
 def test_training_page_lists_every_evaluation_and_marks_the_best():
-    page = report.training_page(METRICS, RUN_CONFIG)
+    evaluation = {"bits_per_byte": 1.98766, "loss": 4.0, "tokens": 12345, "bytes": 50000, "block_size": 32,
+                  "stride": 16}
+    page = report.training_page(METRICS, RUN_CONFIG, evaluation)
     header, *rows = table_rows(page)
-    assert header[:4] == ["step", "train loss", "validation loss", "validation bits/byte"]
+    assert header[:4] == ["step", "validation bits/byte", "validation loss", "train loss"]
     assert rows == [
-        ["20", "5.0000", "5.2000", "2.6000", ""],
-        ["40", "4.0000", "4.1000", "2.0500", "best"],
-        ["50", "3.9000", "4.3000", "2.1500", ""],
+        ["20", "2.6000", "5.2000", "5.0000", ""],
+        ["40", "2.0500", "4.1000", "4.0000", "best"],
+        ["50", "2.1500", "4.3000", "3.9000", ""],
     ]
-    assert "<b>4.1000</b> nats per token, <b>2.0500</b> bits per byte, at step 40 of 50" in page
+    assert "Held-out validation text: <b>1.9877 bits per byte</b>" in page
+    assert "12,345 tokens scored with up to 32 tokens of context (sliding windows, stride 16)" in page
+    assert "best validation <b>2.0500</b> bits per byte (4.1000 nats per token" in page and "step 40 of 50" in page
     assert "2,000 tokens/s, 20% of the measured matmul peak (MFU)" in page  # medians of three logged steps
     assert "2 layers, 2 heads, 64 wide, context 32, vocabulary 300" in page
 
@@ -265,7 +269,7 @@ def test_cli_writes_every_output_and_nothing_on_bad_input(tmp_path):
     (data / "stats.json").write_text(json.dumps({"documents_out": 3}))
     report.main(argv)
     ET.fromstring(outputs["loss_svg"].read_text())
-    assert ["40", "4.0000", "4.1000", "2.0500", "best"] in table_rows(outputs["training"].read_text())
+    assert ["40", "2.0500", "4.1000", "4.0000", "best"] in table_rows(outputs["training"].read_text())
     assert ["cleaning: documents out", "3"] in table_rows(outputs["data"].read_text())
     assert table_rows(outputs["gguf"].read_text())[1][:2] == ["model-f16.gguf", "f16"]
     assert table_rows(outputs["timings"].read_text())[1:] == [["train", "3.0", "2.0", "100"], ["total", "3.0", "2.0", ""]]

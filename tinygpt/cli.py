@@ -18,6 +18,7 @@ COMMANDS = {
     "train_bpe": ("tinygpt.tokenizer.train_bpe", "learn a byte-level BPE tokenizer (tokenizer.json)"),
     "encode": ("tinygpt.tokenizer.encode", "tokenize the corpus into train.bin / val.bin memmaps"),
     "train": ("tinygpt.model.train", "train the GPT (resumable)"),
+    "evaluate": ("tinygpt.model.evaluate", "bits per byte of a checkpoint or GGUF file on any text"),
     "sample": ("tinygpt.model.sample", "generate text from a checkpoint or a GGUF file"),
     "export": ("tinygpt.export.hf", "write a Hugging Face GPT-2 folder (safetensors)"),
     "gguf_convert": ("tinygpt.export.gguf_convert", "convert the export folder to a GGUF file"),

@@ -73,12 +73,18 @@ def best_evaluation(records: list[dict]) -> dict:
     return min(evals, key=lambda r: r["val_loss"])
 
 
-def training_page(records: list[dict], run_config: dict | None = None) -> str:
+def training_page(records: list[dict], run_config: dict | None = None, evaluation: dict | None = None) -> str:
     best = best_evaluation(records)
-    summary = [
-        f"Best validation loss <b>{best['val_loss']:.4f}</b> nats per token, <b>{best['val_bpb']:.4f}</b> bits per "
-        f"byte, at step {best['step']:,} of {records[-1]['step']:,}: the final checkpoint."
-    ]
+    summary = []
+    if evaluation:
+        summary.append(
+            f"Held-out validation text: <b>{evaluation['bits_per_byte']:.4f} bits per byte</b> for the final "
+            f"checkpoint, every one of its {evaluation['tokens']:,} tokens scored with up to "
+            f"{evaluation['block_size']} tokens of context (sliding windows, stride {evaluation['stride']}).")
+    summary.append(
+        f"During training: best validation <b>{best['val_bpb']:.4f}</b> bits per byte ({best['val_loss']:.4f} nats "
+        f"per token, on fixed random windows) at step {best['step']:,} of {records[-1]['step']:,}: the final "
+        "checkpoint.")
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     utilizations = [r["mfu"] for r in records if "mfu" in r]
     if speeds:
@@ -93,11 +99,11 @@ def training_page(records: list[dict], run_config: dict | None = None) -> str:
             f"mixed precision {training.get('amp')}, {training.get('world_size')} process(es)."
         )
     rows = [
-        (f"{r['step']:,}", f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}",
+        (f"{r['step']:,}", f"{r['val_bpb']:.4f}", f"{r['val_loss']:.4f}", f"{r['train_loss']:.4f}",
          "best" if r is best else "")
         for r in evaluations(records)
     ]
-    table = html_table(("step", "train loss", "validation loss", "validation bits/byte", ""), rows)
+    table = html_table(("step", "validation bits/byte", "validation loss", "train loss", ""), rows)
     return html_page("Training", summary, table)
 
 
@@ -308,6 +314,7 @@ def write_report(args: argparse.Namespace) -> None:
     run = checkpoint_run(args.checkpoint, args.runs_dir)
     records = read_metrics(run / "metrics.jsonl")
     run_config = read_json(run / "config.json", "run settings", "rerun the train stage")
+    evaluation = args.evaluation and read_json(args.evaluation, "evaluation", "rerun the evaluate rule")
     meta = read_meta(args.data_dir)
     bytes_per_token = val_bytes_per_token(Path(args.data_dir) / "val.bin", args.tokenizer, meta["vocab_size"])
     data = data_rows(meta, bytes_per_token, read_json(args.corpus_stats, "corpus statistics", "rerun the clean stage"))
@@ -315,7 +322,7 @@ def write_report(args: argparse.Namespace) -> None:
     timings = timing_rows(args.benchmarks, args.skip)
 
     write_text(args.loss_svg, loss_curve_svg(records))
-    write_text(args.training, training_page(records, run_config))
+    write_text(args.training, training_page(records, run_config, evaluation))
     write_text(args.data, html_page("Tokenizer and corpus", [], html_table(("statistic", "value"), data)))
     write_text(args.gguf, html_page(
         "GGUF files", [f"In {html.escape(str(args.gguf_dir))}; bits per weight count the tensor data only."],
@@ -337,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     inputs.add_argument("--tokenizer", required=True, help="tokenizer.json the tokens were encoded with")
     inputs.add_argument("--corpus_stats", required=True, help="corpus.stats.json of the clean stage")
     inputs.add_argument("--gguf_dir", required=True, help="folder with the model-*.gguf files")
+    inputs.add_argument("--evaluation", help="JSON of tinygpt evaluate on the validation tokens (optional)")
     inputs.add_argument("--benchmarks", required=True, help="folder of Snakemake's benchmark files (<rule>.tsv)")
     inputs.add_argument("--skip", action="append", default=[], metavar="RULE",
                         help="leave this rule's benchmark out of the timings (repeatable)")

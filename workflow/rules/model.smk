@@ -51,3 +51,22 @@ rule samples:
         " echo \"--- sample $i ---\";"
         " python -m tinygpt sample --checkpoint {input.checkpoint} {params.args} --seed $(({params.seed} + i - 1));"
         " echo; done > {output.text} 2> {log}"
+
+
+rule evaluate:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        val=rules.encode.output.val,
+        code=sources("evaluate"),
+    output:
+        json="reports/evaluation.json",
+    log:
+        "logs/evaluate.log",
+    benchmark:
+        "benchmarks/evaluate.tsv"
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt evaluate --checkpoint {input.checkpoint} --tokens {input.val} --json {output.json}"
+        " 2>&1 | tee {log}"
