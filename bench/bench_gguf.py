@@ -1,6 +1,6 @@
 """GGUF benchmark: conversion speed against a raw write of the same bytes, and what quantization costs.
 
-    python bench/bench_gguf.py                                   # random toy-sized model (speed only)
+    python bench/bench_gguf.py [--arch llama]                    # random toy-sized model (speed only)
     python bench/bench_gguf.py --checkpoint checkpoints/best.pt --val_bin data/tokens/val.bin
 
 1. export + gguf_convert f16, timed against numpy writing the same tensor bytes to a file (the floor for any
@@ -36,11 +36,11 @@ from tinygpt.model.gpt import GPT, PRESETS, GPTConfig  # noqa: E402
 from tinygpt.tokenizer.bpe import Tokenizer  # noqa: E402
 
 
-def random_model(preset: str, vocab_size: int) -> tuple[GPT, Tokenizer]:
+def random_model(preset: str, vocab_size: int, arch: str) -> tuple[GPT, Tokenizer]:
     """A randomly initialised preset-sized GPT and a tokenizer of vocab_size ids (arbitrary byte-pair merges)."""
     pairs = [(a, b) for a in range(256) for b in range(256)][: vocab_size - 257]
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=vocab_size, **PRESETS[preset])).eval(), Tokenizer(pairs)
+    return GPT(GPTConfig(vocab_size=vocab_size, arch=arch, **PRESETS[preset])).eval(), Tokenizer(pairs)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--val_bin", type=Path, help="validation tokens (val.bin with meta.json beside it)")
     parser.add_argument("--preset", default="toy", choices=list(PRESETS), help="random model size (default toy)")
     parser.add_argument("--vocab_size", type=int, default=4096, help="random model vocabulary (default 4096)")
+    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="random model architecture")
     parser.add_argument("--eval_tokens", type=int, default=16_384, help="tokens for perplexity (default 16384)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best taken (default 3)")
     args = parser.parse_args()
@@ -92,12 +93,12 @@ def main() -> None:
             model, tokenizer = load_model(args.checkpoint)
             checkpoint = args.checkpoint
         else:
-            model, tokenizer = random_model(args.preset, args.vocab_size)
+            model, tokenizer = random_model(args.preset, args.vocab_size, args.arch)
             checkpoint = tmp / "random.pt"
             torch.save({"model": model.state_dict(), "model_config": asdict(model.config),
                         "tokenizer_json": tokenizer.to_json_str(), "step": 0, "val_loss": 0.0}, checkpoint)
         cfg = model.config
-        print(f"model: {model.num_params() / 1e6:.2f}M params, {cfg.n_layer} layers, n_embd {cfg.n_embd}, "
+        print(f"model: {cfg.arch}, {model.num_params() / 1e6:.2f}M params, {cfg.n_layer} layers, n_embd {cfg.n_embd}, "
               f"vocab {cfg.vocab_size} ({'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random'})")
 
         t_export = best_time(lambda: export_hf(checkpoint, tmp / "hf"), args.repeats)

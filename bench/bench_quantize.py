@@ -1,6 +1,7 @@
 """Quantization speed per million parameters, against gguf-py and llama.cpp; optionally the perplexity it costs.
 
     python bench/bench_quantize.py [--layers 8 --embd 512 --vocab 4096] [--types q4_k_m q8_0 ...] [--threads N]
+    python bench/bench_quantize.py --arch gpt2 llama --types q4_k_m     # both architectures, same run
     python bench/bench_quantize.py --gguf-f16 exports/tinygpt/model-f16.gguf \\
         --gguf-q exports/tinygpt/model-q4_k_m.gguf --val-bin data/tokens/val.bin     # quality (trained model)
 
@@ -80,11 +81,13 @@ def quiet_llama_logs() -> bool:
     return True
 
 
-def bench_speed(args) -> None:
+def bench_speed(args, arch: str) -> None:
     make_golden = load_make_golden()
-    spec = make_golden.TestModel("bench", n_embd=args.embd, n_head=8, n_layer=args.layers, n_ff=4 * args.embd,
+    # the MLP width tinygpt's model gives each architecture (llama: SwiGLU, 8/3 x rounded up to 256)
+    n_ff = 4 * args.embd if arch == "gpt2" else 256 * math.ceil(int(8 * args.embd / 3) / 256)
+    spec = make_golden.TestModel("bench", n_embd=args.embd, n_head=8, n_layer=args.layers, n_ff=n_ff,
                                  n_vocab=args.vocab, n_ctx=args.ctx, float_type=gguf.GGMLQuantizationType.F16,
-                                 tied=True)
+                                 tied=True, arch=arch)
     have_llama = quiet_llama_logs()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model-f16.gguf"
@@ -92,7 +95,7 @@ def bench_speed(args) -> None:
         reader = gguf.GGUFReader(src)
         n_params = sum(int(t.n_elements) for t in reader.tensors)
         mparams = n_params / 1e6
-        print(f"model: {args.layers} layers x {args.embd}, vocab {args.vocab}: {mparams:.1f}M parameters; "
+        print(f"model: {arch}, {args.layers} layers x {args.embd}, vocab {args.vocab}: {mparams:.1f}M parameters; "
               f"threads {args.threads}; best of {args.repeat}")
 
         # kernel level, one thread each: Q8_0 on every 2-D tensor, ours against gguf-py's numpy quantizer
@@ -152,6 +155,8 @@ def bench_quality(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", nargs="+", default=["gpt2"], choices=["gpt2", "llama"],
+                        help="architectures of the random model, each timed in turn")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--embd", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -167,7 +172,8 @@ def main() -> None:
     parser.add_argument("--skip-speed", dest="skip_speed", action="store_true")
     args = parser.parse_args()
     if not args.skip_speed:
-        bench_speed(args)
+        for arch in args.arch:
+            bench_speed(args, arch)
     quality = [args.gguf_f16, args.gguf_q, args.val_bin]
     if any(quality):
         if not all(quality):

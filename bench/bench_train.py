@@ -2,8 +2,9 @@
 
     python bench/bench_train.py                       # toy and small presets, this machine's threads
     python bench/bench_train.py --presets toy --steps 20 --batch_size 32 --threads 2
+    python bench/bench_train.py --arch gpt2 llama      # both architectures, side by side in one run
 
-For each preset it times, on the same batch shape:
+For each preset (and architecture, --arch) it times, on the same batch shape:
   ours       Trainer.train_step as `tinygpt train` runs it (memmap batches, fused AdamW, autocast --amp auto)
   ours fp32  the same with --amp off
   plain      the textbook loop: our GPT in fp32, default torch.optim.AdamW, batches already in memory
@@ -61,16 +62,16 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return best
 
 
-def ours(folder: Path, preset: str, amp: str, args, device: torch.device) -> tuple[float, str]:
+def ours(folder: Path, preset: str, arch: str, amp: str, args, device: torch.device) -> tuple[float, str]:
     cfg = TrainConfig(str(folder), str(folder / "tokenizer.json"), str(folder / "out.pt"), runs_dir=str(folder / "runs"),
-                      preset=preset, batch_size=args.batch_size, amp=amp, device=device.type, max_steps=10**6,
+                      preset=preset, arch=arch, batch_size=args.batch_size, amp=amp, device=device.type, max_steps=10**6,
                       eval_batches=1, compile=args.compile)
     trainer = Trainer(cfg, Ranks(), device)
     return time_steps(trainer.train_step, args.steps, args.warmup, device), trainer.settings["training"]["amp"]
 
 
-def plain(preset: str, args, device: torch.device) -> float:
-    config = config_from_preset(preset, args.vocab_size)
+def plain(preset: str, arch: str, args, device: torch.device) -> float:
+    config = config_from_preset(preset, args.vocab_size, arch=arch)
     model = GPT(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = (torch.randint(0, args.vocab_size, (args.batch_size, config.block_size), device=device) for _ in range(2))
@@ -87,6 +88,7 @@ def plain(preset: str, args, device: torch.device) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["toy", "small"])
+    p.add_argument("--arch", nargs="+", default=["gpt2"], choices=["gpt2", "llama"], help="model architectures")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
@@ -105,24 +107,26 @@ def main() -> None:
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"device {device}, {torch.get_num_threads()} threads; matmul peak {args.matmul_size}^3: "
           f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
-    header = f"{'preset':<6} {'variant':<16} {'tokens/s':>10} {'GFLOP/s':>9} {'of fp32 peak':>13} {'of bf16 peak':>13} {'vs plain':>9}"
+    header = f"{'preset':<6} {'arch':<6} {'variant':<16} {'tokens/s':>10} {'GFLOP/s':>9} {'of fp32 peak':>13} {'of bf16 peak':>13} {'vs plain':>9}"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_random_tokens(folder, args.vocab_size, n_tokens=2_000_000)
         for preset in args.presets:
-            config = config_from_preset(preset, args.vocab_size)
-            tokens = args.batch_size * config.block_size
-            flops_per_token = GPT(config).estimate_flops_per_token()
-            plain_s = plain(preset, args, device)
-            rows = [("plain fp32", plain_s)]
-            for amp in ("auto", "off"):
-                seconds, used = ours(folder, preset, amp, args, device)
-                rows.append((f"ours amp {used}", seconds))
-            for name, seconds in rows:
-                flops = flops_per_token * tokens / seconds
-                print(f"{preset:<6} {name:<16} {tokens / seconds:>10,.0f} {flops / 1e9:>9.1f} "
-                      f"{flops / peak['fp32']:>13.2f} {flops / peak['bf16']:>13.2f} {plain_s / seconds:>8.2f}x")
+            for arch in args.arch:
+                config = config_from_preset(preset, args.vocab_size, arch=arch)
+                tokens = args.batch_size * config.block_size
+                flops_per_token = GPT(config).estimate_flops_per_token()
+                plain_s = plain(preset, arch, args, device)
+                rows = [("plain fp32", plain_s)]
+                for amp in ("auto", "off"):
+                    seconds, used = ours(folder, preset, arch, amp, args, device)
+                    rows.append((f"ours amp {used}", seconds))
+                for name, seconds in rows:
+                    flops = flops_per_token * tokens / seconds
+                    print(f"{preset:<6} {arch:<6} {name:<16} {tokens / seconds:>10,.0f} {flops / 1e9:>9.1f} "
+                          f"{flops / peak['fp32']:>13.2f} {flops / peak['bf16']:>13.2f} {plain_s / seconds:>8.2f}x",
+                          flush=True)
 
 
 if __name__ == "__main__":
