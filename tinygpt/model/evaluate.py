@@ -17,7 +17,6 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
 from tinygpt.model.gpt import GPT
-from tinygpt.model.hardware import pick_device
+from tinygpt.model.hardware import AMP_CHOICES, autocast_dtype, pick_device
 from tinygpt.model.sample import load
 from tinygpt.tokenizer.bpe import Tokenizer
 
@@ -57,7 +56,7 @@ def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]
 
 @torch.no_grad()
 def evaluate_tokens(model: GPT, tokens: np.ndarray, token_bytes: np.ndarray, stride: int | None = None,
-                    batch_size: int = 8, show_progress: bool = True) -> Evaluation:
+                    batch_size: int = 8, amp: str = "off", show_progress: bool = True) -> Evaluation:
     """Bits per byte of `model` on the token ids `tokens`; token_bytes[i] is the text length of id i."""
     block = model.config.block_size
     stride = stride or max(1, block // 2)
@@ -66,17 +65,21 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, token_bytes: np.ndarray, str
     if len(tokens) < 2:
         raise TinyGPTError(f"the text holds {len(tokens)} token(s); at least 2 are needed to score one")
     device = next(model.parameters()).device
+    amp_dtype = autocast_dtype(amp, device)
     ids = torch.from_numpy(tokens.astype(np.int64))
     spans = windows(len(ids), block, stride)
     nats = 0.0
     scored = 0
     # every window is block_size long (the last one is moved back to fit) unless the text is shorter than that
     length = min(block, len(ids) - 1)
-    for i in progress(range(0, len(spans), batch_size), desc="evaluate", unit="batch", disable=not show_progress):
+    bar = progress(range(0, len(spans), batch_size), desc="evaluate", unit="batch",
+                   **({} if show_progress else {"disable": True}))
+    for i in bar:
         batch = spans[i : i + batch_size]
         x = torch.stack([ids[start : start + length] for start, _ in batch]).to(device)
         y = torch.stack([ids[start + 1 : start + 1 + length] for start, _ in batch]).to(device)
-        logits, _ = model(x)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, _ = model(x)
         losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(len(batch), -1)
         for row, (start, first) in zip(losses, batch):
             keep = first - start - 1  # targets before `first` were scored by an earlier window
@@ -126,11 +129,13 @@ def main(argv: Sequence[str] | None = None) -> Evaluation:
     parser.add_argument("--stride", type=int, default=None, help="window step; default block_size // 2")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                        help="mixed precision as in training (auto: bf16 where fast); off: exact fp32")
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args(argv)
     model, tokenizer = load(args.checkpoint, args.gguf, pick_device(args.device))
     result = evaluate_tokens(model, read_tokens(args, tokenizer), text_lengths(tokenizer), args.stride,
-                             args.batch_size)
+                             args.batch_size, args.amp)
     print(f"{result.bits_per_byte:.4f} bits per byte ({result.loss:.4f} nats per token) over {result.tokens:,} "
           f"tokens, {result.bytes:,} bytes of text; context up to {result.block_size}, stride {result.stride}",
           file=sys.stderr)

@@ -11,6 +11,9 @@ import torch.distributed as dist
 from tinygpt.common import TinyGPTError
 
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated, slower."""
     try:

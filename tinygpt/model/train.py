@@ -35,12 +35,11 @@ from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
 from tinygpt.model.flops import matmul_peak
 from tinygpt.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, config_from_preset
-from tinygpt.model.hardware import DEVICES, Ranks, autocast_dtype, pick_device
+from tinygpt.model.hardware import AMP_CHOICES, DEVICES, Ranks, autocast_dtype, pick_device
 from tinygpt.model.optim import OPTIMIZERS, configure_optimizers, cosine_lr, set_learning_rates
 from tinygpt.model.runs import MetricsLog, announce_run, run_fingerprint, trim_metrics
 from tinygpt.tokenizer.bpe import Tokenizer
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 MODEL_FLAGS = ("preset", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "norm_eps",
                "rope_theta", "tie_embeddings", "attention")
 # Settings that never change what a run computes, so a run may be resumed with different values of them.
