@@ -7,8 +7,10 @@ from collections import Counter
 import pytest
 
 from tinygpt.common import TinyGPTError
+from tinygpt.tokenizer import train_bpe as train_bpe_module
 from tinygpt.tokenizer.bpe import EOT, Tokenizer, pretokenize
-from tinygpt.tokenizer.train_bpe import count_chunks, learn_merges, main, read_documents, train_bpe
+from tinygpt.tokenizer.train_bpe import (count_chunks, count_corpus_chunks, learn_merges, main, read_documents,
+                                         train_bpe, train_bpe_file)
 
 TEXTS = [
     "the cat sat on the mat. the cat ate the rat! aaaaaaa abababab aaaa",
@@ -53,6 +55,14 @@ def test_incremental_trainer_matches_naive_trainer():
     assert len(ours) == 90 and ours == naive_merges(texts, 90)
 
 
+def test_runs_ties_and_repeats_match_naive_trainer():
+    """Runs of one symbol ("aaaa" merges as "aa aa"), pairs like (x, x) after merges, and many equal counts."""
+    texts = ["aaaaaaa aaaa aaa aa a", "abababab abab ab", "xyxyxy yxyx", "    \n\n    \n        indented",
+             "zzz qqq zzz qqq ==== ---- ___"] * 3 + ["éé 日日日 🎉🎉🎉"]
+    ours = learn_merges(count_chunks(texts), 120, show_progress=False)
+    assert ours == naive_merges(texts, 120) and len(ours) > 40
+
+
 def test_threads_do_not_change_the_result():
     texts = TEXTS * 5
     assert count_chunks(texts, threads=2) == count_chunks(texts, threads=1)
@@ -88,6 +98,23 @@ def test_special_token_is_never_merged():
 
 def write_corpus(path, documents):
     path.write_text("".join(f"{doc}\n{EOT}\n" for doc in documents), encoding="utf-8")
+
+
+def test_streamed_counts_equal_counts_of_whole_documents(tmp_path, monkeypatch):
+    """The corpus is counted in pieces (here of ~16 bytes), even a document of many pieces: same counts."""
+    monkeypatch.setattr(train_bpe_module, "PIECE_BYTES", 16)
+    monkeypatch.setattr(train_bpe_module, "BATCH_BYTES", 40)
+    docs = TEXTS + [" ".join(TEXTS * 4), f"a special {EOT} inside", "   \t\n spaces  around  "]
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, docs)
+    for threads in (1, 2):
+        counts, n_documents = count_corpus_chunks(corpus, threads, show_progress=False)
+        assert n_documents == len(docs) and counts == count_chunks(docs)
+    tok, n_documents = train_bpe_file(corpus, 400, threads=2, show_progress=False)
+    assert tok == train_bpe(docs, 400, show_progress=False) and n_documents == len(docs)
+    half = corpus.stat().st_size // 2
+    counts, _ = count_corpus_chunks(corpus, 2, max_bytes=half, show_progress=False)
+    assert counts == count_chunks(read_documents(corpus, half))
 
 
 def test_read_documents(tmp_path):

@@ -1,11 +1,18 @@
 """Stage train_bpe: learn byte-level BPE merges from a corpus and save them as a Hugging Face tokenizer.json.
 
-Training never looks at raw text twice: chunks from the GPT-2 regex are counted once (a Counter of unique
-chunks, in parallel with --threads), then merges run on the unique chunks with incremental pair counts.
+Counting streams the corpus: the file is read in pieces of about 1 MB (long documents cut only where the
+GPT-2 pattern splits anyway, see `pieces`), worker processes pre-tokenize the pieces and each keeps one Counter
+of the distinct chunks it saw; the parent adds the workers' Counters up once at the end. Memory is the distinct
+chunks (a few hundred thousand for 200 MB of code), never the text.
+
+Merging works on the distinct chunks stored as numpy arrays: one array of symbols for all chunks (a -1 between
+chunks) with linked-list neighbours, each chunk's count, and for every symbol the positions where it occurs.
+A merge finds its occurrences from the position list of one of its two symbols and updates the symbols and the
+pair counts next to each occurrence in a few vectorized steps; a heap orders the pairs.
 
 Tie rule: the most frequent pair wins; among pairs with equal counts the smallest (left id, right id) wins.
-A pair whose bytes already form a token (by another split) would be skipped, so that every token is a distinct
-byte string (a Hugging Face vocab maps strings to ids, tiktoken ranks bytes); a safeguard, never seen in practice.
+A pair whose bytes already form a token (by another split) is skipped, so that every token is a distinct byte
+string (a Hugging Face vocab maps strings to ids, tiktoken ranks bytes); a safeguard, never seen in practice.
 When the corpus runs out of pairs before vocab_size is reached, training stops early with a warning and the
 tokenizer's vocab_size is smaller than requested.
 """
@@ -16,164 +23,346 @@ import argparse
 import heapq
 import multiprocessing
 import os
+import queue
 import sys
-from collections import Counter, defaultdict
-from typing import Iterable, Mapping, Sequence
+from collections import Counter
+from typing import Iterable, Iterator, Mapping, Sequence
 
-from tinygpt.data.clean import DOC_END, iter_documents
-from tinygpt.common import TinyGPTError, progress, run_cli
-from tinygpt.tokenizer.bpe import EOT, Tokenizer, compiled_pattern
+import numpy as np
+
+from tinygpt.common import TinyGPTError, capped_threads, progress, require_file, run_cli
+from tinygpt.tokenizer.bpe import EOT, Tokenizer, pretokenize
+from tinygpt.tokenizer.pieces import PIECE_BYTES, iter_pieces
+
+BATCH_BYTES = 1 << 20  # text per task sent to a counting worker
 
 
 def read_documents(path: str | os.PathLike, max_bytes: int | None = None) -> list[str]:
     """The documents of a cleaned corpus, up to its first max_bytes (the last one cut there, mid-document)."""
+    path = require_file(path, "corpus", "run `tinygpt clean` to create it")
     documents: list[str] = []
-    budget = max_bytes
-    for document in iter_documents(path):
-        if not document.strip():
-            continue
-        if budget is not None:
-            data = document.encode("utf-8")
-            if len(data) >= budget:  # the cut may split a character: drop its partial bytes
-                cut = data[:budget].decode("utf-8", errors="ignore")
-                documents += [cut] if cut.strip() else []
-                break
-            budget -= len(data) + len(DOC_END)  # the separator is ASCII
-        documents.append(document)
-        if budget is not None and budget <= 0:
-            break
+    parts: list[bytes] = []
+    with open(path, "rb") as f:
+        for piece in iter_pieces(f, limit=max_bytes):
+            parts.append(piece.data)
+            if piece.ends_document:
+                documents.append(_decode(b"".join(parts), path, piece.offset))
+                parts = []
     return documents
 
 
-def _count_batch(texts: Sequence[str]) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    findall = compiled_pattern().findall
+def _decode(data: bytes, source: object, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TinyGPTError(f"{source} is not UTF-8 text (byte {offset + e.start}); pass a corpus written by "
+                           "tinygpt clean") from None
+
+
+# ---- counting -------------------------------------------------------------------------------------------------
+
+def _count_into(counts: Counter[str], texts: Iterable[str]) -> None:
     for text in texts:
-        for part in text.split(EOT):  # a special token is never part of a chunk
-            counts.update(findall(part))
-    return counts
+        if EOT in text:  # a special token is never part of a chunk
+            for part in text.split(EOT):
+                counts.update(pretokenize(part))
+        else:
+            counts.update(pretokenize(text))
 
 
-_forked_texts: Sequence[str] = ()  # what forked counting workers read: inherited, never pickled
+def _count_worker(tasks, results) -> None:
+    """Count the chunks of every batch of (offset, bytes or str) items until None, then send the Counter."""
+    counts: Counter[str] = Counter()
+    try:
+        while (batch := tasks.get()) is not None:
+            source, items = batch
+            _count_into(counts, (text if isinstance(text, str) else _decode(text, source, offset)
+                                 for offset, text in items))
+        results.put(("ok", counts))
+    except TinyGPTError as e:
+        results.put(("error", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        results.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def _count_range(bounds: tuple[int, int]) -> Counter[str]:
-    return _count_batch(_forked_texts[bounds[0]:bounds[1]])
+def _wait(step, workers) -> object:
+    """Retry a queue operation until it succeeds; stop if a worker died (killed, out of memory) meanwhile."""
+    while True:
+        try:
+            return step()
+        except (queue.Full, queue.Empty):
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise TinyGPTError(f"a counting worker exited with code {dead[0].exitcode} (out of memory?); "
+                                   "retry with fewer --threads") from None
 
 
-def _balanced_ranges(texts: Sequence[str], n_ranges: int) -> list[tuple[int, int]]:
-    """Split texts into up to n_ranges consecutive index ranges holding about the same number of characters."""
-    target = sum(map(len, texts)) / n_ranges
-    ranges, start, size = [], 0, 0
-    for i, text in enumerate(texts):
+def _count_parallel(batches: Iterator[tuple[str, list]], threads: int, bar=None) -> Counter[str]:
+    ctx = multiprocessing.get_context("fork")
+    tasks, results = ctx.Queue(maxsize=2 * threads), ctx.Queue()
+    workers = [ctx.Process(target=_count_worker, args=(tasks, results), daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        for batch in batches:
+            _wait(lambda: tasks.put(batch, timeout=1.0), workers)
+            if bar is not None:
+                bar.update(sum(len(text) for _, text in batch[1]))
+        for _ in workers:
+            _wait(lambda: tasks.put(None, timeout=1.0), workers)
+        total: Counter[str] = Counter()
+        for _ in workers:
+            status, counts = _wait(lambda: results.get(timeout=1.0), workers)
+            if status != "ok":
+                raise TinyGPTError(counts)
+            if total:
+                total.update(counts)
+            else:
+                total = counts
+            del counts
+        for w in workers:
+            w.join()
+        return total
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+
+
+def _batched(items: Iterable[tuple[int, bytes | str]], source: str) -> Iterator[tuple[str, list]]:
+    batch, size = [], 0
+    for offset, text in items:
+        batch.append((offset, text))
         size += len(text)
-        if size >= target:
-            ranges.append((start, i + 1))
-            start, size = i + 1, 0
-    if start < len(texts):
-        ranges.append((start, len(texts)))
-    return ranges
+        if size >= BATCH_BYTES:
+            yield source, batch
+            batch, size = [], 0
+    if batch:
+        yield source, batch
 
 
 def count_chunks(texts: Iterable[str], threads: int = 1) -> Counter[str]:
     """How often each pre-tokenized chunk occurs in texts (counting uses `threads` processes)."""
-    global _forked_texts
-    texts = texts if isinstance(texts, Sequence) else list(texts)
-    if threads <= 1 or len(texts) < 2:
-        return _count_batch(texts)
-    counts: Counter[str] = Counter()
-    _forked_texts = texts
-    try:
-        with multiprocessing.get_context("fork").Pool(threads) as pool:
-            for partial in pool.imap_unordered(_count_range, _balanced_ranges(texts, 2 * threads)):
-                counts.update(partial)
-    finally:
-        _forked_texts = ()
-    return counts
+    if threads <= 1:
+        counts: Counter[str] = Counter()
+        _count_into(counts, texts)
+        return counts
+    return _count_parallel(_batched(((0, t) for t in texts), "text"), threads)
+
+
+def count_corpus_chunks(path: str | os.PathLike, threads: int = 1, max_bytes: int | None = None,
+                        show_progress: bool = True) -> tuple[Counter[str], int]:
+    """Chunk counts of a cleaned corpus (its first max_bytes), streamed; also the number of documents."""
+    path = require_file(path, "corpus", "run `tinygpt clean` to create it")
+    total_bytes = path.stat().st_size if max_bytes is None else min(max_bytes, path.stat().st_size)
+    n_documents = 0
+
+    def items(f) -> Iterator[tuple[int, bytes]]:
+        nonlocal n_documents
+        for piece in iter_pieces(f, PIECE_BYTES, limit=max_bytes):
+            n_documents += piece.ends_document
+            yield piece.offset, piece.data
+
+    bar = progress(total=total_bytes, desc="count chunks", unit="B", unit_scale=True,
+                   **({} if show_progress else {"disable": True}))
+    with open(path, "rb") as f, bar:
+        if threads <= 1:
+            counts: Counter[str] = Counter()
+            for offset, data in items(f):
+                _count_into(counts, [_decode(data, path, offset)])
+                bar.update(len(data))
+        else:
+            counts = _count_parallel(_batched(items(f), str(path)), threads, bar)
+    return counts, n_documents
+
+
+# ---- merging --------------------------------------------------------------------------------------------------
+
+class _Words:
+    """The distinct chunks as one array of symbols with -1 between chunks; merged-away symbols become -2.
+
+    nxt/prv link each live symbol to its live neighbours (a -1 ends a chunk) and cnt holds each position's chunk
+    count. Where each pair occurs is kept in blocks: a pair (a, b) only ever appears in the merge that creates
+    max(a, b) (every pair a merge creates holds its new id), or at the start if both are bytes, so block m lists
+    the positions of the pairs created with id m, grouped by the pair's other id (entries may be stale).
+    """
+
+    def __init__(self, chunk_counts: Mapping[str, int]) -> None:
+        n_chunks = len(chunk_counts)
+        lengths = np.fromiter((len(c) if c.isascii() else len(c.encode("utf-8")) for c in chunk_counts),
+                              np.int64, n_chunks)
+        counts = np.fromiter(chunk_counts.values(), np.int64, n_chunks)
+        data = np.frombuffer("".join(chunk_counts).encode("utf-8"), np.uint8)
+        keep = (lengths > 1) & (counts > 0)  # a single byte has no pair
+        data = data[np.repeat(keep, lengths)]
+        lengths, counts = lengths[keep], counts[keep]
+        size = len(data) + len(lengths) + 1
+        self.index_type = np.int32 if size < 2**31 else np.int64
+        sentinels = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths + 1, out=sentinels[1:])  # the -1 before the first chunk and after each chunk
+        self.sym = np.full(size, -1, np.int32)
+        is_symbol = np.ones(size, bool)
+        is_symbol[sentinels] = False
+        self.sym[is_symbol] = data
+        del data, is_symbol
+        count_type = np.int32 if counts.size == 0 or counts.max() < 2**31 else np.int64
+        self.cnt = np.zeros(size, count_type)
+        self.cnt[1:] = np.repeat(counts, lengths + 1)
+        self.nxt = np.arange(1, size + 1, dtype=self.index_type)
+        self.nxt[-1] = size - 1
+        self.prv = np.arange(-1, size - 1, dtype=self.index_type)
+        self.prv[0] = 0
+        # block of the byte pairs: local key a * 256 + b
+        left = np.flatnonzero((self.sym[:-1] >= 0) & (self.sym[1:] >= 0)).astype(self.index_type)
+        local = (self.sym[left] * 256 + self.sym[left + 1]).astype(np.uint16)
+        self.blocks: list[tuple[np.ndarray, np.ndarray]] = [self._block(local, left)]
+        self.mark_left = np.zeros(size, bool)  # scratch: the left / right halves of this merge's occurrences
+        self.mark_right = np.zeros(size, bool)
+
+    @staticmethod
+    def _block(local: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(local, kind="stable")
+        return local[order], positions[order]
+
+    def pair_counts(self) -> dict[int, int]:
+        """Count of every adjacent pair of bytes, keyed by left << 32 | right."""
+        local, positions = self.blocks[0]
+        sums = np.bincount(local, weights=self.cnt[positions], minlength=65536)
+        found = np.flatnonzero(sums)
+        keys = ((found >> 8) << 32) | (found & 255)
+        return dict(zip(keys.tolist(), np.rint(sums[found]).astype(np.int64).tolist()))
+
+    def occurrences(self, a: int, b: int) -> np.ndarray:
+        """Ascending positions of the non-overlapping occurrences of (a, b), leftmost first within a run."""
+        top = max(a, b)
+        if top < 256:
+            local_keys, positions = self.blocks[0]
+            local = a * 256 + b
+        else:
+            local_keys, positions = self.blocks[top - 255]
+            local = a if b == top else top + 1 + b  # (x, top) or (top, y)
+        local = local_keys.dtype.type(local)  # a Python int would make searchsorted convert the whole block
+        lo, hi = local_keys.searchsorted(local, "left"), local_keys.searchsorted(local, "right")
+        found = np.sort(positions[lo:hi])
+        sym = self.sym
+        found = found[(sym[found] == a) & (sym[self.nxt[found]] == b)]
+        if a == b and len(found) > 1:  # in a run "a a a" only every second pair merges, from the left
+            follows = np.zeros(len(found), bool)
+            follows[1:] = self.nxt[found[:-1]] == found[1:]
+            run_start = np.maximum.accumulate(np.where(follows, 0, np.arange(len(found))))
+            found = found[(np.arange(len(found)) - run_start) % 2 == 0]
+        return found
+
+    def merge(self, a: int, b: int, new: int, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Merge (a, b) into `new` at positions `at`; returns the changed pair keys and their count deltas."""
+        sym, nxt, prv = self.sym, self.nxt, self.prv
+        right = nxt[at]
+        count = self.cnt[at].astype(np.float64)
+        self.mark_left[at] = True
+        self.mark_right[right] = True
+        # left neighbour x: (x, a) becomes (x, new), or (new, new) when x is the right half of an occurrence
+        before = prv[at]
+        x = sym[before]
+        has = x >= 0
+        x, c_left, before = x[has], count[has], before[has]
+        pairs_new = self.mark_right[before]
+        # right neighbour y: (b, y) becomes (new, y), unless y starts the next occurrence (counted there)
+        after = nxt[right]
+        y = sym[after]
+        has = (y >= 0) & ~self.mark_left[after]
+        y, c_right, at_right = y[has], count[has], at[has]
+        self.mark_left[at] = False
+        self.mark_right[right] = False
+        sym[at] = new
+        sym[right] = -2
+        nxt[at] = after
+        prv[after] = at
+        # the new pairs' positions, as block `new` with local keys x for (x, new) and new + 1 + y for (new, y)
+        left_positions = np.where(pairs_new, prv[before], before)
+        x_new = np.where(pairs_new, new, x)
+        local_type = np.uint16 if 2 * new + 2 < 65536 else np.int32  # 16 bits sort by radix sort
+        self.blocks.append(self._block(np.concatenate((x_new, y + (new + 1))).astype(local_type),
+                                       np.concatenate((left_positions, at_right))))
+        n_ids = new + 1
+        lost_left = np.bincount(x, weights=c_left, minlength=n_ids)  # (x, a)
+        gained_left = np.bincount(x_new, weights=c_left, minlength=n_ids)  # (x, new)
+        moved_right = np.bincount(y, weights=c_right, minlength=n_ids)  # (b, y) -> (new, y)
+        keys, deltas = [], []
+        for ids, sums, high, low in ((lost_left, -1, None, a), (gained_left, 1, None, new),
+                                     (moved_right, -1, b, None), (moved_right, 1, new, None)):
+            found = np.flatnonzero(ids)
+            keys.append((found << 32) | low if high is None else (high << 32) | found)
+            deltas.append(sums * np.rint(ids[found]).astype(np.int64))
+        return np.concatenate(keys), np.concatenate(deltas)
+
+
+_KEY_MASK = (1 << 64) - 1
 
 
 def learn_merges(chunk_counts: Mapping[str, int], n_merges: int, show_progress: bool = True) -> list[tuple[int, int]]:
     """Learn up to n_merges merges from chunk counts; merge k creates id 256 + k."""
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    counts = list(chunk_counts.values())
+    words = _Words(chunk_counts)
+    pair_count = words.pair_counts()
+    # One heap entry per live pair: (-count << 64) + key orders by count, then by the smaller pair. Counts only
+    # fall after a pair appears (a merge creates pairs that contain its new id), so an entry whose count is
+    # above the pair's true count is stale: it is pushed again with the true one when it comes up.
+    heap = [(-c << 64) + key for key, c in pair_count.items()]
+    heapq.heapify(heap)
     vocab = [bytes([i]) for i in range(256)]
     known = set(vocab)
-
-    pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
-    pair_words: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
-    for w, (word, count) in enumerate(zip(words, counts)):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += count
-            pair_words[pair].add(w)
-    # Max-heap by (count, then smallest pair). Counts of existing pairs only ever fall (a merge creates pairs
-    # that contain the new id), so an entry is stale exactly when its count is above the true one: re-push it.
-    heap = [(-c, pair) for pair, c in pair_counts.items()]
-    heapq.heapify(heap)
-
     merges: list[tuple[int, int]] = []
     bar = progress(total=n_merges, desc="bpe merges", unit="merge", **({} if show_progress else {"disable": True}))
     while len(merges) < n_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
-        count = pair_counts.get(pair, 0)
-        if count <= 0:
+        entry = heapq.heappop(heap)
+        key, count = entry & _KEY_MASK, -(entry >> 64)
+        true_count = pair_count.get(key, 0)
+        if true_count <= 0:
             continue
-        if count != -neg_count:
-            heapq.heappush(heap, (-count, pair))
+        if true_count != count:
+            heapq.heappush(heap, (-true_count << 64) + key)
             continue
-        merged_bytes = vocab[pair[0]] + vocab[pair[1]]
+        a, b = key >> 32, key & 0xFFFFFFFF
+        merged_bytes = vocab[a] + vocab[b]
         if merged_bytes in known:
             continue  # already a token by another split; see the module docstring
         new_id = 256 + len(merges)
-        merges.append(pair)
+        merges.append((a, b))
         vocab.append(merged_bytes)
         known.add(merged_bytes)
-        new_pairs = _apply_merge(pair, new_id, words, counts, pair_counts, pair_words)
-        for p in new_pairs:
-            heapq.heappush(heap, (-pair_counts[p], p))
-        del pair_counts[pair], pair_words[pair]
+        del pair_count[key]
+        keys, deltas = words.merge(a, b, new_id, words.occurrences(a, b))
+        for changed, delta in zip(keys.tolist(), deltas.tolist()):  # each new pair once, after the losses
+            if changed == key:
+                continue
+            total = pair_count.get(changed, 0) + delta
+            if total > 0:
+                pair_count[changed] = total
+            else:
+                pair_count.pop(changed, None)
+            if delta > 0:  # a new pair (it holds new_id)
+                heapq.heappush(heap, (-total << 64) + changed)
         bar.update()
     bar.close()
     return merges
 
 
-def _apply_merge(pair: tuple[int, int], new_id: int, words: list[list[int]], counts: list[int],
-                 pair_counts: defaultdict[tuple[int, int], int],
-                 pair_words: defaultdict[tuple[int, int], set[int]]) -> set[tuple[int, int]]:
-    """Merge `pair` in every word indexed under it, updating only the pair counts next to each occurrence.
+# ---- the stage ------------------------------------------------------------------------------------------------
 
-    Returns the new pairs (they contain new_id). The word index is add-only: a word may stay listed under a
-    pair it lost, which costs one scan that finds nothing, far cheaper than keeping the index exact.
-    """
-    a, b = pair
-    new_pairs: set[tuple[int, int]] = set()
-    for w in pair_words[pair]:
-        word = words[w]
-        if a not in word:
-            continue
-        count, n, i = counts[w], len(word), 0
-        merged: list[int] = []
-        while i < n:
-            if word[i] == a and i + 1 < n and word[i + 1] == b:
-                if merged:  # left neighbour: (x, a) becomes (x, new); x is new_id after a merge just before
-                    pair_counts[word[i - 1], a] -= count
-                    left = (merged[-1], new_id)
-                    pair_counts[left] += count
-                    pair_words[left].add(w)
-                    new_pairs.add(left)
-                if i + 2 < n and not (word[i + 2] == a and i + 3 < n and word[i + 3] == b):
-                    right_id = word[i + 2]  # right neighbour, unless the next occurrence starts there
-                    pair_counts[b, right_id] -= count
-                    right = (new_id, right_id)
-                    pair_counts[right] += count
-                    pair_words[right].add(w)
-                    new_pairs.add(right)
-                merged.append(new_id)
-                i += 2
-            else:
-                merged.append(word[i])
-                i += 1
-        words[w] = merged
-    return new_pairs
+def _check_vocab_size(vocab_size: int) -> int:
+    if vocab_size < 257:
+        raise TinyGPTError(f"vocab_size {vocab_size} is too small: it must be at least 257 "
+                           f"(256 byte tokens + {EOT}); pick e.g. 4096")
+    return vocab_size - 257
+
+
+def _tokenizer_from(chunk_counts: Mapping[str, int], n_merges: int, vocab_size: int,
+                    show_progress: bool) -> Tokenizer:
+    merges = learn_merges(chunk_counts, n_merges, show_progress)
+    if len(merges) < n_merges:
+        print(f"warning: the training text only supports {len(merges)} of the {n_merges} merges wanted, so the "
+              f"tokenizer has vocab_size {257 + len(merges)} instead of {vocab_size}; use more text or a smaller "
+              "--vocab_size", file=sys.stderr)
+    return Tokenizer(merges)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, threads: int = 1, show_progress: bool = True) -> Tokenizer:
@@ -182,17 +371,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, threads: int = 1, show_prog
     Stops early, with a warning on stderr, when the texts have fewer distinct pairs than merges wanted;
     the returned tokenizer's vocab_size is then smaller than requested.
     """
-    if vocab_size < 257:
-        raise TinyGPTError(f"vocab_size {vocab_size} is too small: it must be at least 257 "
-                           f"(256 byte tokens + {EOT}); pick e.g. 4096")
-    n_merges = vocab_size - 257
-    chunk_counts = count_chunks(texts, threads)
-    merges = learn_merges(chunk_counts, n_merges, show_progress)
-    if len(merges) < n_merges:
-        print(f"warning: the training text only supports {len(merges)} of the {n_merges} merges wanted, so the "
-              f"tokenizer has vocab_size {257 + len(merges)} instead of {vocab_size}; use more text or a smaller "
-              "--vocab_size", file=sys.stderr)
-    return Tokenizer(merges)
+    n_merges = _check_vocab_size(vocab_size)
+    return _tokenizer_from(count_chunks(texts, threads), n_merges, vocab_size, show_progress)
+
+
+def train_bpe_file(corpus: str | os.PathLike, vocab_size: int, threads: int = 1, max_bytes: int | None = None,
+                   show_progress: bool = True) -> tuple[Tokenizer, int]:
+    """train_bpe on a cleaned corpus file (its first max_bytes), streamed; also the number of documents read."""
+    n_merges = _check_vocab_size(vocab_size)
+    counts, n_documents = count_corpus_chunks(corpus, threads, max_bytes, show_progress)
+    if not n_documents:
+        raise TinyGPTError(f"corpus {corpus} has no documents; check the clean stage's output")
+    return _tokenizer_from(counts, n_merges, vocab_size, show_progress), n_documents
 
 
 def main(argv: Sequence[str] | None = None) -> Tokenizer:
@@ -204,18 +394,16 @@ def main(argv: Sequence[str] | None = None) -> Tokenizer:
                                                                       f"{EOT} (default 4096)")
     parser.add_argument("--max_bytes", type=int, default=0, help="train on the first N bytes of the corpus "
                                                                    "(default 0: all)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="processes counting chunks (default: all cores)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="processes counting chunks (default 0: one per usable CPU)")
     args = parser.parse_args(argv)
-    if args.max_bytes < 0 or args.threads < 1:
-        raise TinyGPTError("--max_bytes must be >= 0 and --threads >= 1")
-    documents = read_documents(args.corpus, args.max_bytes or None)
-    if not documents:
-        raise TinyGPTError(f"corpus {args.corpus} has no documents; check the clean stage's output")
-    tokenizer = train_bpe(documents, args.vocab_size, threads=args.threads)
+    if args.max_bytes < 0 or args.threads < 0:
+        raise TinyGPTError("--max_bytes and --threads must be >= 0")
+    tokenizer, n_documents = train_bpe_file(args.corpus, args.vocab_size, capped_threads(args.threads),
+                                            args.max_bytes or None)
     tokenizer.save(args.out)
     print(f"saved {args.out}: vocab_size {tokenizer.vocab_size}, {len(tokenizer.merges)} merges, "
-          f"trained on {len(documents)} documents", file=sys.stderr)
+          f"trained on {n_documents} documents", file=sys.stderr)
     return tokenizer
 
 
