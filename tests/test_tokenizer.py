@@ -177,7 +177,19 @@ def test_cache_is_bounded_and_transparent(tok, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "CACHE_SIZE", 3)
     text = " ".join(TRAINING_TEXT)
     assert fresh.encode(text) == tok.encode(text)
-    assert len(fresh._chunk_cache) <= 3 and len(fresh._word_cache) <= 3
+    for cache in (fresh._chunk_cache, fresh._word_cache):
+        assert len(cache) <= 3 and len(cache.previous) <= 3
+
+
+def test_cache_keeps_what_is_still_in_use(tok, monkeypatch):
+    fresh = Tokenizer(tok.merges)
+    monkeypatch.setattr(tokenizer_module, "CACHE_SIZE", 2)
+    computed = []
+    real = fresh._chunk_cache._compute
+    fresh._chunk_cache._compute = lambda chunk: computed.append(chunk) or real(chunk)
+    for chunk in ["a", "b", "c", "a", "d", "a"]:  # "a" is found in the previous generation, never recomputed
+        assert fresh._chunk_cache[chunk] == tok.encode(chunk)
+    assert computed == ["a", "b", "c", "d"]
 
 
 # ---- fast paths against the reference pre-tokenization (the `regex` module with GPT2_PATTERN) -----------------
@@ -190,7 +202,8 @@ def reference_chunks(text: str) -> list[str]:
 # (including \x1c-\x1f and \x85, which `re` and str.isspace call whitespace and `regex` does not, or the reverse),
 # contraction pieces, punctuation.
 TRICKY = (list("aZé日ß1٣ⅷ'stredvmlSTD.,!-\"_") + [" ", "  ", "\n", "\r", "\t", "\x0b", "\x0c", "\x1c", "\x1f",
-          "\x85", "\xa0", "\u2000", "\u3000", "\u2028", " \n", "'s", "'t", "'re", "'ll", "'S", "\x00", "🎉"])
+          "\x85", "\xa0", "\u2000", "\u3000", "\u2028", " \n", "'s", "'t", "'re", "'ll", "'S", "\x00", "🎉",
+          "\U0001d538", "\U00020000", "\U0001d7d8"])  # beyond U+FFFF: emoji, a letter (𝔸, 𠀀) and a digit (𝟘)
 tricky_text = st.lists(st.sampled_from(TRICKY), max_size=40).map("".join)
 
 
@@ -202,6 +215,25 @@ def test_ascii_classes_match_regex_exhaustively():
             assert bool(re.fullmatch(ours, c)) == bool(regex.fullmatch(theirs, c)), (hex(code), theirs)
     every_pair = "".join(chr(a) + chr(b) + chr(a) for a in range(128) for b in range(128))
     assert re.findall(ASCII_PATTERN, every_pair) == reference_chunks(every_pair)
+
+
+def test_bmp_classes_match_regex_exhaustively():
+    """For every character up to U+FFFF, the `re` pattern's spelled-out classes agree with `regex`'s."""
+    bmp = "".join(map(chr, range(0x10000)))
+    pattern = tokenizer_module.bmp_pattern().pattern
+    classes = re.findall(r"\[\^?((?:\\u[0-9a-f]{4}-\\u[0-9a-f]{4})+)\]", pattern)
+    letters, numbers, space = classes[0], classes[1], classes[3]
+    for ours, theirs in [(letters, r"\p{L}"), (numbers, r"\p{N}"), (space, r"\s")]:
+        assert re.findall(f"[{ours}]+", bmp) == regex.findall(theirs + "+", bmp)
+    assert set(regex.findall(r"\s", bmp)) == tokenizer_module.whitespace()
+    assert tokenizer_module.bmp_pattern().findall(bmp) == reference_chunks(bmp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tricky_text)
+def test_pretokenize_matches_regex(text):
+    """ASCII, BMP and beyond-BMP text (where only the stretches around emoji go through `regex`)."""
+    assert pretokenize(text) == reference_chunks(text)
 
 
 @settings(max_examples=300, deadline=None)

@@ -5,9 +5,11 @@ Token ids: id i < 256 is the single byte i; merge k (rank order) creates id 256 
 
 Encoding splits text with the GPT-2 regex into chunks, then merges each chunk's bytes by lowest-rank pair first.
 Natural text repeats a small set of chunks, so a bounded chunk -> ids cache turns most chunks into a dict hit.
-Two fast paths give exactly the same ids (see `encode_ordinary`): ASCII text is split by the standard library's
-`re` (about twice as fast as `regex`), and most text skips the regex altogether by splitting on spaces and
-looking whole words up in a second cache.
+Fast paths give exactly the same ids (see `encode_ordinary` and `pretokenize`): most prose skips the regex
+altogether by splitting on spaces and looking whole words up in a second cache; other text is split by the
+standard library's `re` (two to three times as fast as `regex`) with the pattern's classes spelled out, for
+pure-ASCII text and for text within the Basic Multilingual Plane; only text with characters beyond it (emoji)
+goes through `regex`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ ASCII_PATTERN = (rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_ASCII_S
 # " " + piece on its own) unless a space has whitespace before it and whitespace or the end of text after it:
 # only then do the pattern's whitespace rules join that space to its left (e.g. "\n  x" -> "\n ", " x").
 _SPACE_SPLIT_BREAKER = regex.compile(r"\s (?:\s|\Z)")
+_BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 CACHE_SIZE = 100_000  # entries per encode cache; a cache is emptied when full, which bounds memory
 
 
@@ -63,11 +66,77 @@ def compiled_pattern() -> regex.Pattern:
 _ascii_pattern = re.compile(ASCII_PATTERN)
 
 
+def _class_ranges(prop: str, text: str) -> str:
+    """The characters of `text` that `regex` puts in class `prop`, as ranges for a `re` character class."""
+    return "".join(f"\\u{m.start():04x}-\\u{m.end() - 1:04x}" for m in regex.finditer(prop + "+", text))
+
+
+@lru_cache(maxsize=None)
+def bmp_pattern() -> re.Pattern:
+    """GPT2_PATTERN for `re`, for text without characters beyond U+FFFF (built on first use, in about 0.1 s).
+
+    \\p{L}, \\p{N} and \\s are spelled out as the `regex` module reads them, so both agree on every such character
+    whatever Unicode version each knows. `re` keeps such a class as a table with one lookup per character; with
+    characters beyond U+FFFF in it, it would test range by range, slower than `regex`.
+    """
+    bmp = "".join(map(chr, range(0x10000)))
+    letters, numbers, space = (_class_ranges(p, bmp) for p in (r"\p{L}", r"\p{N}", r"\s"))
+    return re.compile(rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"""
+                      rf"""|[{space}]+(?![^{space}])|[{space}]+""")
+
+
+@lru_cache(maxsize=None)
+def whitespace() -> frozenset[str]:
+    """The characters `regex` (and so the GPT-2 pattern) calls \\s: Unicode White_Space (`re` adds \\x1c-\\x1f)."""
+    return frozenset(regex.findall(r"\s", "".join(map(chr, range(0x10000)))))
+
+
+def _cut_before(text: str, lo: int, hi: int) -> int:
+    """The last position p in (lo, hi) where the pattern must split (see `pieces`), or lo if none is found.
+
+    Only newlines and spaces after a character that is not whitespace are tried: a chunk with a non-whitespace
+    character ends at the first whitespace after it, and the pattern has no look-behind.
+    """
+    space = whitespace()
+    for separator in ("\n", " "):
+        p = hi
+        while (p := text.rfind(separator, lo + 1, p)) > lo:
+            if text[p - 1] not in space:
+                return p
+    return lo
+
+
+def _cut_after(text: str, lo: int) -> int:
+    """The first position p >= lo where the pattern must split (a newline or space after a non-space), or the end."""
+    space, best = whitespace(), len(text)
+    for separator in ("\n", " "):
+        p = lo - 1
+        while 0 <= (p := text.find(separator, p + 1, best)):
+            if p > 0 and text[p - 1] not in space:
+                best = p
+                break
+    return best
+
+
 def pretokenize(text: str) -> list[str]:
     """Split text into the chunks BPE works within (merges never cross a chunk boundary)."""
-    if text.isascii():  # O(n) but very fast; `re` then gives regex's chunks in about half the time
+    if text.isascii():  # O(1) in CPython; `re` then gives regex's chunks in a third of the time
         return _ascii_pattern.findall(text)
-    return compiled_pattern().findall(text)
+    beyond = _BEYOND_BMP.search(text)
+    if beyond is None:
+        return bmp_pattern().findall(text)
+    # Only the stretches around characters beyond U+FFFF (emoji, mostly) need `regex`: cut them out at points
+    # where the pattern splits anyway, so that `re` still splits the rest.
+    chunks: list[str] = []
+    pos = 0
+    while beyond is not None:
+        start, end = _cut_before(text, pos, beyond.start()), _cut_after(text, beyond.end())
+        chunks += bmp_pattern().findall(text, pos, start)
+        chunks += compiled_pattern().findall(text, start, end)
+        pos = end
+        beyond = _BEYOND_BMP.search(text, pos)
+    chunks += bmp_pattern().findall(text, pos)
+    return chunks
 
 
 def bytes_to_token_string(data: bytes) -> str:
@@ -83,16 +152,23 @@ def token_string_to_bytes(token: str) -> bytes:
 
 
 class _BoundedCache(dict):
-    """text -> ids; a miss calls `compute`. Emptied when full, which bounds its memory."""
+    """text -> ids; a miss calls `compute`. At most 2 * CACHE_SIZE entries: when full, the entries become the
+    previous generation (and the one before is dropped); a miss looks there before computing, so what is still
+    in use survives the turnover (varied text has more distinct chunks than one generation holds)."""
 
     def __init__(self, compute: Callable[[str], list[int]]) -> None:
         super().__init__()
         self._compute = compute
+        self.previous: dict[str, list[int]] = {}
 
     def __missing__(self, key: str) -> list[int]:
+        ids = self.previous.get(key)
+        if ids is None:
+            ids = self._compute(key)
         if len(self) >= CACHE_SIZE:
+            self.previous = self.copy()
             self.clear()
-        ids = self[key] = self._compute(key)
+        self[key] = ids
         return ids
 
 
@@ -115,7 +191,7 @@ class Tokenizer:
         self.vocab.extend(s.encode("utf-8") for s in specials)
         self.vocab_size: int = len(self.vocab)
         self.eot_id: int = self.special_tokens[eot_token]
-        self._ranks: dict[tuple[int, int], int] = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._pair_rank: dict[int, int] = {a << 32 | b: rank for rank, (a, b) in enumerate(self.merges)}
         self._special_pattern = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
         self._chunk_cache = _BoundedCache(self._encode_chunk)
         self._word_cache = _BoundedCache(self._encode_word)  # for the space-split fast path
@@ -130,20 +206,26 @@ class Tokenizer:
     # ---- encoding -------------------------------------------------------------------------------------------
 
     def _merge_chunk(self, chunk: bytes) -> list[int]:
-        """Apply merges to one chunk: repeatedly merge every occurrence of the lowest-ranked adjacent pair."""
+        """Apply merges to one chunk: repeatedly merge the leftmost occurrence of the lowest-ranked adjacent pair.
+
+        (Merging one occurrence at a time equals merging all of a pair's occurrences left to right: pairs that
+        hold the new id rank after it, so the next lowest pair is the pair's next occurrence, if any.)
+        """
         ids = list(chunk)
-        ranks, missing = self._ranks, len(self._ranks)
-        while len(ids) > 1:
-            pairs = list(zip(ids, ids[1:]))
-            rank = min(map(ranks.get, pairs, repeat(missing)))
+        rank_of, missing = self._pair_rank.get, len(self.merges)
+        ranks = [rank_of(a << 32 | b, missing) for a, b in zip(ids, ids[1:])]
+        while ranks:
+            rank = min(ranks)
             if rank == missing:
                 break
-            pair = self.merges[rank]
-            starts = [pairs.index(pair)]  # left to right, non-overlapping (a run "aaa" merges as "aa a")
-            while pair in pairs[starts[-1] + 2:]:
-                starts.append(pairs.index(pair, starts[-1] + 2))
-            for i in reversed(starts):
-                ids[i:i + 2] = [256 + rank]
+            i = ranks.index(rank)
+            new = 256 + rank
+            ids[i:i + 2] = [new]
+            del ranks[i]
+            if i:
+                ranks[i - 1] = rank_of(ids[i - 1] << 32 | new, missing)
+            if i < len(ranks):
+                ranks[i] = rank_of(new << 32 | ids[i + 1], missing)
         return ids
 
     def _encode_chunk(self, chunk: str) -> list[int]:
