@@ -1,4 +1,4 @@
-"""The encode stage: token files decode back to the corpus, splits are deterministic, errors are clean."""
+"""The encode stage: token files decode back to the corpus, both split rules, bounded pieces, clean errors."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import json
 
 import numpy as np
 import pytest
+import regex
+from hypothesis import given, settings, strategies as st
 
-from tinygpt.tokenizer import encode as encode_module
 from tinygpt.common import TinyGPTError
-from tinygpt.tokenizer.encode import encode_corpus, is_val_document, iter_document_batches, main, token_dtype
-from tinygpt.tokenizer.bpe import EOT, Tokenizer
+from tinygpt.tokenizer import encode as encode_module, pieces as pieces_module
+from tinygpt.tokenizer.bpe import EOT, GPT2_PATTERN, Tokenizer
+from tinygpt.tokenizer.encode import encode_corpus, is_val_document, main, token_dtype
+from tinygpt.tokenizer.pieces import iter_pieces, safe_points
 from tinygpt.tokenizer.train_bpe import read_documents, train_bpe
 
 DOCUMENTS = [f"Story {i}: the cat named Über sat on mat number {i * 7}.\n\nThe end, 猫 {'🎉' * (i % 3)}."
@@ -31,6 +34,11 @@ def tokenizer_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tok(tokenizer_path):
+    return Tokenizer.load(tokenizer_path)
+
+
 def read_split(out_dir, name, meta):
     return np.fromfile(out_dir / f"{name}.bin", dtype=meta["dtype"])
 
@@ -38,66 +46,195 @@ def read_split(out_dir, name, meta):
 def split_documents(tok, ids):
     """Decode a token file into its documents (each ends with <|endoftext|>)."""
     assert len(ids) == 0 or ids[-1] == tok.eot_id
-    text = tok.decode(ids.tolist())
-    return text.split(EOT)[:-1]
+    return tok.decode(ids.tolist()).split(EOT)[:-1]
 
+
+def expected_ids(tok, documents):
+    return [i for doc in documents for i in tok.encode_ordinary(doc) + [tok.eot_id]]
+
+
+# ---- the corpus reader ------------------------------------------------------------------------------------------
+
+def reference_documents(data: bytes) -> list[bytes]:
+    """The corpus format read line by line, the obvious way (the module docstring of `pieces`)."""
+    documents, lines = [], []
+    for line in io.BytesIO(data):
+        if line in (EOT.encode() + b"\n", EOT.encode()):
+            documents.append(b"".join(lines)[:-1])
+            lines = []
+        else:
+            lines.append(line)
+    documents.append(b"".join(lines).rstrip(b"\n"))
+    return [d for d in documents if d.strip()]
+
+
+corpus_bytes = st.lists(st.sampled_from(
+    [b"a", b"bc", b" ", b"  ", b"\n", b"\t", b"\xc3\xa9", b"\xf0\x9f\x8e\x89", EOT.encode(), EOT.encode() + b"\n",
+     b"\n" + EOT.encode() + b"\n", b"x.y"]), max_size=40).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(corpus_bytes, st.sampled_from([1, 2, 5, 1000]), st.sampled_from([1, 3, 64, 1 << 20]))
+def test_pieces_rebuild_the_documents(data, piece_bytes, read_bytes):
+    pieces_module.READ_BYTES = read_bytes  # small reads exercise the buffer's turnover
+    try:
+        pieces = list(iter_pieces(io.BytesIO(data), piece_bytes))
+    finally:
+        pieces_module.READ_BYTES = 1 << 22
+    documents: dict[int, list] = {}
+    for piece in pieces:
+        assert data[piece.offset:piece.offset + len(piece.data)] == piece.data
+        documents.setdefault(piece.document, []).append(piece)
+    assert list(documents) == list(range(len(documents)))
+    assert [b"".join(p.data for p in ps) for ps in documents.values()] == reference_documents(data)
+    for parts in documents.values():
+        assert [p.ends_document for p in parts] == [False] * (len(parts) - 1) + [True]
+        for p in parts[:-1]:  # a document is cut only at a safe point, and only when it is too long
+            end = p.offset + len(p.data)
+            assert end - p.offset <= piece_bytes or not safe_points(data[p.offset:end])
+            assert end - p.offset in safe_points(data[p.offset:end + 1])
+
+
+text_with_spaces = st.lists(st.sampled_from(list("ab é日1.'s") + [" ", "  ", "\n", "\t", "\xa0", "\u3000", "🎉",
+                                                                    "\x1c"]), max_size=50).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text_with_spaces)
+def test_text_splits_into_the_same_chunks_on_either_side_of_a_safe_point(text):
+    data = text.encode()
+    whole = regex.findall(GPT2_PATTERN, text)
+    for point in safe_points(data):
+        head, tail = data[:point].decode(), data[point:].decode()
+        assert regex.findall(GPT2_PATTERN, head) + regex.findall(GPT2_PATTERN, tail) == whole
+
+
+def test_a_byte_limit_cuts_the_corpus_there(tmp_path):
+    docs = ["first doc\n\nwith a paragraph", "second", "third ünïcode"]
+    corpus = write_corpus(tmp_path / "corpus.txt", docs)
+    data, sep = corpus.read_bytes(), len(f"\n{EOT}\n")
+    cases = {len(docs[0]): docs[:1],  # the cut ends the first document...
+             len(docs[0]) + 1: docs[:1], len(docs[0]) + 6: docs[:1],  # ...or a partial separator line after it
+             len(docs[0]) + sep + 2: docs[:1] + ["se"],
+             len(data) - sep - 1: docs[:2] + ["third ünïcod"], len(data) - 2: docs, len(data): docs,
+             data.index("ï".encode()) + 1: docs[:2] + ["third ün"]}  # half a character is dropped
+    for limit, expected in cases.items():
+        assert read_documents(corpus, limit) == expected, limit
+
+
+# ---- encoding and the splits ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_encode_roundtrip_and_split(tmp_path, tokenizer_path, threads, monkeypatch):
+def test_random_split_roundtrip(tmp_path, tokenizer_path, tok, threads, monkeypatch):
     monkeypatch.setattr(encode_module, "BATCH_BYTES", 300)  # many small batches: exercises ordering
     corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
-    meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", val_fraction=0.2, seed=7, threads=threads)
-    tok = Tokenizer.load(tokenizer_path)
+    meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", 0.2, seed=7, threads=threads, split="random")
     train, val = read_split(tmp_path / "out", "train", meta), read_split(tmp_path / "out", "val", meta)
     is_val = [is_val_document(7, i, 0.2) for i in range(len(DOCUMENTS))]
+    assert 0 < sum(is_val) < len(DOCUMENTS)
     assert split_documents(tok, train) == [d for d, v in zip(DOCUMENTS, is_val) if not v]
     assert split_documents(tok, val) == [d for d, v in zip(DOCUMENTS, is_val) if v]
-    assert 0 < sum(is_val) < len(DOCUMENTS)
-    expected = [tok.encode(d) + [tok.eot_id] for d, v in zip(DOCUMENTS, is_val) if not v]
-    assert train.tolist() == [i for ids in expected for i in ids]
+    assert train.tolist() == expected_ids(tok, [d for d, v in zip(DOCUMENTS, is_val) if not v])
     assert meta == json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.vocab_size and meta["eot_id"] == tok.eot_id
     assert meta["tokens"] == {"train": len(train), "val": len(val)}
     assert meta["documents"] == {"train": len(DOCUMENTS) - sum(is_val), "val": sum(is_val)}
     assert meta["corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
     assert meta["tokenizer_sha256"] == hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
-    assert meta["split"]["seed"] == 7 and meta["split"]["val_fraction"] == 0.2
+    assert meta["split"]["rule"] == "random" and meta["split"]["seed"] == 7 and meta["split"]["val_fraction"] == 0.2
+    assert "blake2b" in meta["split"]["description"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+@pytest.mark.parametrize("val_fraction", [0.05, 0.2, 0.45])
+def test_tail_split_holds_out_the_last_whole_documents(tmp_path, tokenizer_path, tok, val_fraction):
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
+    meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", val_fraction, threads=2)  # tail: the default
+    train, val = read_split(tmp_path / "out", "train", meta), read_split(tmp_path / "out", "val", meta)
+    n_val = meta["documents"]["val"]
+    assert 0 < n_val < len(DOCUMENTS) and meta["documents"]["train"] == len(DOCUMENTS) - n_val
+    assert train.tolist() == expected_ids(tok, DOCUMENTS[:-n_val])
+    assert val.tolist() == expected_ids(tok, DOCUMENTS[-n_val:])
+    # validation starts at the document start nearest to the cut, within val_fraction / 2 of the share asked for
+    size = corpus.stat().st_size
+    starts = [corpus.read_bytes().index(d.encode()) for d in DOCUMENTS]
+    nearest = min(starts[1:], key=lambda s: abs(s - (1 - val_fraction) * size))
+    assert meta["split"]["val_start_byte"] == nearest == starts[-n_val]
+    assert abs((size - nearest) / size - val_fraction) <= val_fraction / 2
+    assert meta["split"]["rule"] == "tail" and meta["split"]["whole_documents"] is True
+
+
+def test_one_document_is_split_inside_with_identical_ids(tmp_path, tokenizer_path, tok, monkeypatch):
+    """Issue 8: a corpus of one document used to give an empty validation split without a word."""
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 64)  # the one document streams as many small pieces
+    monkeypatch.setattr(encode_module, "PIECE_BYTES", 64)
+    document = " ".join(DOCUMENTS).replace("\n\n", " ")  # no blank line: one document
+    corpus = write_corpus(tmp_path / "corpus.txt", [document])
+    for split in ("tail", "random"):
+        meta = encode_corpus(corpus, tokenizer_path, tmp_path / split, 0.1, threads=2, split=split)
+        train, val = read_split(tmp_path / split, "train", meta), read_split(tmp_path / split, "val", meta)
+        assert len(train) and len(val) and meta["documents"] == {"train": 1, "val": 1}
+        assert train.tolist() + val.tolist() == tok.encode_ordinary(document) + [tok.eot_id]
+        assert meta["split"]["whole_documents"] is False and "inside a document" in meta["split"]["description"]
+        start = meta["split"]["val_start_byte"]
+        assert tok.decode(val.tolist()) == corpus.read_bytes()[start:-len(f"\n{EOT}\n")].decode() + EOT
+        assert 0.09 <= (corpus.stat().st_size - start) / corpus.stat().st_size <= 0.11
+
+
+def test_tail_splits_a_document_too_large_for_whole_documents(tmp_path, tokenizer_path, tok):
+    big = " ".join(DOCUMENTS[:20]).replace("\n", " ")
+    docs = ["a short first document", big, "a short last document"]  # the last one is far below 20%
+    corpus = write_corpus(tmp_path / "corpus.txt", docs)
+    meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", 0.2, threads=1)
+    train, val = read_split(tmp_path / "out", "train", meta), read_split(tmp_path / "out", "val", meta)
+    assert meta["split"]["whole_documents"] is False and meta["documents"] == {"train": 2, "val": 2}
+    assert train.tolist() + val.tolist() == expected_ids(tok, docs)
+    assert val.tolist()[-len(tok.encode(docs[2])) - 1:] == expected_ids(tok, docs[2:])
+
+
+def test_a_document_without_whitespace_cannot_be_split(tmp_path, tokenizer_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", ["x" * 500])
+    with pytest.raises(TinyGPTError, match="no whitespace to split it at; add documents"):
+        encode_corpus(corpus, tokenizer_path, tmp_path / "out", 0.1)
+    assert not (tmp_path / "out" / "val.bin").exists()
+
+
+@pytest.mark.parametrize("val_fraction", [1e-12, 0.999999])
+def test_random_split_moves_the_last_document_into_an_empty_split(tmp_path, tokenizer_path, tok, val_fraction):
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS[:2])
+    meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", val_fraction, 0, threads=1, split="random")
+    assert meta["documents"] == {"train": 1, "val": 1} and "moved" in meta["split"]["description"]
+    moved = DOCUMENTS[1]  # the last document goes to the split the hash left empty
+    kept = DOCUMENTS[0]
+    train = split_documents(tok, read_split(tmp_path / "out", "train", meta))
+    val = split_documents(tok, read_split(tmp_path / "out", "val", meta))
+    assert sorted([train, val]) == sorted([[kept], [moved]])
+
+
+def test_long_documents_stream_in_pieces_with_identical_ids(tmp_path, tokenizer_path, tok, monkeypatch):
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 50)
+    monkeypatch.setattr(encode_module, "PIECE_BYTES", 50)
+    monkeypatch.setattr(encode_module, "BATCH_BYTES", 120)
+    docs = ["\n".join(DOCUMENTS[i:i + 8]) for i in range(0, 40, 8)]  # long documents with newlines and emoji
+    corpus = write_corpus(tmp_path / "corpus.txt", docs)
+    seen = []
+    real = encode_module._encode_batch
+    monkeypatch.setattr(encode_module, "_encode_batch", lambda batch: seen.extend(batch) or real(batch))
+    meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", 0.2, threads=1)
+    assert max(len(data) for data, _, _ in seen) <= 50 * 2 and len(seen) > 5 * len(docs)
+    train, val = read_split(tmp_path / "out", "train", meta), read_split(tmp_path / "out", "val", meta)
+    assert train.tolist() + val.tolist() == expected_ids(tok, docs)
 
 
 def test_threads_and_reruns_give_identical_files(tmp_path, tokenizer_path):
     corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
-    encode_corpus(corpus, tokenizer_path, tmp_path / "a", 0.1, 1, threads=1)
-    encode_corpus(corpus, tokenizer_path, tmp_path / "b", 0.1, 1, threads=2)
-    for name in ("train.bin", "val.bin", "meta.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    encode_corpus(corpus, tokenizer_path, tmp_path / "c", 0.1, 2, threads=1)
-    assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
-
-
-@pytest.mark.parametrize("val_fraction", [1e-12, 0.999999])
-def test_both_splits_non_empty_with_two_documents(tmp_path, tokenizer_path, val_fraction):
-    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS[:2])
-    meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", val_fraction, 0, threads=1)
-    assert meta["documents"] == {"train": 1, "val": 1}
-    tok = Tokenizer.load(tokenizer_path)
-    docs = split_documents(tok, read_split(tmp_path / "out", "train", meta))
-    docs += split_documents(tok, read_split(tmp_path / "out", "val", meta))
-    assert sorted(docs) == sorted(DOCUMENTS[:2])
-    assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(len(tok.encode(d)) + 1 for d in DOCUMENTS[:2])
-
-
-def test_document_stream_matches_train_bpe_reader(tmp_path):
-    data = "".join(f"{d}\n{EOT}\n" for d in DOCUMENTS[:5]) + f"  \n{EOT}\ntrailing doc\nwithout separator\n"
-    digest = hashlib.sha256()
-    batches = list(iter_document_batches(io.BytesIO(data.encode()), digest))
-    docs = [d.decode() for b in batches for d in b.documents]
-    assert docs == DOCUMENTS[:5] + ["trailing doc\nwithout separator"]
-    assert sum(b.n_bytes for b in batches) == len(data.encode()) and digest.digest() == hashlib.sha256(
-        data.encode()).digest()
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(data, encoding="utf-8")
-    assert read_documents(corpus)[:5] == docs[:5]
+    for split in ("tail", "random"):
+        encode_corpus(corpus, tokenizer_path, tmp_path / f"a{split}", 0.1, 1, threads=1, split=split)
+        encode_corpus(corpus, tokenizer_path, tmp_path / f"b{split}", 0.1, 1, threads=2, split=split)
+        for name in ("train.bin", "val.bin", "meta.json"):
+            assert (tmp_path / f"a{split}" / name).read_bytes() == (tmp_path / f"b{split}" / name).read_bytes()
+    encode_corpus(corpus, tokenizer_path, tmp_path / "c", 0.1, 2, threads=1, split="random")
+    assert (tmp_path / "arandom" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
 
 
 def test_token_dtype():
@@ -117,12 +254,16 @@ def test_errors_leave_no_outputs(tmp_path, tokenizer_path):
         encode_corpus(empty, tokenizer_path, out)
     with pytest.raises(TinyGPTError, match="val_fraction"):
         encode_corpus(corpus, tokenizer_path, out, val_fraction=1.0)
+    with pytest.raises(TinyGPTError, match="split 'middle' must be one of tail, random"):
+        encode_corpus(corpus, tokenizer_path, out, split="middle")
     assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_cli(tmp_path, tokenizer_path):
     corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
     meta = main(["--corpus", str(corpus), "--tokenizer", str(tokenizer_path), "--out_dir", str(tmp_path / "t"),
-                 "--val_fraction", "0.05", "--seed", "1337", "--threads", "2"])
+                 "--val_fraction", "0.05", "--seed", "1337", "--split", "random", "--threads", "2"])
     assert meta["documents"]["train"] + meta["documents"]["val"] == len(DOCUMENTS)
-    assert meta["documents"]["val"] >= 1
+    assert meta["documents"]["val"] >= 1 and meta["split"]["rule"] == "random"
+    meta = main(["--corpus", str(corpus), "--tokenizer", str(tokenizer_path), "--out_dir", str(tmp_path / "u")])
+    assert meta["split"]["rule"] == "tail" and meta["documents"]["val"] == 2

@@ -1,9 +1,22 @@
 """Stage encode: tokenize a cleaned corpus into flat token files train.bin / val.bin plus meta.json.
 
-Each document's tokens are followed by <|endoftext|>. A document goes to the validation split when a hash of
-(seed, document index) falls below val_fraction: deterministic, independent of --threads, and whole documents
-only. The corpus is streamed in batches of documents to a pool of worker processes, with a bounded number of
-batches in flight, so memory stays flat however large the corpus is; output keeps corpus order.
+Each document's tokens are followed by <|endoftext|>. The corpus is streamed in pieces of about 1 MB (a long
+document is cut only where the pre-tokenizer splits anyway, so its ids equal those of encoding it whole; see
+`pieces`) to a pool of worker processes, with a bounded number of pieces in flight: memory stays flat whatever
+the corpus or document sizes, and the output keeps corpus order.
+
+Which text is validation (`--split`; meta.json records the rule and what it did under "split"):
+  tail (default): the last val_fraction of the corpus *by bytes*, in corpus order (as nanoGPT and llama2.c hold
+    data out). Validation starts at the document start nearest to byte (1 - val_fraction) * corpus size, so it
+    holds whole documents, provided that keeps its share within val_fraction / 2 of the share asked for.
+    Otherwise (a corpus of one document, or documents too large for that) validation starts inside the document
+    that spans that byte, at the first point at or after it where the pre-tokenizer splits anyway (else the last
+    such point before it): that document's head ends train.bin and its tail begins val.bin. A document without
+    any such point (no whitespace at all) cannot be split: encode then stops with an error saying what to do.
+  random: a document is validation when blake2b(f'{seed}:{document index}') as a fraction of 2**64 is below
+    val_fraction (deterministic, independent of --threads). If that leaves a split empty, the last document moves
+    to it; a corpus of one document is split inside it as the tail rule does.
+So with val_fraction > 0 neither split is ever empty. val_fraction 0 (command line only) means no validation.
 """
 
 from __future__ import annotations
@@ -16,16 +29,18 @@ import os
 import sys
 from collections import deque
 from pathlib import Path
-from typing import BinaryIO, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli, sha256_file
+from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli, sha256_file
 from tinygpt.tokenizer.bpe import EOT, Tokenizer
+from tinygpt.tokenizer.pieces import PIECE_BYTES, Piece, iter_pieces, safe_points
 
-SEPARATOR_LINE = f"{EOT}\n".encode()
+SPLITS = ("tail", "random")
 BATCH_BYTES = 1 << 20  # corpus text per worker task
-SPLIT_RULE = "blake2b(f'{seed}:{document_index}') as a fraction of 2**64 < val_fraction"
+RANDOM_RULE = "blake2b(f'{seed}:{document_index}') as a fraction of 2**64 < val_fraction"
+_SCAN_BYTES = 1 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -37,49 +52,134 @@ def is_val_document(seed: int, index: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < val_fraction * 2**64
 
 
-class Batch(NamedTuple):
-    first_index: int
-    documents: list[bytes]
-    n_bytes: int  # corpus bytes consumed, separators included (for the progress bar)
+# ---- where validation goes ---------------------------------------------------------------------------------------
 
+class SplitPlan(NamedTuple):
+    """Validation is every byte from file offset `val_start` on, or (val_start None) chosen by document."""
+    rule: str
+    val_fraction: float
+    seed: int
+    val_start: int | None
+    moved_to_val: frozenset[int] = frozenset()  # random: documents moved against the hash to fill a split
+    moved_to_train: frozenset[int] = frozenset()
+    whole_documents: bool = True
+    description: str = ""
 
-def iter_document_batches(f: BinaryIO, digest) -> Iterator[Batch]:
-    """Stream a cleaned corpus (documents each followed by a `<|endoftext|>` line) as batches of raw documents.
+    def is_val(self, piece: Piece) -> bool:
+        if self.val_start is not None:
+            return piece.offset >= self.val_start
+        if piece.document in self.moved_to_val or piece.document in self.moved_to_train:
+            return piece.document in self.moved_to_val
+        return is_val_document(self.seed, piece.document, self.val_fraction)
 
-    Every line read also goes into `digest`, so the corpus checksum costs no second pass.
-    """
-    documents: list[bytes] = []
-    lines: list[bytes] = []
-    first_index, size, consumed = 0, 0, 0
-    for line in f:
-        digest.update(line)
-        consumed += len(line)
-        if line == SEPARATOR_LINE or line == SEPARATOR_LINE[:-1]:
-            document = b"".join(lines)[:-1]  # the newline before the separator belongs to it
-            lines = []
-            if document.strip():
-                documents.append(document)
-                size += len(document)
+    def assign(self, piece: Piece) -> Iterator[tuple[Piece, bool]]:
+        """The piece with its split; a piece that holds val_start is cut there (a safe point: ids do not change)."""
+        start = self.val_start
+        if start is not None and piece.offset < start < piece.offset + len(piece.data):
+            head = start - piece.offset
+            yield Piece(piece.data[:head], piece.document, piece.offset, False), False
+            yield Piece(piece.data[head:], piece.document, start, piece.ends_document), True
         else:
-            lines.append(line)
-        if size >= BATCH_BYTES:
-            yield Batch(first_index, documents, consumed)
-            first_index += len(documents)
-            documents, size, consumed = [], 0, 0
-    tail = b"".join(lines).rstrip(b"\n")  # a last document without its separator still counts
-    if tail.strip():
-        documents.append(tail)
-    if documents or consumed:
-        yield Batch(first_index, documents, consumed)
+            yield piece, self.is_val(piece)
 
+
+class _Document(NamedTuple):
+    start: int  # file offset of its first byte
+    end: int  # file offset after its last byte
+
+
+def _documents(corpus: Path) -> Iterator[_Document]:
+    start = None
+    with open(corpus, "rb") as f:
+        for piece in iter_pieces(f, PIECE_BYTES):
+            start = piece.offset if start is None else start
+            if piece.ends_document:
+                yield _Document(start, piece.offset + len(piece.data))
+                start = None
+
+
+def _first_safe_point(f, lo: int, end: int) -> int:
+    """The first safe point p with lo <= p < end (a document's bytes end at `end`), or -1."""
+    pos = lo - 1  # a safe point needs its byte before it
+    while pos < end - 1:
+        f.seek(pos)
+        data = f.read(min(_SCAN_BYTES, end - pos))
+        points = safe_points(data)
+        if points:
+            return pos + points[0]
+        pos += len(data) - 1  # overlap one byte: a safe point may straddle the blocks
+    return -1
+
+
+def _last_safe_point(f, start: int, hi: int) -> int:
+    """The last safe point p with start < p < hi, or -1."""
+    while hi > start + 1:
+        lo = max(start, hi - _SCAN_BYTES)
+        f.seek(lo)
+        points = safe_points(f.read(hi - lo))
+        if points:
+            return lo + points[-1]
+        hi = lo + 1
+    return -1
+
+
+def plan_split(corpus: Path, rule: str, val_fraction: float, seed: int) -> SplitPlan:
+    """Decide where validation goes before encoding: one quick pass that only reads the corpus."""
+    size = corpus.stat().st_size
+    cut = round((1 - val_fraction) * size)
+    n_documents, first, spanning, first_after = 0, None, None, None
+    for doc in _documents(corpus):
+        n_documents += 1
+        first = first or doc
+        if doc.start <= cut:
+            spanning = doc  # the last document that starts at or before the cut
+        elif first_after is None:
+            first_after = doc.start
+    if first is None:
+        raise TinyGPTError(f"corpus {corpus} has no documents; check the clean stage's output")
+    if val_fraction == 0:
+        return SplitPlan(rule, val_fraction, seed, size if rule == "tail" else None,  # the hash is never < 0
+                         description="val_fraction 0: no validation")
+    if rule == "random" and n_documents >= 2:
+        hashed = (is_val_document(seed, i, val_fraction) for i in range(n_documents))
+        seen = set()
+        for is_val in hashed:  # stops as soon as both splits have a document
+            seen.add(is_val)
+            if len(seen) == 2:
+                return SplitPlan(rule, val_fraction, seed, None, description=f"random by document: {RANDOM_RULE}")
+        last = frozenset({n_documents - 1})
+        return SplitPlan(rule, val_fraction, seed, None, last if False in seen else frozenset(),
+                         frozenset() if False in seen else last,
+                         description=f"random by document: {RANDOM_RULE}; the hash left a split empty, so the last "
+                                     "document moved to it")
+    # tail, or random with one document: whole documents if a document start lies close enough to the cut
+    starts = [b for b in (spanning and spanning.start, first_after) if b is not None and b != first.start]
+    close = [b for b in starts if abs(b - cut) <= val_fraction * size / 2]
+    if close:
+        val_start = min(close, key=lambda b: (abs(b - cut), b))
+        return SplitPlan(rule, val_fraction, seed, val_start,
+                         description=f"tail by bytes: the whole documents from byte {val_start:,} of {size:,} on (the "
+                                     f"document start nearest to byte {cut:,} = (1 - val_fraction) * corpus bytes)")
+    doc = spanning or first
+    with open(corpus, "rb") as f:
+        val_start = _first_safe_point(f, max(cut, doc.start + 1), doc.end)
+        if val_start < 0:
+            val_start = _last_safe_point(f, doc.start, min(cut, doc.end))
+    if val_start < 0:
+        raise TinyGPTError(f"corpus {corpus}: validation would start inside the document at byte {doc.start:,}, "
+                           "which has no whitespace to split it at; add documents to the corpus")
+    why = "the corpus is one document" if n_documents == 1 else "no document start lies close enough to it"
+    return SplitPlan(rule, val_fraction, seed, val_start, whole_documents=False,
+                     description=f"tail by bytes, inside a document ({why}): validation starts at byte {val_start:,} "
+                                 f"of {size:,}, the first point at or after byte {cut:,} = (1 - val_fraction) * corpus "
+                                 "bytes where the pre-tokenizer splits; the document's head ends train.bin")
+
+
+# ---- encoding ----------------------------------------------------------------------------------------------------
 
 class EncodedBatch(NamedTuple):
     train: np.ndarray
     val: np.ndarray
-    n_train_docs: int
-    n_val_docs: int
-    last_doc_len: int  # tokens of the batch's last document (with its <|endoftext|>), 0 when empty
-    last_doc_is_val: bool
     n_bytes: int
 
 
@@ -91,103 +191,93 @@ def _init_worker(tokenizer_json: str) -> None:
     _tokenizer = Tokenizer.from_json_str(tokenizer_json)
 
 
-def _encode_batch(batch: Batch, seed: int, val_fraction: float) -> EncodedBatch:
+def _encode_batch(batch: list[tuple[bytes, bool, bool]]) -> EncodedBatch:
+    """Encode (text, ends its document, is validation) pieces in order into the two splits' tokens."""
     tok = _tokenizer
     splits: tuple[list[int], list[int]] = ([], [])
-    counts = [0, 0]
-    last_len, last_is_val = 0, False
-    for offset, raw in enumerate(batch.documents):
-        last_is_val = is_val_document(seed, batch.first_index + offset, val_fraction)
-        ids = tok.encode_ordinary(raw.decode("utf-8", errors="replace"))
-        ids.append(tok.eot_id)
-        splits[last_is_val].extend(ids)
-        counts[last_is_val] += 1
-        last_len = len(ids)
+    n_bytes = 0
+    for data, ends_document, is_val in batch:
+        ids = splits[is_val]
+        ids += tok.encode_ordinary(data.decode("utf-8", errors="replace"))  # pieces end at ASCII bytes
+        if ends_document:
+            ids.append(tok.eot_id)
+        n_bytes += len(data)
     dtype = token_dtype(tok.vocab_size)
-    return EncodedBatch(np.array(splits[0], dtype=dtype), np.array(splits[1], dtype=dtype), counts[0], counts[1],
-                        last_len, last_is_val, batch.n_bytes)
+    return EncodedBatch(np.array(splits[0], dtype=dtype), np.array(splits[1], dtype=dtype), n_bytes)
 
 
-def _encoded_batches(batches: Iterator[Batch], tokenizer_json: str, seed: int, val_fraction: float,
-                     threads: int) -> Iterator[EncodedBatch]:
+def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes, bool, bool]]]:
+    batch, size = [], 0
+    for piece, is_val in pieces:
+        batch.append((piece.data, piece.ends_document, is_val))
+        size += len(piece.data)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded_batches(batches: Iterator[list], tokenizer_json: str, threads: int) -> Iterator[EncodedBatch]:
     """Encode batches in corpus order, with at most 2 * threads batches in flight (bounded memory)."""
     if threads <= 1:
         _init_worker(tokenizer_json)
         for batch in batches:
-            yield _encode_batch(batch, seed, val_fraction)
+            yield _encode_batch(batch)
         return
     with multiprocessing.get_context("fork").Pool(threads, _init_worker, (tokenizer_json,)) as pool:
         in_flight: deque = deque()
         for batch in batches:
-            in_flight.append(pool.apply_async(_encode_batch, (batch, seed, val_fraction)))
+            in_flight.append(pool.apply_async(_encode_batch, (batch,)))
             if len(in_flight) >= 2 * threads:
                 yield in_flight.popleft().get()
         while in_flight:
             yield in_flight.popleft().get()
 
 
-def _move_last_document(src: Path, dst: Path, n_tokens: int, dtype: np.dtype) -> None:
-    """Move the final n_tokens of src to the end of dst (to keep both splits non-empty)."""
-    n_bytes = n_tokens * dtype.itemsize
-    with open(src, "r+b") as f:
-        f.seek(-n_bytes, os.SEEK_END)
-        tail = f.read()
-        f.seek(-n_bytes, os.SEEK_END)
-        f.truncate()
-    with open(dst, "ab") as f:
-        f.write(tail)
-
-
 def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
-                  val_fraction: float = 0.05, seed: int = 1337, threads: int = 1) -> dict:
+                  val_fraction: float = 0.05, seed: int = 1337, threads: int = 1, split: str = "tail") -> dict:
     """Encode `corpus` with the tokenizer at `tokenizer_path` into out_dir/{train.bin,val.bin,meta.json}.
 
-    Returns the meta dict. When there are >= 2 documents and val_fraction > 0, both splits are non-empty
-    (if the hash left one empty, the last document moves to it).
+    Returns the meta dict. With val_fraction > 0 both splits are non-empty (see the module docstring).
     """
     corpus = require_file(corpus, "corpus", "run `tinygpt clean` to create it")
     tokenizer_path = require_file(tokenizer_path, "tokenizer", "run `tinygpt train_bpe` to create it")
     if not 0 <= val_fraction < 1:
         raise TinyGPTError(f"val_fraction {val_fraction} must be in [0, 1), e.g. 0.05")
+    if split not in SPLITS:
+        raise TinyGPTError(f"split {split!r} must be one of {', '.join(SPLITS)}")
     if threads < 1:
         raise TinyGPTError(f"threads {threads} must be >= 1")
     tok = Tokenizer.load(tokenizer_path)
-    dtype = token_dtype(tok.vocab_size)
+    plan = plan_split(corpus, split, val_fraction, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    n_tokens, n_docs = [0, 0], [0, 0]
-    last: EncodedBatch | None = None
+    n_tokens, n_docs, last_doc = [0, 0], [0, 0], [-1, -1]
     corpus_digest = hashlib.sha256()
+
+    def assigned(f) -> Iterator[tuple[Piece, bool]]:
+        for piece in iter_pieces(f, PIECE_BYTES, digest=corpus_digest):
+            for part, is_val in plan.assign(piece):
+                if last_doc[is_val] != part.document:  # a document split in two counts in both
+                    last_doc[is_val] = part.document
+                    n_docs[is_val] += 1
+                yield part, is_val
+
     bar = progress(total=corpus.stat().st_size, desc="encode", unit="B", unit_scale=True)
     with (atomic_path(out_dir / "train.bin") as train_path, atomic_path(out_dir / "val.bin") as val_path,
           atomic_path(out_dir / "meta.json") as meta_path):
         with open(corpus, "rb") as f, open(train_path, "wb") as train_f, open(val_path, "wb") as val_f:
-            batches = iter_document_batches(f, corpus_digest)
-            for encoded in _encoded_batches(batches, tok.to_json_str(), seed, val_fraction, threads):
-                train_f.write(encoded.train.tobytes())
-                val_f.write(encoded.val.tobytes())
+            for encoded in _encoded_batches(_batches(assigned(f)), tok.to_json_str(), threads):
+                train_f.write(memoryview(encoded.train))
+                val_f.write(memoryview(encoded.val))
                 n_tokens[0] += len(encoded.train)
                 n_tokens[1] += len(encoded.val)
-                n_docs[0] += encoded.n_train_docs
-                n_docs[1] += encoded.n_val_docs
-                if encoded.last_doc_len:
-                    last = encoded
                 bar.update(encoded.n_bytes)
         bar.close()
-        if last is None:
-            raise TinyGPTError(f"corpus {corpus} has no documents; check the clean stage's output")
-        empty = [i for i in (0, 1) if n_docs[i] == 0]
-        if sum(n_docs) >= 2 and val_fraction > 0 and empty:
-            dst = empty[0]  # the last document is in the other split: move it over
-            paths = (train_path, val_path)
-            _move_last_document(paths[1 - dst], paths[dst], last.last_doc_len, dtype)
-            n_tokens[1 - dst] -= last.last_doc_len
-            n_tokens[dst] += last.last_doc_len
-            n_docs[1 - dst] -= 1
-            n_docs[dst] += 1
         meta = {
-            "dtype": dtype.name,
+            "dtype": token_dtype(tok.vocab_size).name,
             "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id,
             "tokens": {"train": n_tokens[0], "val": n_tokens[1]},
@@ -195,7 +285,9 @@ def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, 
             "tokenizer_sha256": sha256_file(tokenizer_path),
             "corpus_sha256": corpus_digest.hexdigest(),
             "corpus_bytes": corpus.stat().st_size,
-            "split": {"val_fraction": val_fraction, "seed": seed, "rule": SPLIT_RULE},
+            "split": {"rule": plan.rule, "val_fraction": val_fraction, "seed": seed,
+                      "val_start_byte": plan.val_start, "whole_documents": plan.whole_documents,
+                      "description": plan.description},
         }
         meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
@@ -206,13 +298,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--corpus", required=True, help=f"cleaned corpus: documents each followed by a '{EOT}' line")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json from train_bpe")
     parser.add_argument("--out_dir", required=True, help="folder for train.bin, val.bin and meta.json")
-    parser.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for validation")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the document split")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--val_fraction", type=float, default=0.05, help="share of the corpus for validation")
+    parser.add_argument("--split", choices=SPLITS, default="tail",
+                        help="tail: the last val_fraction of the corpus by bytes, whole documents where possible "
+                             "(default); random: documents chosen by a hash of --seed and their index")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the random split")
+    parser.add_argument("--threads", type=int, default=0, help="worker processes (default 0: one per usable CPU)")
     args = parser.parse_args(argv)
-    meta = encode_corpus(args.corpus, args.tokenizer, args.out_dir, args.val_fraction, args.seed, args.threads)
+    if args.threads < 0:
+        raise TinyGPTError(f"--threads {args.threads} must be >= 0")
+    meta = encode_corpus(args.corpus, args.tokenizer, args.out_dir, args.val_fraction, args.seed,
+                         capped_threads(args.threads), args.split)
     print(f"wrote {args.out_dir}: {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} val tokens "
-          f"({meta['documents']['train']:,} / {meta['documents']['val']:,} documents)", file=sys.stderr)
+          f"({meta['documents']['train']:,} / {meta['documents']['val']:,} documents); split: "
+          f"{meta['split']['description']}", file=sys.stderr)
     return meta
 
 
