@@ -1,4 +1,5 @@
 import itertools
+import os
 import random
 import re
 from collections import Counter
@@ -144,3 +145,20 @@ def test_stories_read_like_tinystories():
 
 def test_a_chunk_is_big_enough_to_amortise_a_process_hop_and_small_enough_to_cut():
     assert 300_000 < len(story_chunk(0, 0)) < 2_000_000
+
+
+def test_generator_processes_never_exceed_the_usable_cpus(monkeypatch):
+    import tinygpt.data.stories.generator as generator
+
+    sizes = []
+
+    class RecordingPool:
+        def __init__(self, workers, mp_context=None):
+            sizes.append(workers)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(generator, "ProcessPoolExecutor", RecordingPool)
+    with pytest.raises(RuntimeError, match="stop here"):
+        next(generator.iter_story_chunks(1, workers=8))
+    assert sizes == [2]

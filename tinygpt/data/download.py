@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or data (30)")
     parser.add_argument("--retries", type=int, default=5, help="retries of a failing download (5)")
     parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubling (1)")
-    parser.add_argument("--workers", type=int, default=None, help="builtin: generator processes (all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="builtin: generator processes (default and at most: the usable CPUs)")
     args = parser.parse_args(argv)
     out = download(args.source, args.out, size=args.size, seed=args.seed, urls=args.url, sha256s=args.sha256,
                    paths=args.path, timeout=args.timeout, retries=args.retries, backoff=args.backoff,

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
-import os
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
-from tinygpt.common import EOT
+from tinygpt.common import EOT, capped_threads
 from tinygpt.data.stories.words import (
     ACTIVITIES, ACTS, AGES, ANIMAL_KINDS, ANIMAL_LOOKS, ANIMAL_NAMES, AN_BEFORE, A_BEFORE, BEDTIME_TALES,
     BEDTIME_WORRIES, BIRDS, BOY_NAMES, BUGS, BUILDS, CAKES, COLORS, DISHES, DOUBLING, ESCAPES, FAR_AWAY, FAVORITES,
@@ -947,7 +946,7 @@ def iter_story_chunks(seed: int, workers: int | None = None) -> Iterator[bytes]:
 
     With `workers` > 1, chunks are generated ahead in a process pool and yielded in order.
     """
-    workers = workers or os.cpu_count() or 1
+    workers = capped_threads(workers)
     if workers <= 1:
         yield from (story_chunk(seed, index) for index in itertools.count())
         return
