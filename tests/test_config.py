@@ -100,3 +100,13 @@ def test_a_block_size_the_data_can_hold_passes():
     config["download"]["size"] = 300_000
     config["model"]["block_size"] = 512
     assert check_config(config, SCHEMA)["model"]["block_size"] == 512
+
+
+def test_the_conda_environment_lists_the_package_dependencies():
+    """workflow/envs/tinygpt.yaml (per-rule conda environments) installs what pyproject.toml declares."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    env = yaml.safe_load((ROOT / "workflow/envs/tinygpt.yaml").read_text())
+    [pip] = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    assert set(pip) == {d for d in declared if not d.startswith("snakemake")} | {"tensorboard>=2.14"}
