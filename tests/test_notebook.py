@@ -28,11 +28,11 @@ def output_text(cell) -> str:
     return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
 
 
-def test_only_the_drive_and_gpu_cells_are_colab_only():
+def test_only_the_drive_gpu_and_tensorboard_cells_are_colab_only():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
     markers = [cell.source.splitlines()[0] for cell in code_cells(notebook) if COLAB_ONLY in cell.source]
-    assert markers == ["# colab-only: drive", "# colab-only: gpu"]
+    assert markers == ["# colab-only: drive", "# colab-only: gpu", "# colab-only: tensorboard"]
     assert notebook.metadata["accelerator"] == "GPU"
 
 
@@ -64,6 +64,7 @@ def test_notebook_builds_the_pipeline_and_prints_samples(executed):
     assert not any(out.output_type == "error" for cell in cells[:-1] for out in cell.outputs)
     assert (project / TARGET).stat().st_size > 0
     assert (project / "report.html").stat().st_size > 0
+    assert list(project.glob("checkpoints/runs/*/tensorboard/events.out.tfevents.*")), "the %tensorboard cell's files"
     pipeline, samples, gguf = (next(c for c in cells if marker in c.source)
                                for marker in ('"--report"', '"--checkpoint"', '"--gguf"'))
     assert "Finished jobid" in output_text(pipeline)  # Snakemake's log, streamed into the cell
