@@ -67,18 +67,21 @@ def test_cli_scores_text_and_token_files_of_a_checkpoint_alike(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["bits_per_byte"] == from_text.bits_per_byte
 
 
-def test_a_gguf_file_scores_as_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_an_export_folder_and_a_gguf_file_score_as_their_checkpoint(tmp_path, arch):
     from tinygpt.export.gguf_convert import convert_to_gguf
     from tinygpt.export.hf import export_hf
 
     tokenizer = tiny_tokenizer()
-    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", random_gpt(tokenizer, block_size=32), tokenizer)
+    model = random_gpt(tokenizer, block_size=32, arch=arch, **({"n_kv_head": 2} if arch == "llama" else {}))
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", model, tokenizer)
     export_hf(checkpoint, tmp_path / "hf")
     gguf = convert_to_gguf(tmp_path / "hf", tmp_path / "model-f32.gguf", "f32")
     (tmp_path / "text.txt").write_text(" ".join(corpus(2)), encoding="utf-8")
     args = ["--text", str(tmp_path / "text.txt"), "--device", "cpu"]
     ours = main(["--checkpoint", str(checkpoint), *args])
     assert main(["--gguf", str(gguf), *args]).bits_per_byte == pytest.approx(ours.bits_per_byte, rel=1e-5)
+    assert main(["--hf_dir", str(tmp_path / "hf"), *args]).bits_per_byte == pytest.approx(ours.bits_per_byte, rel=1e-5)
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

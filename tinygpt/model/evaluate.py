@@ -2,6 +2,7 @@
 
     tinygpt evaluate --checkpoint checkpoints/best.pt --text held_out.txt
     tinygpt evaluate --gguf exports/tinygpt/model-q4_k_m.gguf --tokens data/tokens/val.bin
+    tinygpt evaluate --hf_dir exports/tinygpt --text held_out.txt
 
 Every token after the first is scored with as much context as the model holds: windows of block_size tokens
 slide by `stride`, and each window scores only the tokens the previous one did not (the first window scores
@@ -123,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> Evaluation:
     model_source = parser.add_mutually_exclusive_group(required=True)
     model_source.add_argument("--checkpoint", help="a tinygpt checkpoint (e.g. checkpoints/best.pt)")
     model_source.add_argument("--gguf", help="a GGUF file (any type we write, quantized ones included)")
+    model_source.add_argument("--hf_dir", help="a Hugging Face folder written by tinygpt export")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--text", help="a UTF-8 text file (tokenized with the model's tokenizer)")
     data.add_argument("--tokens", help="a token file written by tinygpt encode (e.g. data/tokens/val.bin)")
@@ -133,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> Evaluation:
                         help="mixed precision as in training (auto: bf16 where fast); off: exact fp32")
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args(argv)
-    model, tokenizer = load(args.checkpoint, args.gguf, pick_device(args.device))
+    model, tokenizer = load(args.checkpoint, args.gguf, pick_device(args.device), args.hf_dir)
     result = evaluate_tokens(model, read_tokens(args, tokenizer), text_lengths(tokenizer), args.stride,
                              args.batch_size, args.amp)
     print(f"{result.bits_per_byte:.4f} bits per byte ({result.loss:.4f} nats per token) over {result.tokens:,} "

@@ -141,18 +141,23 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
     return text_pieces(tokenizer, generate(model, prompt_ids, max_new_tokens, eot_id=tokenizer.eot_id, **sampling))
 
 
-def load(checkpoint: str | None, gguf: str | None, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """(model, tokenizer) from a training checkpoint or a GGUF file."""
+def load(checkpoint: str | None, gguf: str | None, device: torch.device,
+         hf_dir: str | None = None) -> tuple[GPT, Tokenizer]:
+    """(model, tokenizer) from a training checkpoint, a GGUF file or a Hugging Face export folder."""
     if checkpoint is not None:
         from tinygpt.model.checkpoint import load_model
 
         path = require_file(checkpoint, "checkpoint", "train one with `tinygpt train`")
         model, tokenizer = load_model(path, device)
-    else:
+    elif gguf is not None:
         from tinygpt.export.gguf_read import load_gguf
 
         path = require_file(gguf, "GGUF file", "make one with `tinygpt gguf_convert`")
         model, tokenizer = load_gguf(path, device)
+    else:
+        from tinygpt.export.hf import load_hf
+
+        model, tokenizer = load_hf(hf_dir, device)
     return model.eval(), tokenizer
 
 
@@ -190,6 +195,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training checkpoint (.pt) to sample from")
     source.add_argument("--gguf", help="GGUF file to sample from (dequantized into our model)")
+    source.add_argument("--hf_dir", help="Hugging Face folder written by tinygpt export")
     parser.add_argument("--prompt", default="", help="text to continue; empty starts a new document")
     parser.add_argument("--max_tokens", type=int, default=200, help="most new tokens per completion")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
@@ -208,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
-    model, tokenizer = load(args.checkpoint, args.gguf, device)
+    model, tokenizer = load(args.checkpoint, args.gguf, device, args.hf_dir)
     generator = torch.Generator().manual_seed(args.seed)
     if args.interactive:
         interact(model, tokenizer, args, generator)
