@@ -118,6 +118,12 @@ def _cut_after(text: str, lo: int) -> int:
     return best
 
 
+def prepare_pretokenizer() -> None:
+    """Build the patterns `pretokenize` builds on first use (call before forking workers, so they share them)."""
+    bmp_pattern()
+    whitespace()
+
+
 def pretokenize(text: str) -> list[str]:
     """Split text into the chunks BPE works within (merges never cross a chunk boundary)."""
     if text.isascii():  # O(1) in CPython; `re` then gives regex's chunks in a third of the time
@@ -192,6 +198,10 @@ class Tokenizer:
         self.vocab_size: int = len(self.vocab)
         self.eot_id: int = self.special_tokens[eot_token]
         self._pair_rank: dict[int, int] = {a << 32 | b: rank for rank, (a, b) in enumerate(self.merges)}
+        self._byte_pair_rank = [len(self.merges)] * 65536  # the same for pairs of bytes, as a table
+        for rank, (a, b) in enumerate(self.merges):
+            if a < 256 and b < 256:
+                self._byte_pair_rank[a << 8 | b] = rank
         self._special_pattern = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
         self._chunk_cache = _BoundedCache(self._encode_chunk)
         self._word_cache = _BoundedCache(self._encode_word)  # for the space-split fast path
@@ -212,8 +222,8 @@ class Tokenizer:
         hold the new id rank after it, so the next lowest pair is the pair's next occurrence, if any.)
         """
         ids = list(chunk)
-        rank_of, missing = self._pair_rank.get, len(self.merges)
-        ranks = [rank_of(a << 32 | b, missing) for a, b in zip(ids, ids[1:])]
+        rank_of, missing, byte_pair_rank = self._pair_rank.get, len(self.merges), self._byte_pair_rank
+        ranks = [byte_pair_rank[a << 8 | b] for a, b in zip(chunk, chunk[1:])]
         while ranks:
             rank = min(ranks)
             if rank == missing:

@@ -34,7 +34,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli, sha256_file
-from tinygpt.tokenizer.bpe import EOT, Tokenizer
+from tinygpt.tokenizer.bpe import EOT, Tokenizer, prepare_pretokenizer
 from tinygpt.tokenizer.pieces import PIECE_BYTES, Piece, iter_pieces, safe_points
 
 SPLITS = ("tail", "random")
@@ -225,6 +225,7 @@ def _encoded_batches(batches: Iterator[list], tokenizer_json: str, threads: int)
         for batch in batches:
             yield _encode_batch(batch)
         return
+    prepare_pretokenizer()  # once, here: forked workers inherit it
     with multiprocessing.get_context("fork").Pool(threads, _init_worker, (tokenizer_json,)) as pool:
         in_flight: deque = deque()
         for batch in batches:

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from tinygpt.common import TinyGPTError, capped_threads, progress, require_file, run_cli
-from tinygpt.tokenizer.bpe import EOT, Tokenizer, pretokenize
+from tinygpt.tokenizer.bpe import EOT, Tokenizer, prepare_pretokenizer, pretokenize
 from tinygpt.tokenizer.pieces import PIECE_BYTES, iter_pieces
 
 BATCH_BYTES = 1 << 20  # text per task sent to a counting worker
@@ -98,6 +98,7 @@ def _wait(step, workers) -> object:
 
 
 def _count_parallel(batches: Iterator[tuple[str, list]], threads: int, bar=None) -> Counter[str]:
+    prepare_pretokenizer()  # once, here: forked workers inherit it
     ctx = multiprocessing.get_context("fork")
     tasks, results = ctx.Queue(maxsize=2 * threads), ctx.Queue()
     workers = [ctx.Process(target=_count_worker, args=(tasks, results), daemon=True) for _ in range(threads)]

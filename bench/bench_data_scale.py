@@ -1,0 +1,268 @@
+"""Benchmark: the data stages at scale on varied real text, each against a peer measured in the same run.
+
+    python bench/bench_data_scale.py [--mb 25 50 100 200] [--vocab_size 8192] [--threads N] [--split auto]
+
+The corpus: the .py files of this Python's site-packages (sorted paths, files under 2 MB), concatenated until
+--mb megabytes; the next tenth of that size is held out to measure compression. Each stage runs as its own child
+process (`python -m tinygpt <stage>`); its time is wall-clock and its memory is the peak, sampled every 20 ms, of
+the proportional set size (PSS: shared pages split among the processes sharing them) summed over the child and
+all its worker processes, so forked workers count once. Peers, in the same kind of child process:
+  train_bpe  Hugging Face tokenizers' BpeTrainer, same vocab_size, same GPT-2 split regex + ByteLevel, the same
+             number of threads (RAYON_NUM_THREADS), fed the same documents in <= 1 MB pieces cut where the regex
+             splits anyway (so it counts exactly our chunks; fed whole 100 MB documents it needs over 10 GB).
+             Compression: bytes per token of both tokenizers on the held-out text.
+  encode     tiktoken's encode_ordinary on one thread, built on our merges, over the same documents (read in the
+             same pieces; no files written). Its token count must equal ours.
+The last lines extrapolate time and memory linearly from the two largest sizes to a 2 GB corpus, against 8 GB RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import site
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tinygpt.common import EOT, usable_cpus  # noqa: E402
+
+MB = 1_000_000
+LAPTOP_RAM_MB = 8_000
+TWO_GB_MB = 2_000
+
+
+# ---- the corpus ------------------------------------------------------------------------------------------------
+
+def python_sources() -> list[Path]:
+    roots = [Path(p) for p in site.getsitepackages() if Path(p).is_dir()]
+    return sorted(p for root in roots for p in root.rglob("*.py") if p.is_file() and p.stat().st_size < 2 * MB)
+
+
+def gather(paths: list[Path], start_mb: float, n_mb: float, out: Path) -> int:
+    """Concatenate the sources that start within [start_mb, start_mb + n_mb) MB of their concatenation."""
+    position, written = 0, 0
+    start, end = start_mb * MB, (start_mb + n_mb) * MB
+    with open(out, "wb") as f:
+        for path in paths:
+            if position >= end:
+                break
+            data = path.read_bytes() + b"\n\n"
+            if position >= start:
+                f.write(data)
+                written += len(data)
+            position += len(data)
+    return written
+
+
+# ---- measuring a child process -----------------------------------------------------------------------------------
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant, workers included
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, str, float]:
+    """Run a command; return (seconds, peak PSS of its process tree in MB, stdout, CPU seconds of the tree)."""
+    cpu_before = _cpu_seconds()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TINYGPT_NO_PROGRESS": "1", **(env or {})})
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], sum(_pss_kb(p) for p in _tree(proc.pid)))
+            time.sleep(0.02)
+
+    start = time.perf_counter()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{err[-3000:]}")
+    return seconds, peak[0] / 1000, out, _cpu_seconds() - cpu_before
+
+
+# ---- the peers (run as child processes of this script: `--peer hf|tiktoken`) ----------------------------------
+
+def text_pieces(corpus: Path, ends: list | None = None):
+    """The corpus's documents as encode reads them, in <= 1 MB pieces; `ends` collects where documents end."""
+    from tinygpt.tokenizer.pieces import iter_pieces
+    with open(corpus, "rb") as f:
+        for piece in iter_pieces(f):
+            if ends is not None:
+                ends.append(piece.ends_document)
+            yield piece.data.decode("utf-8")
+
+
+def peer_hf(corpus: Path, vocab_size: int, out: Path) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tinygpt.tokenizer.bpe import GPT2_PATTERN
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(text_pieces(corpus), trainer)
+    hf.save(str(out))
+
+
+def peer_tiktoken(corpus: Path, tokenizer: Path) -> None:
+    import tiktoken
+
+    from tinygpt.tokenizer.bpe import GPT2_PATTERN, Tokenizer
+    tok = Tokenizer.load(tokenizer)
+    ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
+    enc = tiktoken.Encoding("tinygpt-bench", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    ends: list[bool] = []
+    n_tokens = sum(len(enc.encode_ordinary(text)) for text in text_pieces(corpus, ends))
+    print(n_tokens, sum(ends))
+
+
+# ---- one size ----------------------------------------------------------------------------------------------------
+
+def bytes_per_token(tokenizer_json: Path, text: str) -> float:
+    from tokenizers import Tokenizer
+    return len(text.encode()) / len(Tokenizer.from_file(str(tokenizer_json)).encode(text).ids)
+
+
+def run_size(n_mb: float, paths: list[Path], work: Path, args) -> dict:
+    py = [sys.executable, "-m", "tinygpt"]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    sources, held_out = work / "sources.txt", work / "held_out.txt"
+    gather(paths, 0, n_mb, sources)
+    gather(paths, n_mb, n_mb / 10, held_out)
+    raw, clean, tok, hf_tok, tokens = (work / n for n in ("raw.txt", "clean.txt", "tok.json", "hf.json", "tokens"))
+    row: dict = {"mb": n_mb}
+    row["download"] = run_measured(py + ["download", "--source", "file", "--path", str(sources), "--out", str(raw)])
+    row["clean"] = run_measured(py + ["clean", "--input", str(raw), "--out", str(clean), "--split", args.split])
+    threads = ["--threads", str(args.threads)]
+    row["train_bpe"] = run_measured(py + ["train_bpe", "--corpus", str(clean), "--out", str(tok),
+                                          "--vocab_size", str(args.vocab_size)] + threads)
+    row["hf"] = run_measured(me + ["--peer", "hf", "--corpus", str(clean), "--vocab_size", str(args.vocab_size),
+                                   "--out", str(hf_tok)], env={"RAYON_NUM_THREADS": str(args.threads)})
+    row["encode"] = run_measured(py + ["encode", "--corpus", str(clean), "--tokenizer", str(tok), "--out_dir",
+                                       str(tokens)] + threads)
+    row["tiktoken"] = run_measured(me + ["--peer", "tiktoken", "--corpus", str(clean), "--tokenizer", str(tok)])
+    meta = json.loads((tokens / "meta.json").read_text())
+    tiktoken_tokens, n_documents = map(int, row["tiktoken"][2].split())
+    row["documents"] = n_documents
+    row["token_check"] = (tiktoken_tokens + n_documents, meta["tokens"]["train"] + meta["tokens"]["val"])
+    text = held_out.read_text(encoding="utf-8")
+    row["bpt"] = (bytes_per_token(tok, text), bytes_per_token(hf_tok, text))
+    row["clean_bytes"] = clean.stat().st_size
+    return row
+
+
+def report(rows: list[dict], args) -> None:
+    print(f"\nvocab_size {args.vocab_size}, {args.threads} threads (ours and HF), tiktoken 1 thread; "
+          "time in s, memory = peak PSS of the process tree in MB; ratio = ours / peer (time, memory)")
+    print(f"{'MB':>5} {'stage':10} {'time':>7} {'mem':>7} | {'peer':10} {'time':>7} {'mem':>7} | {'t ratio':>7} "
+          f"{'m ratio':>7} | notes")
+    for r in rows:
+        for stage in ("download", "clean"):
+            s, m, _, _ = r[stage]
+            print(f"{r['mb']:>5g} {stage:10} {s:7.1f} {m:7.0f} | {'':10} {'':>7} {'':>7} | {'':>7} {'':>7} |")
+        s, m, _, cpu = r["train_bpe"]
+        hs, hm, _, hf_cpu = r["hf"]
+        ours_bpt, hf_bpt = r["bpt"]
+        print(f"{r['mb']:>5g} {'train_bpe':10} {s:7.1f} {m:7.0f} | {'HF BPE':10} {hs:7.1f} {hm:7.0f} | {s / hs:7.2f} "
+              f"{m / hm:7.2f} | held-out bytes/token {ours_bpt:.3f} vs HF {hf_bpt:.3f} ({ours_bpt / hf_bpt:.3f}x); "
+              f"CPU s {cpu:.1f} vs {hf_cpu:.1f}")
+        s, m, _, cpu = r["encode"]
+        ts, tm, _, tt_cpu = r["tiktoken"]
+        mb_s, tt_mb_s = r["clean_bytes"] / MB / s, r["clean_bytes"] / MB / ts
+        expected, ours_count = r["token_check"]
+        print(f"{r['mb']:>5g} {'encode':10} {s:7.1f} {m:7.0f} | {'tiktoken':10} {ts:7.1f} {tm:7.0f} | {s / ts:7.2f} "
+              f"{m / tm:7.2f} | {mb_s:.2f} vs {tt_mb_s:.2f} MB/s = {mb_s / tt_mb_s:.2f}x tiktoken; CPU s {cpu:.1f} vs "
+              f"{tt_cpu:.1f} ({tt_cpu / cpu:.2f}x per core); {r['documents']:,} "
+              f"documents, {ours_count:,} tokens {'= tiktoken' if ours_count == expected else '!= tiktoken'}'s "
+              f"+ one <|endoftext|> each")
+    if len(rows) >= 2:
+        a, b = sorted(rows, key=lambda r: r["mb"])[-2:]
+        print(f"\nextrapolated linearly from {a['mb']:g} and {b['mb']:g} MB to a {TWO_GB_MB / 1000:g} GB corpus "
+              f"(8 GB laptop):")
+        for stage in ("clean", "train_bpe", "hf", "encode"):
+            (sa, ma, _, _), (sb, mb, _, _) = a[stage], b[stage]
+            slope_s, slope_m = (sb - sa) / (b["mb"] - a["mb"]), (mb - ma) / (b["mb"] - a["mb"])
+            s2, m2 = sb + slope_s * (TWO_GB_MB - b["mb"]), mb + max(0.0, slope_m) * (TWO_GB_MB - b["mb"])
+            verdict = "fits" if m2 < LAPTOP_RAM_MB / 2 else "tight" if m2 < LAPTOP_RAM_MB else "does NOT fit"
+            print(f"  {stage:10} ~{s2 / 60:5.1f} min, peak ~{m2:6.0f} MB: {verdict} in {LAPTOP_RAM_MB / 1000:g} GB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, nargs="+", default=[25, 50], help="corpus sizes in MB (25 50 100 200)")
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=usable_cpus())
+    parser.add_argument("--split", default="auto", help="clean --split (auto: documents end at <|endoftext|> if the "
+                                                          "sources contain one, as site-packages do, else blank lines)")
+    parser.add_argument("--work_dir", help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--peer", choices=["hf", "tiktoken"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer == "hf":
+        return peer_hf(Path(args.corpus), args.vocab_size, Path(args.out))
+    if args.peer == "tiktoken":
+        return peer_tiktoken(Path(args.corpus), Path(args.tokenizer))
+    paths = python_sources()
+    total = sum(p.stat().st_size for p in paths) / MB
+    print(f"{len(paths)} .py files under 2 MB in site-packages, {total:.0f} MB; sizes {args.mb} MB")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        for n_mb in args.mb:
+            if n_mb * 1.1 > total:
+                print(f"skipping {n_mb:g} MB: site-packages holds only {total:.0f} MB of sources")
+                continue
+            work = Path(tmp) / f"{n_mb:g}mb"
+            work.mkdir()
+            rows.append(run_size(n_mb, paths, work, args))
+            report(rows[-1:], args)
+            for f in work.rglob("*"):  # free the disk before the next size
+                if f.is_file():
+                    f.unlink()
+    print("\nall sizes:")
+    report(rows, args)
+
+
+if __name__ == "__main__":
+    main()
