@@ -146,4 +146,9 @@ def test_cli_errors(tmp_path):
     empty.write_text(f"{EOT}\n", encoding="utf-8")
     with pytest.raises(TinyGPTError, match="no documents"):
         main(["--corpus", str(empty), "--out", str(tmp_path / "t.json")])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(f"fine\n{EOT}\ncaf\xe9\n{EOT}\n".encode("latin-1"))
+    for threads in ("1", "2"):
+        with pytest.raises(TinyGPTError, match=r"latin1.txt is not UTF-8 text \(byte 22\)"):
+            main(["--corpus", str(latin1), "--out", str(tmp_path / "t.json"), "--threads", threads])
     assert not (tmp_path / "t.json").exists()

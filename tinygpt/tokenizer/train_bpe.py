@@ -42,11 +42,13 @@ def read_documents(path: str | os.PathLike, max_bytes: int | None = None) -> lis
     path = require_file(path, "corpus", "run `tinygpt clean` to create it")
     documents: list[str] = []
     parts: list[bytes] = []
+    start = 0  # file offset of the document being read
     with open(path, "rb") as f:
         for piece in iter_pieces(f, limit=max_bytes):
+            start = start if parts else piece.offset
             parts.append(piece.data)
             if piece.ends_document:
-                documents.append(_decode(b"".join(parts), path, piece.offset))
+                documents.append(_decode(b"".join(parts), path, start))
                 parts = []
     return documents
 
@@ -302,7 +304,10 @@ _KEY_MASK = (1 << 64) - 1
 
 def learn_merges(chunk_counts: Mapping[str, int], n_merges: int, show_progress: bool = True) -> list[tuple[int, int]]:
     """Learn up to n_merges merges from chunk counts; merge k creates id 256 + k."""
-    words = _Words(chunk_counts)
+    return _learn_merges(_Words(chunk_counts), n_merges, show_progress)
+
+
+def _learn_merges(words: _Words, n_merges: int, show_progress: bool) -> list[tuple[int, int]]:
     pair_count = words.pair_counts()
     # One heap entry per live pair: (-count << 64) + key orders by count, then by the smaller pair. Counts only
     # fall after a pair appears (a merge creates pairs that contain its new id), so an entry whose count is
@@ -356,9 +361,8 @@ def _check_vocab_size(vocab_size: int) -> int:
     return vocab_size - 257
 
 
-def _tokenizer_from(chunk_counts: Mapping[str, int], n_merges: int, vocab_size: int,
-                    show_progress: bool) -> Tokenizer:
-    merges = learn_merges(chunk_counts, n_merges, show_progress)
+def _tokenizer_from(words: _Words, n_merges: int, vocab_size: int, show_progress: bool) -> Tokenizer:
+    merges = _learn_merges(words, n_merges, show_progress)
     if len(merges) < n_merges:
         print(f"warning: the training text only supports {len(merges)} of the {n_merges} merges wanted, so the "
               f"tokenizer has vocab_size {257 + len(merges)} instead of {vocab_size}; use more text or a smaller "
@@ -373,7 +377,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, threads: int = 1, show_prog
     the returned tokenizer's vocab_size is then smaller than requested.
     """
     n_merges = _check_vocab_size(vocab_size)
-    return _tokenizer_from(count_chunks(texts, threads), n_merges, vocab_size, show_progress)
+    return _tokenizer_from(_Words(count_chunks(texts, threads)), n_merges, vocab_size, show_progress)
 
 
 def train_bpe_file(corpus: str | os.PathLike, vocab_size: int, threads: int = 1, max_bytes: int | None = None,
@@ -383,7 +387,9 @@ def train_bpe_file(corpus: str | os.PathLike, vocab_size: int, threads: int = 1,
     counts, n_documents = count_corpus_chunks(corpus, threads, max_bytes, show_progress)
     if not n_documents:
         raise TinyGPTError(f"corpus {corpus} has no documents; check the clean stage's output")
-    return _tokenizer_from(counts, n_merges, vocab_size, show_progress), n_documents
+    words = _Words(counts)
+    del counts  # the merges need only the arrays: free the chunk strings first
+    return _tokenizer_from(words, n_merges, vocab_size, show_progress), n_documents
 
 
 def main(argv: Sequence[str] | None = None) -> Tokenizer:
