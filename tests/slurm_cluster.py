@@ -1,4 +1,4 @@
-"""A real one-node SLURM cluster that a test starts and stops by itself.
+"""A real SLURM cluster on this machine (one node, or several) that a test starts and stops by itself.
 
     with local_slurm(tmp_path) as cluster:
         subprocess.run(["sbatch", "--wrap", "hostname"], env=cluster.env, check=True)
@@ -6,7 +6,8 @@
 `local_slurm` starts, as child processes of the test and in the foreground, MUNGE (authentication), a MariaDB
 server and `slurmdbd` (job accounting, so that `sacct` and `sacctmgr` answer as on a real cluster: the Snakemake
 SLURM executor polls job states with `sacct` and checks the account with `sacctmgr`), then `slurmctld` and one
-`slurmd` for this machine; it registers an account for the current user and waits until `sinfo` shows the node
+`slurmd` for this machine (or several, each its own node: `nodes=2` makes a two-node cluster on one machine, for
+multi-node jobs); it registers an account for the current user and waits until `sinfo` shows the nodes
 idle. On exit it cancels what is still queued and stops every daemon (and any job process left over), also when
 the start or the test failed. Everything (keys, sockets, configs, database, state, spool, logs) lives under `root`;
 `cluster.env` (SLURM_CONF, and PATH with wrappers of the client commands, see _write_client_wrappers) points
@@ -57,7 +58,8 @@ class SlurmCluster:
     partition: str = PARTITION
     account: str = ACCOUNT
     cluster_name: str = CLUSTER
-    node: str = ""
+    node: str = ""  # the first (or only) node
+    nodes: list[str] = field(default_factory=list)
     accounting: bool = True
     startup_seconds: float = 0.0
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
@@ -93,8 +95,10 @@ def find_program(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def local_slurm(root: Path, accounting: bool = True) -> Iterator[SlurmCluster]:
-    """Start a one-node SLURM cluster under `root` (a fresh folder, best a short path: sockets live there)."""
+def local_slurm(root: Path, accounting: bool = True, nodes: int = 1) -> Iterator[SlurmCluster]:
+    """Start a SLURM cluster under `root` (a fresh folder, best a short path: sockets live there) with `nodes`
+    nodes on this machine: one is this host; several are `<host>1`, `<host>2` ..., one slurmd each (on its own
+    port, with its own spool folder), every one with all of this machine's CPUs and memory."""
     if find_program("slurmctld") is None:
         import pytest
 
@@ -109,7 +113,9 @@ def local_slurm(root: Path, accounting: bool = True) -> Iterator[SlurmCluster]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     env["SLURM_CONF"] = str(root / "etc" / "slurm.conf")
     env["PATH"] = os.pathsep.join([str(root / "bin"), env.get("PATH", ""), *SBIN_DIRS])
-    cluster = SlurmCluster(root=root, env=env, node=socket.gethostname().split(".")[0], accounting=accounting)
+    host = socket.gethostname().split(".")[0]
+    names = [host] if nodes == 1 else [f"{host}{i}" for i in range(1, nodes + 1)]
+    cluster = SlurmCluster(root=root, env=env, node=names[0], nodes=names, accounting=accounting)
     start = time.monotonic()
     try:
         _start(cluster)
@@ -134,7 +140,7 @@ def _check_installed(accounting: bool) -> None:
 def _start(c: SlurmCluster) -> None:
     _check_installed(c.accounting)
     user = getpass.getuser()
-    ports = _free_ports(4)
+    ports = _free_ports(4 + len(c.nodes))  # slurmctld, slurmd (one node), MariaDB, slurmdbd, then one per node
     munge_socket = c.root / "munge" / "munge.socket"
     _write_munge_key(c.root / "munge" / "munge.key")
     _spawn(c, "munged", [
@@ -151,8 +157,10 @@ def _start(c: SlurmCluster) -> None:
         _start_accounting(c, user, munge_socket, db_port=ports[2], dbd_port=ports[3])
 
     _spawn(c, "slurmctld", [find_program("slurmctld"), "-D"])
-    _spawn(c, "slurmd", [find_program("slurmd"), "-D", "-N", c.node])
-    _wait(c, "the node to be idle", lambda: _node_state(c) == "idle")
+    for node in c.nodes:
+        (c.root / "spool" / node).mkdir(exist_ok=True)
+        _spawn(c, "slurmd" if len(c.nodes) == 1 else f"slurmd-{node}", [find_program("slurmd"), "-D", "-N", node])
+    _wait(c, "the nodes to be idle", lambda: all(_node_state(c, node) == "idle" for node in c.nodes))
 
 
 def _slurm_conf(c: SlurmCluster, user: str, munge_socket: Path, ports: list[int]) -> str:
@@ -163,12 +171,13 @@ def _slurm_conf(c: SlurmCluster, user: str, munge_socket: Path, ports: list[int]
         # The MUNGE socket for slurmdbd connections (AuthInfo is only read for the other ones).
         f"AccountingStoragePass={munge_socket}\n"
         f"AccountingStorageEnforce=associations\n"
+        f"AccountingStoreFlags=job_comment\n"  # sacct shows the comment (the Snakemake plugin's rule_<name>)
         if c.accounting
         else "AccountingStorageType=accounting_storage/none\n"
     )
     return f"""\
 ClusterName={CLUSTER}
-SlurmctldHost={c.node}(127.0.0.1)
+SlurmctldHost={socket.gethostname().split(".")[0]}(127.0.0.1)
 SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge
@@ -177,9 +186,9 @@ CredType=cred/munge
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}
 StateSaveLocation={c.root / 'state'}
-SlurmdSpoolDir={c.root / 'spool'}
+SlurmdSpoolDir={c.root / 'spool' / '%n'}
 SlurmctldPidFile={c.root / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={c.root / 'run' / 'slurmd.pid'}
+SlurmdPidFile={c.root / 'run' / 'slurmd.%n.pid'}
 MailProg=/bin/true
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -191,7 +200,7 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=256
 ReturnToService=2
 {accounting}
-NodeName={c.node} NodeAddr=127.0.0.1 {_node_hardware()} State=UNKNOWN
+{_node_lines(c, ports[4:])}
 PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -298,10 +307,22 @@ def _wait(c: SlurmCluster, what: str, ready, timeout: float | None = None) -> No
         time.sleep(0.2)
 
 
-def _node_state(c: SlurmCluster) -> str:
+def _node_lines(c: SlurmCluster, ports: list[int]) -> str:
+    """NodeName lines: one node on SlurmdPort, or several on this host, each on its own port (slurmd -N)."""
+    hardware = _node_hardware()
+    if len(c.nodes) == 1:
+        return f"NodeName={c.node} NodeAddr=127.0.0.1 {hardware} State=UNKNOWN"
+    host = socket.gethostname().split(".")[0]
+    return "\n".join(
+        f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {hardware} State=UNKNOWN"
+        for node, port in zip(c.nodes, ports)
+    )
+
+
+def _node_state(c: SlurmCluster, node: str) -> str:
     try:
         out = subprocess.run(
-            ["sinfo", "--noheader", "--node", c.node, "--format=%t"],
+            ["sinfo", "--noheader", "--node", node, "--format=%t"],
             env=c.env, capture_output=True, text=True, timeout=10,
         )
     except subprocess.TimeoutExpired:

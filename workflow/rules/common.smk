@@ -79,15 +79,62 @@ def local_files(settings):
     return sorted({str(p) for pattern in settings["paths"] for p in matching_files(pattern)})
 
 
+def train_resources(settings):
+    """The train rule's resources. `gpu`: GPUs for the local scheduler and SLURM. Under SLURM also `nodes`, one task
+    per node (`tasks` for CPU jobs; GPU jobs get one per node by default, and `tasks` would become
+    --ntasks-per-gpu), `gres` for the GPUs of each node when there are several (`gpu` counts them in all), and
+    `mpi`: present, it makes the SLURM executor run the rule in the job's batch shell instead of wrapping it in
+    an `srun -n1` step of its own, so that train_launcher starts the step; empty, since a named launcher makes
+    the plugin demand more than one task (snakemake-executor-plugin-slurm 2.8.0, -jobstep 0.6.1)."""
+    nodes = settings["nodes"]
+    gpus = settings["gpus"] if settings["device"] in ("auto", "cuda") else 0
+    resources = {"nodes": nodes, "mpi": ""}
+    if gpus and nodes > 1:
+        resources["gres"] = f"gpu:{gpus}"
+    else:
+        resources["gpu"] = gpus
+    if not gpus:
+        resources["tasks"] = nodes
+    return resources
+
+
+# In a SLURM allocation (the batch shell of a SLURM executor job, or an sbatch/salloc shell running snakemake)
+# but not in a job step already (`srun --pty bash`, where a second step would wait for the first's CPUs).
+IN_SLURM_ALLOCATION = '[ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]'
+FREE_PORT = """$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"""
+
+
 def train_launcher(settings):
-    """One process per GPU through torchrun (DistributedDataParallel) when more than one is asked for."""
-    if settings["gpus"] > 1:
-        return f"python -m torch.distributed.run --standalone --nproc_per_node {settings['gpus']} -m tinygpt train"
-    return "python -m tinygpt train"
+    """The command that starts training (the rule appends its flags), the same text with and without SLURM.
+
+    On this machine: one process, or torchrun with one process per GPU. In a SLURM allocation: an `srun` step
+    with one task per node, each running the same; with nodes > 1, torchrun with a c10d rendezvous on this node
+    (the batch shell runs on the first one) and the job id as rendezvous id. SLURM's --signal (the slurm profile
+    asks for USR1 before the time limit) reaches the step's processes, not the batch shell or Snakemake; torchrun
+    ignores SIGUSR1 (SIG_IGN is inherited, and training sets its own handler), so only the training processes
+    act on it: they save last.pt and exit 75, and the profile's retries resubmit the job, which resumes. srun
+    --wait: once one node's task ends, the others get 5 minutes (a crashed node would leave them waiting in a
+    collective until its timeout)."""
+    nodes, gpus = settings["nodes"], settings["gpus"]
+    if nodes > 1:
+        one_node = (f"python -m torch.distributed.run --nnodes {nodes} --nproc_per_node {gpus} --rdzv_backend c10d"
+                    f' --rdzv_endpoint "$(hostname):{FREE_PORT}" --rdzv_id "${{SLURM_JOB_ID:-}}" -m tinygpt train')
+        elsewhere = (f'echo "train.nodes: {nodes} needs a SLURM allocation: run snakemake with --workflow-profile '
+                     f'workflow/profiles/slurm, or start torchrun on each machine by hand (README)" >&2; return 1')
+    elif gpus > 1:
+        one_node = f"python -m torch.distributed.run --standalone --nproc_per_node {gpus} -m tinygpt train"
+        elsewhere = '"$@"'
+    else:
+        one_node = "python -m tinygpt train"
+        elsewhere = '"$@"'
+    wait = " --wait=300" if nodes > 1 else ""
+    step = f"srun --nodes={nodes} --ntasks-per-node=1{wait} bash -c 'trap \"\" USR1; exec \"$@\"' train \"$@\""
+    return (f"train_step() {{ if {IN_SLURM_ALLOCATION}; then {step}; else {elsewhere}; fi; }}; "
+            f"train_step {one_node}")
 
 
 def train_flags(model, train):
     """Model shape and optimisation settings, in one string so that a change to either reruns training.
     tie_embeddings goes as a value: it defaults to true, so an absent flag could not say false."""
     model = {**model, "tie_embeddings": str(model.get("tie_embeddings", True)).lower()}
-    return f"{flags(model)} {flags(train, skip=('gpus',))}"
+    return f"{flags(model)} {flags(train, skip=('gpus', 'nodes'))}"

@@ -22,7 +22,7 @@ rule train:
         "benchmarks/train.tsv"
     threads: 4
     resources:
-        gpu=config["train"]["gpus"] if config["train"]["device"] in ("auto", "cuda") else 0,
+        **train_resources(config["train"]),
     conda:
         "../envs/tinygpt.yaml"
     shell:
