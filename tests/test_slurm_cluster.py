@@ -125,11 +125,12 @@ def test_scancel_signal_reaches_a_job_step(slurm, tmp_path):
     wait_for(lambda: job_state(slurm, job_id) == "COMPLETED", 15, f"job {job_id} to complete", slurm)
 
 
-def test_time_limit_warning_signal_reaches_the_batch_script(slurm, tmp_path):
-    """`--signal=B:USR1@50` on a 1-minute job: slurmctld checks time limits every 30 s, so the signal comes
-    between 10 and ~40 s after the start (the preemption/time-limit warning a workflow would trap)."""
+def test_time_limit_warning_signal_reaches_the_job_steps_only(slurm, tmp_path):
+    """`--signal=USR1@50` on a 1-minute job (as the slurm profile asks for training, without `B:`): slurmctld
+    checks time limits every 30 s, so the signal comes between 10 and ~40 s after the start, to the job's steps;
+    the batch shell (a plain sh under --wrap, which USR1 would kill) is spared, and the job completes."""
     start = time.monotonic()
-    job_id = submit_trap_job(slurm, tmp_path, "--time=1", "--signal=B:USR1@50")
+    job_id = submit_trap_job(slurm, tmp_path, "--time=1", "--signal=USR1@50", in_step=True)
     wait_for(lambda: (tmp_path / "got_usr1").exists(), 50, "USR1 before the time limit", slurm, interval=0.5)
     assert time.monotonic() - start < 60
     wait_for(lambda: job_state(slurm, job_id) == "COMPLETED", 15, f"job {job_id} to complete", slurm)

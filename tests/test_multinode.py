@@ -1,0 +1,113 @@
+"""Two nodes on one machine: two torchrun launchers with `--nnodes 2 --nproc_per_node 1` and a c10d rendezvous on
+127.0.0.1, as the README's by-hand lines start them on two machines (and the train rule starts them under SLURM),
+train like one process with the same global batch; stopping one launcher stops both nodes at the same step with
+the state saved, and the same two commands resume to the uninterrupted two-node run's weights bit for bit."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import metrics, run_dirs, subprocess_env, train_args, write_token_dir
+from tinygpt.model.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = ["--max_steps", "40", "--eval_interval", "20", "--ckpt_interval", "20", "--log_interval", "1",
+            "--grad_accum", "2", "--amp", "off", "--threads", "1"]
+GLOBAL_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_token_dir(tmp_path_factory.mktemp("tokens"))
+
+
+def with_batch(args: list[str], batch_size: int) -> list[str]:
+    args = list(args)
+    args[args.index("--batch_size") + 1] = str(batch_size)
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two_nodes(data_dir: Path, out_dir: Path) -> list[subprocess.Popen]:
+    """Two launchers, one "node" each, half the global batch per process; either may host the rendezvous."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", out_dir.name,
+                "-m", "tinygpt", "train", *with_batch(train_args(data_dir, out_dir, *SETTINGS), GLOBAL_BATCH // 2)]
+    return [subprocess.Popen(launcher, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        results.append((proc.returncode, out))
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_node_run(data_dir, tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("two_nodes")
+    for returncode, out in finish(start_two_nodes(data_dir, out_dir)):
+        assert returncode == 0, out[-4000:]
+    return out_dir
+
+
+def test_two_nodes_match_one_process_with_the_same_global_batch(data_dir, two_node_run, tmp_path):
+    single = with_batch(train_args(data_dir, tmp_path, *SETTINGS), GLOBAL_BATCH)
+    subprocess.run([sys.executable, "-m", "tinygpt", "train", *single], env=subprocess_env(), check=True,
+                   capture_output=True)
+    one, two = metrics(run_dirs(tmp_path)[0]), metrics(run_dirs(two_node_run)[0])
+    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, 41))
+    # the same batches, summed in another order: equal to float rounding, which grows a little step by step
+    assert [m["train_loss"] for m in two] == pytest.approx([m["train_loss"] for m in one], rel=1e-4)
+    assert [m["train_loss"] for m in two[:6]] == pytest.approx([m["train_loss"] for m in one[:6]], rel=1e-5)
+    val_one, val_two = ([m["val_loss"] for m in run if "val_loss" in m] for run in (one, two))
+    assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-4)
+
+
+def test_stopping_one_node_stops_both_and_the_same_commands_resume(data_dir, two_node_run, tmp_path):
+    """SIGTERM to one launcher (Ctrl-C or a scheduler on one machine): torchrun passes it to its training process,
+    all processes agree to stop after the same step (the per-step all-reduce), rank 0 saves last.pt."""
+    procs = start_two_nodes(data_dir, tmp_path)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size for p in (tmp_path / "runs").glob("*/metrics.jsonl")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no training progress"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    results = finish(procs)
+    assert all(returncode != 0 for returncode, _ in results), results
+    output = "".join(out for _, out in results)
+    assert "stopped by SIGTERM at step" in output, output[-4000:]
+    [run_dir] = run_dirs(tmp_path)
+    stopped_at = load_checkpoint(run_dir / "last.pt")["step"]
+    assert f"stopped by SIGTERM at step {stopped_at}" in output and 0 < stopped_at < 40
+    assert not (tmp_path / "best.pt").exists()
+
+    resumed_output = ""
+    for returncode, out in finish(start_two_nodes(data_dir, tmp_path)):
+        assert returncode == 0, out[-4000:]
+        resumed_output += out
+    assert f"resuming run {run_dir} from step {stopped_at}" in resumed_output
+    whole, resumed = load_checkpoint(two_node_run / "best.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert whole["step"] == resumed["step"] and whole["val_loss"] == resumed["val_loss"]
+    assert all(torch.equal(whole["model"][name], resumed["model"][name]) for name in whole["model"])
+    assert [m["train_loss"] for m in metrics(run_dir)] == [m["train_loss"] for m in metrics(run_dirs(two_node_run)[0])]
