@@ -170,14 +170,17 @@ def main() -> None:
           f"{info['scored_documents']} documents, {info['scored_bytes'] / 1e6:.2f} MB, scored); "
           f"budget {args.budget:.0f} s of training per recipe on {torch.get_num_threads()} threads; matmul peak "
           f"{peaks['float32']:.0f} GFLOP/s fp32, {peaks['bfloat16']:.0f} GFLOP/s bf16", flush=True)
-    names = ["baseline", *[r for r in args.recipes if r != "baseline"]]
+    # the baseline first, and again last: the difference shows how much the machine drifted during the run
+    names = ["baseline", *[r for r in args.recipes if r != "baseline"], "baseline"]
     results = []
     print(f"{'recipe':<24} {'steps':>6} {'tokens/s':>9} {'train s':>8} {'held-out bpb':>13} {'vs baseline':>12}")
-    for name in names:
-        result = run_recipe(name, {**BASELINE, **RECIPES[name]}, work, corpus, held_out, args.budget)
+    for i, name in enumerate(names):
+        label = name if i < len(names) - 1 else "baseline (again)"
+        result = run_recipe(label.replace(" ", "-").replace("(", "").replace(")", ""), {**BASELINE, **RECIPES[name]},
+                            work, corpus, held_out, args.budget)
         results.append(result)
         change = result["held_out_bpb"] / results[0]["held_out_bpb"] - 1
-        print(f"{name:<24} {result['max_steps']:>6} {result['tokens_per_s']:>9,.0f} {result['train_wall_s']:>8.0f} "
+        print(f"{label:<24} {result['max_steps']:>6} {result['tokens_per_s']:>9,.0f} {result['train_wall_s']:>8.0f} "
               f"{result['held_out_bpb']:>13.4f} {change:>+12.1%}", flush=True)
     (work / "results.json").write_text(json.dumps({"corpus": info, "budget_s": args.budget, "matmul_peak_gflops": peaks,
                                                    "results": results}, indent=2))
