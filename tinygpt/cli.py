@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("tinygpt.model.train", "train the GPT (resumable)"),
     "evaluate": ("tinygpt.model.evaluate", "bits per byte of a checkpoint or GGUF file on any text"),
     "sample": ("tinygpt.model.sample", "generate text from a checkpoint or a GGUF file"),
-    "export": ("tinygpt.export.hf", "write a Hugging Face GPT-2 folder (safetensors)"),
+    "export": ("tinygpt.export.hf", "write a Hugging Face folder, GPT-2 or Llama (safetensors)"),
     "gguf_convert": ("tinygpt.export.gguf_convert", "convert the export folder to a GGUF file"),
     "quantize": ("tinygpt.export.quantize", "quantize a GGUF file (q4_k_m, q6_k, q8_0, ...)"),
     "llama": ("tinygpt.export.llama_cpp", "run a GGUF file with llama.cpp (llama-cli or llama-cpp-python)"),

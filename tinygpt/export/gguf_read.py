@@ -54,7 +54,8 @@ def gguf_config(reader: gguf.GGUFReader) -> GPTConfig:
         raise TinyGPTError(
             f"GGUF file {reader.data.filename} has architecture {arch!r}; tinygpt loads {' and '.join(ARCHS)} files"
         )
-    n_embd, n_head = int(_field(reader, f"{arch}.embedding_length")), int(_field(reader, f"{arch}.attention.head_count"))
+    n_embd = int(_field(reader, f"{arch}.embedding_length"))
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
     settings = dict(
         vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
         arch=arch,
@@ -108,7 +109,8 @@ def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str,
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name not in names:
-            raise TinyGPTError(f"the GGUF file has tensor {t.name!r}, which is not part of a tinygpt {config.arch} model")
+            raise TinyGPTError(f"GGUF file {reader.data.filename} has tensor {t.name!r}, which is not part of a "
+                               f"tinygpt {config.arch} model")
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
