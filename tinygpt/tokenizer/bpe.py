@@ -18,7 +18,7 @@ import json
 import os
 import re
 from functools import lru_cache
-from itertools import chain, islice, repeat
+from itertools import chain, islice
 from typing import Callable, Iterable, Sequence
 
 import regex

@@ -169,8 +169,10 @@ def plan_split(corpus: Path, rule: str, val_fraction: float, seed: int) -> Split
         raise TinyGPTError(f"corpus {corpus}: validation would start inside the document at byte {doc.start:,}, "
                            "which has no whitespace to split it at; add documents to the corpus")
     why = "the corpus is one document" if n_documents == 1 else "no document start lies close enough to it"
+    fallback = "random needs two documents, so " if rule == "random" else ""
     return SplitPlan(rule, val_fraction, seed, val_start, whole_documents=False,
-                     description=f"tail by bytes, inside a document ({why}): validation starts at byte {val_start:,} "
+                     description=f"{fallback}tail by bytes, inside a document ({why}): validation starts at byte "
+                                 f"{val_start:,} "
                                  f"of {size:,}, the first point at or after byte {cut:,} = (1 - val_fraction) * corpus "
                                  "bytes where the pre-tokenizer splits; the document's head ends train.bin")
 
