@@ -172,9 +172,9 @@ def plan_split(corpus: Path, rule: str, val_fraction: float, seed: int) -> Split
     fallback = "random needs two documents, so " if rule == "random" else ""
     return SplitPlan(rule, val_fraction, seed, val_start, whole_documents=False,
                      description=f"{fallback}tail by bytes, inside a document ({why}): validation starts at byte "
-                                 f"{val_start:,} "
-                                 f"of {size:,}, the first point at or after byte {cut:,} = (1 - val_fraction) * corpus "
-                                 "bytes where the pre-tokenizer splits; the document's head ends train.bin")
+                                 f"{val_start:,} of {size:,}, the first point at or after byte {cut:,} = (1 - "
+                                 "val_fraction) * corpus bytes where the pre-tokenizer splits; the document's head "
+                                 "ends train.bin")
 
 
 # ---- encoding ----------------------------------------------------------------------------------------------------
