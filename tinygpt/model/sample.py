@@ -155,7 +155,7 @@ def load(checkpoint: str | None, gguf: str | None, device: torch.device,
         path = require_file(gguf, "GGUF file", "make one with `tinygpt gguf_convert`")
         model, tokenizer = load_gguf(path, device)
     else:
-        from tinygpt.export.hf import load_hf
+        from tinygpt.export.hf_read import load_hf
 
         model, tokenizer = load_hf(hf_dir, device)
     return model.eval(), tokenizer
