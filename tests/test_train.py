@@ -22,7 +22,7 @@ from tinygpt.common import TinyGPTError
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches
 from tinygpt.model.gpt import GPT, GPTConfig
 from tinygpt.data.stories.generator import story
-from tinygpt.model.hardware import autocast_dtype, cpu_has_fast_bf16
+from tinygpt.model.hardware import autocast_dtype
 from tinygpt.model.optim import configure_optimizers, cosine_lr
 from tinygpt.model.train import main
 from tinygpt.tokenizer.train_bpe import train_bpe
@@ -109,11 +109,16 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert all(g["weight_decay"] == 0.0 for g in adamw.param_groups)  # no AdamW matrix left to decay
 
 
-def test_autocast_dtype_choices():
+def test_autocast_dtype_choices(monkeypatch):
+    from tinygpt.model import hardware
+
     cpu = torch.device("cpu")
     assert autocast_dtype("off", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
-    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    # auto on a CPU: bf16 only where its matmuls measure clearly faster than fp32's
+    for bf16, fp32, expected in [(200e9, 100e9, torch.bfloat16), (55e9, 100e9, None), (110e9, 100e9, None)]:
+        monkeypatch.setattr(hardware, "matmul_peak", lambda dtype, device, n=None: bf16 if dtype is torch.bfloat16 else fp32)
+        assert autocast_dtype("auto", cpu) is expected
     with pytest.raises(TinyGPTError, match="fp16 needs a CUDA device"):
         autocast_dtype("fp16", cpu)
 
@@ -316,6 +321,32 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(da
     last = load_checkpoint(run_dir / "last.pt")
     assert last["step"] == 4 and all(torch.isfinite(t).all() for t in last["model"].values())
     assert not (tmp_path / "best.pt").exists()
+
+
+def test_a_resumed_run_keeps_what_amp_auto_chose(data_dir, tmp_path, monkeypatch):
+    """`auto` measures; the measurement may differ at the next start, but a resumed run computes as it began."""
+    from tinygpt.model import hardware
+    from tinygpt.model import train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def stop_after_step_2(path, state):
+        real_save(path, state)
+        if state["step"] == 2 and path.name == "last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hardware, "cpu_bf16_is_faster", lambda: True)
+    monkeypatch.setattr(train_module, "save_checkpoint", stop_after_step_2)
+    args = train_args(data_dir, tmp_path, "--max_steps", "4", "--ckpt_interval", "2", "--amp", "auto")
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    [run_dir] = run_dirs(tmp_path)
+    assert json.loads((run_dir / "config.json").read_text())["amp_chosen"] == "bf16"
+    monkeypatch.setattr(hardware, "cpu_bf16_is_faster", lambda: False)  # the next start measures otherwise
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    main(args)
+    assert run_dirs(tmp_path) == [run_dir] and load_checkpoint(tmp_path / "best.pt")["step"] == 4
+    assert json.loads((run_dir / "config.json").read_text())["amp_chosen"] == "bf16"
 
 
 def test_nan_validation_loss_stops_with_the_divergence_error(data_dir, tmp_path, monkeypatch):

@@ -96,7 +96,8 @@ def training_page(records: list[dict], run_config: dict | None = None, evaluatio
         summary.append(
             f"Model: {model.get('n_layer')} layers, {model.get('n_head')} heads, {model.get('n_embd')} wide, "
             f"context {model.get('block_size')}, vocabulary {model.get('vocab_size')}; "
-            f"mixed precision {training.get('amp')}, {training.get('world_size')} process(es)."
+            f"mixed precision {run_config.get('amp_chosen', training.get('amp'))} (setting {training.get('amp')}), "
+            f"{training.get('world_size')} process(es)."
         )
     rows = [
         (f"{r['step']:,}", f"{r['val_bpb']:.4f}", f"{r['val_loss']:.4f}", f"{r['train_loss']:.4f}",

@@ -9,27 +9,30 @@ import torch
 import torch.distributed as dist
 
 from tinygpt.common import TinyGPTError
+from tinygpt.model.flops import matmul_peak
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated, slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags)) or "AMX" in torch.backends.cpu.get_cpu_capability()
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_bf16_is_faster(n: int = 1024) -> bool:
+    """Whether bf16 matmuls clearly beat fp32 ones on this CPU, measured. CPUs with AMX or AVX512-BF16 usually
+    run them about 2x faster, but a flag is no proof: a 2-core AVX512-BF16 virtual machine ran bf16 at half
+    its fp32 speed, and training there in bf16 would have wasted half of every minute."""
+    cpu = torch.device("cpu")
+    return matmul_peak(torch.bfloat16, cpu, n) > 1.2 * matmul_peak(torch.float32, cpu, n)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--amp` on `device`; None means full fp32.
 
-    auto: bf16 where the hardware is fast at it (CUDA compute capability 8+, CPUs with AMX / AVX512-BF16: on
-    the 2-core AVX512-BF16 machine this was written on, a toy-model training step runs 2-3x faster in bf16),
-    fp16 with a gradient scaler on older GPUs, fp32 elsewhere (MPS included).
+    auto: bf16 where the hardware is fast at it (CUDA compute capability 8+; a CPU whose bf16 matmuls measure
+    faster than fp32 ones), fp16 with a gradient scaler on older GPUs, fp32 elsewhere (MPS included). The
+    measurement can differ between two starts, so training records what `auto` chose in the run folder and a
+    resumed run keeps it.
     """
     if amp == "off":
         return None
@@ -44,7 +47,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if fast_bf16 else torch.float16
     if device.type == "mps":
         return None  # MPS autocast is young and partial across macOS versions: fp32 unless asked for bf16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if cpu_bf16_is_faster() else None
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,14 @@ class Ranks:
         if self.distributed:
             dist.all_reduce(tensor)
         return tensor
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank (a collective: every rank must call it)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather(self, obj: object) -> list:
         """`obj` from every rank, in rank order (a collective: every rank must call it)."""

@@ -24,7 +24,8 @@ def announce_run(run_dir: Path, settings: dict, resumed_step: int | None) -> Non
         print(f"starting run {run_dir}")
         return
     previous = json.loads(others[-1].read_text())
-    previous.pop("fingerprint", None)  # the folder name, stored beside the settings: not a setting itself
+    for beside in ("fingerprint", "amp_chosen"):  # stored beside the settings, not settings themselves
+        previous.pop(beside, None)
     flat_new, flat_old = _flatten(settings), _flatten(previous)
     changes = [f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in sorted(flat_new.keys() | flat_old.keys())
                if flat_new.get(k) != flat_old.get(k)]

@@ -35,7 +35,7 @@ from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
 from tinygpt.model.flops import matmul_peak
 from tinygpt.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, config_from_preset
-from tinygpt.model.hardware import AMP_CHOICES, DEVICES, Ranks, autocast_dtype, pick_device
+from tinygpt.model.hardware import AMP_CHOICES, AMP_DTYPES, DEVICES, Ranks, autocast_dtype, pick_device
 from tinygpt.model.optim import OPTIMIZERS, configure_optimizers, cosine_lr, set_learning_rates
 from tinygpt.model.runs import MetricsLog, announce_run, run_fingerprint, trim_metrics
 from tinygpt.tokenizer.bpe import Tokenizer
@@ -114,10 +114,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ranks: Ranks, device: torch.device) -> None:
         self.cfg, self.ranks, self.device = cfg, ranks, device
         self._load_data()
-        self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.settings = self._settings()
         self.run_dir = Path(cfg.runs_dir) / run_fingerprint(self.settings)
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        self.amp_dtype = self._choose_amp()
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
         torch.manual_seed(cfg.seed)
@@ -168,10 +168,9 @@ class Trainer:
         """Everything the result depends on: hashed into the run folder's name and written as its config.json."""
         cfg = self.cfg
         training = {k: v for k, v in asdict(cfg).items() if k not in RUN_NEUTRAL and k not in MODEL_FLAGS}
-        amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         return {
             "model": asdict(self.model_config),
-            "training": {**training, "amp": amp_name, "world_size": self.ranks.world_size},
+            "training": {**training, "world_size": self.ranks.world_size},
             "data": {
                 "meta_sha256": self.meta_sha256,
                 "train_tokens": len(self.train_tokens),
@@ -179,6 +178,21 @@ class Trainer:
                 "tokenizer_sha256": hashlib.sha256(self.tokenizer_json.encode()).hexdigest(),
             },
         }
+
+    def _choose_amp(self) -> torch.dtype | None:
+        """The autocast dtype: what --amp says, or for `auto` what this machine is fast at; a resumed run keeps
+        the choice its run folder records, so that it computes as it began. Every rank takes rank 0's."""
+        recorded = self.run_dir / "config.json"
+        if self.cfg.amp == "auto" and self.last_path.exists() and recorded.exists():
+            chosen = json.loads(recorded.read_text()).get("amp_chosen")
+            if chosen in AMP_DTYPES:
+                return AMP_DTYPES[chosen]
+        dtype = autocast_dtype(self.cfg.amp, self.device)
+        return AMP_DTYPES[self.ranks.broadcast(self.amp_name(dtype))]
+
+    @staticmethod
+    def amp_name(dtype: torch.dtype | None) -> str:
+        return next(name for name, d in AMP_DTYPES.items() if d is dtype)
 
     # --- state --------------------------------------------------------------------------------------------
 
@@ -190,7 +204,8 @@ class Trainer:
         if self.ranks.is_main:
             announce_run(self.run_dir, self.settings, resumed_step)
             with atomic_open(self.run_dir / "config.json", "w") as f:
-                json.dump({**self.settings, "fingerprint": self.run_dir.name}, f, indent=2)
+                json.dump({**self.settings, "fingerprint": self.run_dir.name,
+                           "amp_chosen": self.amp_name(self.amp_dtype)}, f, indent=2)
             trim_metrics(self.metrics_path, self.step)
             self.metrics.open(self.step)
 
@@ -311,7 +326,7 @@ class Trainer:
         if main:
             print(f"model: {self.model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per "
                   f"token (forward + backward); {tokens_per_step} tokens per step on {self.ranks.world_size} "
-                  f"process(es), {self.device}, amp {self.settings['training']['amp']}; "
+                  f"process(es), {self.device}, amp {self.amp_name(self.amp_dtype)} ({self.cfg.amp}); "
                   f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
         bar = progress(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
                        **({} if main else {"disable": True}))
