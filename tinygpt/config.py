@@ -43,6 +43,15 @@ def contradiction(config: dict) -> str | None:
     if shape["n_embd"] % shape["n_head"]:
         return (f"model.n_embd ({shape['n_embd']}) is not a multiple of model.n_head ({shape['n_head']}); "
                 "each head takes an equal share of the width")
+    n_kv_head = model.get("n_kv_head")
+    if n_kv_head is not None and model.get("arch", "gpt2") == "gpt2":
+        return "model.n_kv_head is set but model.arch is gpt2, which has no grouped-query attention; use arch llama"
+    if n_kv_head is not None and shape["n_head"] % n_kv_head:
+        return (f"model.n_head ({shape['n_head']}) is not a multiple of model.n_kv_head ({n_kv_head}); "
+                "each key/value head serves an equal group of query heads")
+    if model.get("arch") == "llama" and (shape["n_embd"] // shape["n_head"]) % 2:
+        return (f"model.n_embd / model.n_head = {shape['n_embd'] // shape['n_head']} is odd; rotary embeddings "
+                "turn pairs of values, so llama needs an even head size")
     download, clean, encode = config["download"], config["clean"], config["encode"]
     known_bytes = [b for b in (clean["max_bytes"], download["source"] in ("builtin", "tinystories")
                                and parse_size(download["size"])) if b]
