@@ -5,6 +5,7 @@ the state saved, and the same two commands resume to the uninterrupted two-node 
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from test_train import metrics, run_dirs, subprocess_env, train_args, write_token_dir
+from test_workflow import copy_project, edit_config
 from tinygpt.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -111,3 +113,21 @@ def test_stopping_one_node_stops_both_and_the_same_commands_resume(data_dir, two
     assert whole["step"] == resumed["step"] and whole["val_loss"] == resumed["val_loss"]
     assert all(torch.equal(whole["model"][name], resumed["model"][name]) for name in whole["model"])
     assert [m["train_loss"] for m in metrics(run_dir)] == [m["train_loss"] for m in metrics(run_dirs(two_node_run)[0])]
+
+
+def test_more_than_one_node_without_slurm_is_refused_with_the_way_to_run_it(data_dir, tmp_path):
+    """train.nodes > 1 needs a launcher on each node: outside a SLURM allocation the train rule says how."""
+    project = copy_project(tmp_path)
+    edit_config(project, "train", "nodes", 2)
+    for name, folder in (("tokenizer.json", "data/tokenizer"), ("train.bin", "data/tokens"),
+                         ("val.bin", "data/tokens"), ("meta.json", "data/tokens")):
+        (project / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(data_dir / name, project / folder / name)
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("SLURM_")}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "checkpoints/best.pt"], cwd=project,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    log = (project / "logs" / "train.log").read_text()
+    assert log.startswith("train.nodes: 2 needs a SLURM allocation: run snakemake with --workflow-profile "
+                          "workflow/profiles/slurm, or start torchrun on each machine by hand (README)"), log
+    assert not (project / "checkpoints" / "best.pt").exists()
