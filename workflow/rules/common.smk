@@ -80,12 +80,13 @@ def local_files(settings):
 
 
 def train_resources(settings):
-    """The train rule's resources. `gpu`: GPUs for the local scheduler and SLURM. Under SLURM also `nodes`, one task
-    per node (`tasks` for CPU jobs; GPU jobs get one per node by default, and `tasks` would become
-    --ntasks-per-gpu), `gres` for the GPUs of each node when there are several (`gpu` counts them in all), and
-    `mpi`: present, it makes the SLURM executor run the rule in the job's batch shell instead of wrapping it in
-    an `srun -n1` step of its own, so that train_launcher starts the step; empty, since a named launcher makes
-    the plugin demand more than one task (snakemake-executor-plugin-slurm 2.8.0, -jobstep 0.6.1)."""
+    """The train rule's resources. `gpu`: the GPUs the local scheduler and SLURM give it. For SLURM also `nodes`,
+    one task per node (`tasks` for CPU jobs; a GPU job gets one per node by default, and there `tasks` would mean
+    --ntasks-per-gpu), with several nodes `gres` for each node's GPUs instead of `gpu` (which SLURM takes as the
+    job's total), and `mpi`: present, it makes the SLURM executor run the rule in the job's batch shell rather
+    than in an `srun -n1` step of its own, so that train_launcher starts the step; empty, since a named launcher
+    makes the plugin demand more than one task. As snakemake-executor-plugin-slurm 2.8.0 and -jobstep 0.6.1 do it
+    (pinned in pyproject.toml; tests/test_slurm_pipeline.py runs them on a real SLURM)."""
     nodes = settings["nodes"]
     gpus = settings["gpus"] if settings["device"] in ("auto", "cuda") else 0
     resources = {"nodes": nodes, "mpi": ""}
