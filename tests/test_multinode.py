@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,39 +46,52 @@ def free_port() -> int:
 
 
 def start_two_nodes(data_dir: Path, out_dir: Path) -> list[subprocess.Popen]:
-    """Two launchers, one "node" each, half the global batch per process; either may host the rendezvous."""
+    """Two launchers, one "node" each, half the global batch per process; either may host the rendezvous. Their
+    output goes to files (a pipe left unread while waiting for the other launcher could fill up)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", out_dir.name,
                 "-m", "tinygpt", "train", *with_batch(train_args(data_dir, out_dir, *SETTINGS), GLOBAL_BATCH // 2)]
-    return [subprocess.Popen(launcher, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True) for _ in range(2)]
+    procs = []
+    for _ in range(2):
+        output = tempfile.TemporaryFile()
+        procs.append(subprocess.Popen(launcher, env=subprocess_env(), stdout=output, stderr=subprocess.STDOUT))
+        procs[-1].output = output
+    return procs
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    """Each launcher's exit code and output."""
     results = []
     for proc in procs:
         try:
-            out, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:
                 proc.kill()
-        results.append((proc.returncode, out))
+                proc.wait()
+        proc.output.seek(0)
+        results.append((proc.returncode, proc.output.read().decode(errors="replace")))
+        proc.output.close()
     return results
 
 
-@pytest.fixture(scope="module")
-def two_node_run(data_dir, tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("two_nodes")
+def run_two_nodes(data_dir: Path, out_dir: Path) -> str:
+    output = ""
     for returncode, out in finish(start_two_nodes(data_dir, out_dir)):
         assert returncode == 0, out[-4000:]
-    return out_dir
+        output += out
+    return output
 
 
-def test_two_nodes_match_one_process_with_the_same_global_batch(data_dir, two_node_run, tmp_path):
-    single = with_batch(train_args(data_dir, tmp_path, *SETTINGS), GLOBAL_BATCH)
-    subprocess.run([sys.executable, "-m", "tinygpt", "train", *single], env=subprocess_env(), check=True,
-                   capture_output=True)
-    one, two = metrics(run_dirs(tmp_path)[0]), metrics(run_dirs(two_node_run)[0])
+def test_two_nodes_train_like_one_process_and_resume_after_a_stop(data_dir, tmp_path):
+    """One test, as the uninterrupted two-node run serves both halves (pytest-xdist would run a module fixture
+    once per worker)."""
+    whole, single, stopped = tmp_path / "whole", tmp_path / "single", tmp_path / "stopped"
+    run_two_nodes(data_dir, whole)
+    subprocess.run([sys.executable, "-m", "tinygpt", "train",
+                    *with_batch(train_args(data_dir, single, *SETTINGS), GLOBAL_BATCH)],
+                   env=subprocess_env(), check=True, capture_output=True)
+    one, two = metrics(run_dirs(single)[0]), metrics(run_dirs(whole)[0])
     assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, 41))
     # the same batches, summed in another order: equal to float rounding, which grows a little step by step
     assert [m["train_loss"] for m in two] == pytest.approx([m["train_loss"] for m in one], rel=1e-4)
@@ -85,34 +99,27 @@ def test_two_nodes_match_one_process_with_the_same_global_batch(data_dir, two_no
     val_one, val_two = ([m["val_loss"] for m in run if "val_loss" in m] for run in (one, two))
     assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-4)
 
-
-def test_stopping_one_node_stops_both_and_the_same_commands_resume(data_dir, two_node_run, tmp_path):
-    """SIGTERM to one launcher (Ctrl-C or a scheduler on one machine): torchrun passes it to its training process,
-    all processes agree to stop after the same step (the per-step all-reduce), rank 0 saves last.pt."""
-    procs = start_two_nodes(data_dir, tmp_path)
+    # SIGTERM to one launcher (Ctrl-C, or a scheduler, on one machine): torchrun passes it to its training
+    # process, all processes agree to stop after the same step (the per-step all-reduce), rank 0 saves last.pt.
+    procs = start_two_nodes(data_dir, stopped)
     deadline = time.monotonic() + 120
-    while not any(p.stat().st_size for p in (tmp_path / "runs").glob("*/metrics.jsonl")):
+    while not any(p.stat().st_size for p in (stopped / "runs").glob("*/metrics.jsonl")):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no training progress"
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)
     results = finish(procs)
     assert all(returncode != 0 for returncode, _ in results), results
     output = "".join(out for _, out in results)
-    assert "stopped by SIGTERM at step" in output, output[-4000:]
-    [run_dir] = run_dirs(tmp_path)
+    [run_dir] = run_dirs(stopped)
     stopped_at = load_checkpoint(run_dir / "last.pt")["step"]
-    assert f"stopped by SIGTERM at step {stopped_at}" in output and 0 < stopped_at < 40
-    assert not (tmp_path / "best.pt").exists()
-
-    resumed_output = ""
-    for returncode, out in finish(start_two_nodes(data_dir, tmp_path)):
-        assert returncode == 0, out[-4000:]
-        resumed_output += out
-    assert f"resuming run {run_dir} from step {stopped_at}" in resumed_output
-    whole, resumed = load_checkpoint(two_node_run / "best.pt"), load_checkpoint(tmp_path / "best.pt")
-    assert whole["step"] == resumed["step"] and whole["val_loss"] == resumed["val_loss"]
-    assert all(torch.equal(whole["model"][name], resumed["model"][name]) for name in whole["model"])
-    assert [m["train_loss"] for m in metrics(run_dir)] == [m["train_loss"] for m in metrics(run_dirs(two_node_run)[0])]
+    assert f"stopped by SIGTERM at step {stopped_at}" in output and 0 < stopped_at < 40, output[-4000:]
+    assert not (stopped / "best.pt").exists()
+    # The same two commands resume to the uninterrupted run's weights.
+    assert f"resuming run {run_dir} from step {stopped_at}" in run_two_nodes(data_dir, stopped)
+    a, b = load_checkpoint(whole / "best.pt"), load_checkpoint(stopped / "best.pt")
+    assert a["step"] == b["step"] and a["val_loss"] == b["val_loss"]
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+    assert [m["train_loss"] for m in metrics(run_dir)] == [m["train_loss"] for m in two]
 
 
 def test_more_than_one_node_without_slurm_is_refused_with_the_way_to_run_it(data_dir, tmp_path):

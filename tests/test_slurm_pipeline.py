@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ SLURM_RULES = ["clean", "train_bpe", "encode", "train"]  # what TARGET needs, do
 TRAIN = {"device": "cpu", "gpus": 2, "batch_size": 2, "max_steps": 40, "eval_interval": 20, "ckpt_interval": 20}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def slurm(tmp_path_factory) -> SlurmCluster:
     with local_slurm(tmp_path_factory.mktemp("slurm"), nodes=2) as cluster:
         yield cluster
@@ -107,92 +106,92 @@ def slurm_jobs(cluster: SlurmCluster) -> list[dict]:
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line]
 
 
-@dataclass
-class Runs:
-    local: Path
-    slurm: Path
-    stopped_job: str
-    seconds: float
-
-
-@pytest.fixture(scope="module")
-def runs(slurm, tmp_path_factory) -> Runs:
+def run_both(cluster: SlurmCluster, tmp_path: Path) -> tuple[Path, Path, str]:
     """The tiny pipeline to the final checkpoint twice at the same time (most of the SLURM run is waiting):
-    locally, and through the SLURM profile, whose training job is told to stop once it has started."""
+    locally, and through the SLURM profile, whose training job is told to stop once it has started. Returns the
+    two project folders and the stopped job's id."""
     folders = {}
     for name in ("local", "slurm"):
-        folders[name] = copy_project(tmp_path_factory.mktemp(name))
+        (tmp_path / name).mkdir()
+        folders[name] = copy_project(tmp_path / name)
         for key, value in TRAIN.items():
             edit_config(folders[name], "train", key, value)
-    profile = slurm_profile(slurm, tmp_path_factory.mktemp("profile") / "slurm")
-    start = time.monotonic()
+    profile = slurm_profile(cluster, tmp_path / "profile" / "slurm")
     local = start_snakemake(folders["local"], os.environ, "--cores", "2")
-    remote = start_snakemake(folders["slurm"], slurm.env, "--workflow-profile", str(profile))
+    remote = start_snakemake(folders["slurm"], cluster.env, "--workflow-profile", str(profile))
     try:
-        stopped = stop_training_once_started(folders["slurm"], slurm)
-        finish(remote, folders["slurm"], slurm)
-        finish(local, folders["local"], slurm)
+        stopped = stop_training_once_started(folders["slurm"], cluster)
+        finish(remote, folders["slurm"], cluster)
+        finish(local, folders["local"], cluster)
     finally:
         for proc in (local, remote):
             if proc.poll() is None:
                 proc.kill()
-    seconds = time.monotonic() - start
-    print(f"local and SLURM pipelines to {TARGET}: {seconds:.0f} s")
-    return Runs(folders["local"], folders["slurm"], stopped, seconds)
+    return folders["local"], folders["slurm"], stopped
 
 
-def test_every_rule_but_download_ran_as_a_slurm_job(runs, slurm):
-    jobs = [job for job in slurm_jobs(slurm) if "." not in job["JobID"]]
+def check_every_rule_but_download_ran_as_a_slurm_job(cluster: SlurmCluster) -> None:
+    jobs = [job for job in slurm_jobs(cluster) if "." not in job["JobID"]]
     completed = [job["Comment"] for job in jobs if job["State"] == "COMPLETED"]
     assert sorted(completed) == sorted(f"rule_{rule}" for rule in SLURM_RULES)
     assert [job["Comment"] for job in jobs if job["State"] != "COMPLETED"] == ["rule_train"]  # the stopped one
-    assert "Job stats" in (runs.slurm / "snakemake.out").read_text()
 
 
-def test_results_equal_the_local_run(runs):
-    for path in ["data/clean/corpus.txt", "data/tokenizer/tokenizer.json", "data/tokens/train.bin",
-                 "data/tokens/val.bin", "data/tokens/meta.json"]:
-        assert (runs.slurm / path).read_bytes() == (runs.local / path).read_bytes(), path
-    ours, theirs = (torch.load(run / TARGET, weights_only=True) for run in (runs.slurm, runs.local))
-    assert ours["step"] == theirs["step"] == TRAIN["max_steps"] and ours["val_loss"] == theirs["val_loss"]
-    assert ours["model"].keys() == theirs["model"].keys()
-    assert all(torch.equal(ours["model"][name], theirs["model"][name]) for name in theirs["model"])
+def check_same_results(ours: Path, theirs: Path, paths=("data/clean/corpus.txt", "data/tokenizer/tokenizer.json",
+                       "data/tokens/train.bin", "data/tokens/val.bin", "data/tokens/meta.json")) -> None:
+    """The same bytes, the same final weights, the same losses at every logged step."""
+    for path in paths:
+        assert (ours / path).read_bytes() == (theirs / path).read_bytes(), path
+    a, b = (torch.load(run / TARGET, weights_only=True) for run in (ours, theirs))
+    assert a["step"] == b["step"] == TRAIN["max_steps"] and a["val_loss"] == b["val_loss"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in b["model"])
+    ours_metrics, theirs_metrics = metrics(ours), metrics(theirs)  # every logged step once, after the resume too
+    assert [m["step"] for m in ours_metrics] == [m["step"] for m in theirs_metrics]
+    for key in ("train_loss", "val_loss"):
+        assert [m.get(key) for m in ours_metrics] == [m.get(key) for m in theirs_metrics], key
 
 
-def test_stopped_training_saved_and_its_retry_resumed(runs, slurm):
-    by_id = {job["JobID"]: job for job in slurm_jobs(slurm)}
-    stopped, step = by_id[runs.stopped_job], by_id[f"{runs.stopped_job}.0"]
-    assert (stopped["Comment"], stopped["State"]) == ("rule_train", "FAILED")
-    assert step["State"] == "FAILED"  # the srun step: torchrun exits 1 when its processes exit 75
-    log = (runs.slurm / ".snakemake" / "slurm_logs" / "rule_train" / f"{runs.stopped_job}.log").read_text()
+def check_stopped_and_resumed(cluster: SlurmCluster, project: Path, job_id: str) -> int:
+    """The stopped job failed with training's stop message, and the retry resumed from the step it saved."""
+    by_id = {job["JobID"]: job for job in slurm_jobs(cluster)}
+    assert (by_id[job_id]["Comment"], by_id[job_id]["State"]) == ("rule_train", "FAILED")
+    assert by_id[f"{job_id}.0"]["State"] == "FAILED"  # the srun step: torchrun exits 1 when its processes exit 75
+    log = (project / ".snakemake" / "slurm_logs" / "rule_train" / f"{job_id}.log").read_text()
     assert "stopped by SIGUSR1 at step" in log and "run the same command to resume" in log
     stopped_at = int(log.split("stopped by SIGUSR1 at step ")[1].split(",")[0])
     assert 0 < stopped_at < TRAIN["max_steps"]
-    assert f"from step {stopped_at}\n" in (runs.slurm / "logs" / "train.log").read_text()  # the retry's log
-    # The retry continued the same run folder: every logged step once, with the local run's losses exactly.
-    ours, theirs = metrics(runs.slurm), metrics(runs.local)
-    assert [m["step"] for m in ours] == [m["step"] for m in theirs]
-    assert [m["train_loss"] for m in ours] == [m["train_loss"] for m in theirs]
-    assert [m.get("val_loss") for m in ours] == [m.get("val_loss") for m in theirs]
+    assert f"from step {stopped_at}\n" in (project / "logs" / "train.log").read_text()  # the retry's log
+    return stopped_at
 
 
-def test_two_nodes_under_slurm_equal_two_processes_on_one(runs, slurm, tmp_path):
-    """train.nodes: 2 with one process each: one torchrun per node in one SLURM job, c10d rendezvous on the first
-    node; the same two ranks with the same batches as the one-node run's two processes, so the same weights."""
-    project = tmp_path / "project"
-    shutil.copytree(runs.slurm, project, symlinks=True, copy_function=shutil.copy2)
+def two_nodes(cluster: SlurmCluster, built: Path, tmp_path: Path) -> Path:
+    """The built project again with train.nodes: 2 and one process per node: only training reruns, as one SLURM
+    job of two nodes, one torchrun each."""
+    project = tmp_path / "two_nodes"
+    shutil.copytree(built, project, symlinks=True, copy_function=shutil.copy2)
     for folder in (".snakemake/slurm_logs", "checkpoints", "logs"):  # the one-node job's logs and run folder
         shutil.rmtree(project / folder)
     edit_config(project, "train", "nodes", 2)
     edit_config(project, "train", "gpus", 1)
-    profile = slurm_profile(slurm, tmp_path / "profile" / "slurm")
-    before = {job["JobID"] for job in slurm_jobs(slurm)}
-    finish(start_snakemake(project, slurm.env, "--workflow-profile", str(profile)), project, slurm)
-    jobs = {job["JobID"]: job for job in slurm_jobs(slurm) if job["JobID"] not in before}
+    profile = slurm_profile(cluster, tmp_path / "profile2" / "slurm")
+    before = {job["JobID"] for job in slurm_jobs(cluster)}
+    finish(start_snakemake(project, cluster.env, "--workflow-profile", str(profile)), project, cluster)
+    jobs = {job["JobID"]: job for job in slurm_jobs(cluster) if job["JobID"] not in before}
     [job_id] = [job_id for job_id in jobs if "." not in job_id]
     assert (jobs[job_id]["Comment"], jobs[job_id]["State"], jobs[job_id]["NNodes"]) == ("rule_train", "COMPLETED", "2")
     assert (jobs[f"{job_id}.0"]["NNodes"], jobs[f"{job_id}.0"]["NTasks"]) == ("2", "2")  # one torchrun per node
-    ours, theirs = (torch.load(run / TARGET, weights_only=True) for run in (project, runs.local))
-    assert ours["step"] == theirs["step"] and ours["val_loss"] == theirs["val_loss"]
-    assert all(torch.equal(ours["model"][name], theirs["model"][name]) for name in theirs["model"])
-    assert [m["train_loss"] for m in metrics(project)] == [m["train_loss"] for m in metrics(runs.local)]
+    return project
+
+
+def test_slurm_profile_builds_what_a_local_run_builds_and_resumes_a_stopped_training(slurm, tmp_path):
+    """One test, as its runs are shared: pytest-xdist would run a module fixture once per worker."""
+    start = time.monotonic()
+    local, remote, stopped_job = run_both(slurm, tmp_path)
+    both = time.monotonic()
+    check_every_rule_but_download_ran_as_a_slurm_job(slurm)
+    check_stopped_and_resumed(slurm, remote, stopped_job)
+    check_same_results(remote, local)
+    # Two nodes of one process each: the same two ranks with the same batches as the two processes on one node.
+    check_same_results(two_nodes(slurm, remote, tmp_path), local)
+    print(f"local and SLURM pipelines: {both - start:.0f} s; two-node training: {time.monotonic() - both:.0f} s")
