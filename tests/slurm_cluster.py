@@ -37,7 +37,7 @@ from typing import Iterator
 CLUSTER = "tiny"
 PARTITION = "debug"
 ACCOUNT = "tinygpt"
-START_TIMEOUT = 30.0  # seconds for each daemon to answer
+START_TIMEOUT = 60.0  # seconds for each daemon to answer; generous, as tests share a loaded 2-core machine
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 # Program -> Debian package (bookworm: slurm-wlm 22.05.8, munge 0.5.15, mariadb-server 10.11).
 REQUIRED = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd", "sinfo": "slurm-client"}

@@ -61,9 +61,9 @@ def slurm_profile(cluster: SlurmCluster, dest: Path) -> Path:
 
 
 def start_snakemake(workdir: Path, env: dict, *args: str) -> subprocess.Popen:
-    log = open(workdir / "snakemake.out", "w")
-    return subprocess.Popen([sys.executable, "-m", "snakemake", *args, TARGET], cwd=workdir,
-                            env={**env, "TINYGPT_NO_PROGRESS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    with open(workdir / "snakemake.out", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "snakemake", *args, TARGET], cwd=workdir,
+                                env={**env, "TINYGPT_NO_PROGRESS": "1"}, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, workdir: Path, cluster: SlurmCluster, timeout: float = 400) -> None:
@@ -117,7 +117,9 @@ def run_both(cluster: SlurmCluster, tmp_path: Path) -> tuple[Path, Path, str]:
         for key, value in TRAIN.items():
             edit_config(folders[name], "train", key, value)
     profile = slurm_profile(cluster, tmp_path / "profile" / "slurm")
-    local = start_snakemake(folders["local"], os.environ, "--cores", "2")
+    # (not inside an allocation of some other SLURM that runs these tests: the train rule would srun into it)
+    outside_slurm = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
+    local = start_snakemake(folders["local"], outside_slurm, "--cores", "2")
     remote = start_snakemake(folders["slurm"], cluster.env, "--workflow-profile", str(profile))
     try:
         stopped = stop_training_once_started(folders["slurm"], cluster)
