@@ -85,7 +85,7 @@ def test_command_line_values_are_read_as_yaml():
         ({"download": {"size": 2000}, "model": {"block_size": 512}},
          "model.block_size 512 needs windows of 513 tokens, but validation gets about 100 bytes"),
         ({"clean": {"max_bytes": 5000}, "encode": {"val_fraction": 0.01}}, "validation gets about 50 bytes"),
-        ({"model": {"n_kv_head": 2}}, "model.n_kv_head is set but model.arch is gpt2"),
+        ({"model": {"arch": "gpt2", "n_kv_head": 2}}, "model.n_kv_head is set but model.arch is gpt2"),
         ({"model": {"arch": "llama", "n_kv_head": 3}}, "model.n_head (4) is not a multiple of model.n_kv_head (3)"),
         ({"model": {"arch": "llama", "n_embd": 20, "n_head": 4}}, "model.n_embd / model.n_head = 5 is odd"),
     ],

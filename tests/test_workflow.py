@@ -98,6 +98,18 @@ def test_pipeline_builds_every_stage(built: Path):
     assert jobs_that_would_run(built) == set(), "a finished pipeline has nothing stale"
 
 
+def test_the_seed_recipe_builds_end_to_end(tmp_path: Path):
+    """GPT-2 with AdamW, the seed's recipe, stays one setting away from the default (llama)."""
+    workdir = copy_project(tmp_path)
+    edit_config(workdir, "model", "arch", "gpt2")
+    edit_config(workdir, "train", "optimizer", "adamw")
+    snakemake(workdir, TARGET)
+    [run_config] = (workdir / "checkpoints/runs").glob("*/config.json")
+    settings = yaml.safe_load(run_config.read_text())
+    assert settings["model"]["arch"] == "gpt2" and settings["training"]["optimizer"] == "adamw"
+    assert (workdir / TARGET).stat().st_size > 0
+
+
 def test_lint_is_clean(built: Path):
     result = snakemake(built, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
