@@ -68,7 +68,7 @@ class TrainConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     attention: str = "sdpa"
-    max_steps: int = 700
+    max_steps: int = 650
     batch_size: int = 16  # per process and micro-step
     grad_accum: int = 1
     lr: float = 2e-3
