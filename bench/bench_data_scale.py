@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tinygpt.common import EOT, usable_cpus  # noqa: E402
+from tinygpt.common import usable_cpus  # noqa: E402
 
 MB = 1_000_000
 LAPTOP_RAM_MB = 8_000
@@ -129,18 +129,9 @@ def text_pieces(corpus: Path, ends: list | None = None):
 
 
 def peer_hf(corpus: Path, vocab_size: int, out: Path) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from bench_bpe import train_hf  # the same HF BpeTrainer setup as bench_bpe (this script's folder is on sys.path)
 
-    from tinygpt.tokenizer.bpe import GPT2_PATTERN
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(text_pieces(corpus), trainer)
+    hf = train_hf(text_pieces(corpus), vocab_size)
     hf.save(str(out))
 
 
