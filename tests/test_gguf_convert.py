@@ -61,6 +61,15 @@ def our_state_name(gguf_name: str) -> str:
     return f"blocks.{i}.{BLOCK_NAMES[kind]}.{leaf}"
 
 
+
+def assert_fields(reader: gguf.GGUFReader, expected: dict) -> None:
+    """Each metadata key present, with exactly the value type and the value expected."""
+    for key, (vtype, value) in expected.items():
+        field = reader.get_field(key)
+        assert field is not None, key
+        assert field.types == [vtype], key
+        assert field.contents() == value, key
+
 @pytest.mark.parametrize("outtype", list(OUTTYPES))
 def test_metadata_has_every_key_with_its_exact_type(converted, model_dir, outtype):
     _, model, tokenizer = model_dir
@@ -83,11 +92,7 @@ def test_metadata_has_every_key_with_its_exact_type(converted, model_dir, outtyp
         "tokenizer.ggml.eos_token_id": (V.UINT32, tokenizer.eot_id),
         "tokenizer.ggml.add_bos_token": (V.BOOL, False),
     }
-    for key, (vtype, value) in expected.items():
-        field = reader.get_field(key)
-        assert field is not None, key
-        assert field.types == [vtype], key
-        assert field.contents() == value, key
+    assert_fields(reader, expected)
 
     arrays = {
         "tokenizer.ggml.tokens": (V.STRING, tokenizer.token_strings()),
@@ -202,11 +207,7 @@ def test_llama_metadata_has_every_key_with_its_exact_type(llama_files):
         "tokenizer.ggml.pre": (V.STRING, "gpt-2"),
         "tokenizer.ggml.add_bos_token": (V.BOOL, False),
     }
-    for key, (vtype, value) in expected.items():
-        field = reader.get_field(key)
-        assert field is not None, key
-        assert field.types == [vtype], key
-        assert field.contents() == value, key
+    assert_fields(reader, expected)
     assert not any(key.startswith("gpt2.") for key in reader.fields)
 
 
