@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tinygpt.model.checkpoint import load_model  # noqa: E402
 from tinygpt.export.hf import export_hf  # noqa: E402
 from tinygpt.export.gguf_convert import convert_to_gguf  # noqa: E402
-from tinygpt.export.gguf_read import load_gguf  # noqa: E402
+from tinygpt.weights.gguf_read import load_gguf  # noqa: E402
 from tinygpt.model.gpt import GPT, PRESETS, GPTConfig  # noqa: E402
 from tinygpt.tokenizer.bpe import Tokenizer  # noqa: E402
 

@@ -10,7 +10,7 @@ an f16 GGUF, then quantized to each type by `tinygpt.export.quantize.quantize_gg
 write). Peers measured in the same run: gguf-py's Q8_0 quantizer (the only type of ours it has: gguf.quants.quantize
 on the same 2-D tensors, against our Q8_0 kernel on the same tensors), and, when llama-cpp-python is installed,
 llama.cpp's llama_model_quantize on the same file with the same thread count (also checked byte for byte).
-Quality: perplexity of the validation tokens under the f16 and the quantized GGUF, both read by tinygpt.export.gguf_read.
+Quality: perplexity of the validation tokens under the f16 and the quantized GGUF, both read by tinygpt.weights.gguf_read.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def bench_speed(args, arch: str) -> None:
 def perplexity(path: Path, tokens: np.ndarray, max_windows: int) -> float:
     import torch
 
-    from tinygpt.export.gguf_read import load_gguf
+    from tinygpt.weights.gguf_read import load_gguf
 
     model, _ = load_gguf(path)
     T = model.config.block_size

@@ -11,7 +11,7 @@ from builders import PARITY_TEXTS, random_gpt, save_tiny_checkpoint, tiny_tokeni
 from tinygpt.common import TinyGPTError
 from tinygpt.export.hf import export_hf
 from tinygpt.export.gguf_convert import convert_to_gguf
-from tinygpt.export.gguf_read import load_gguf
+from tinygpt.weights.gguf_read import load_gguf
 from tinygpt.model.gpt import GPT
 
 

@@ -14,7 +14,7 @@ from builders import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tin
 from tinygpt.common import TinyGPTError
 from tinygpt.export.hf import export_hf
 from tinygpt.export.gguf_convert import convert_to_gguf
-from tinygpt.export.gguf_read import load_gguf
+from tinygpt.weights.gguf_read import load_gguf
 from tinygpt.export.llama_cpp import main, run_llama
 from tinygpt.model.sample import generate
 

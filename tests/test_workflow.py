@@ -145,10 +145,10 @@ def test_a_changed_setting_reruns_its_stage_and_what_follows(project, section, k
         ("tokenizer/encode", "encode"),
         ("model/train", "train"),
         ("model/flops", "train"),
-        ("export/names", "export"),
+        ("weights/names", "export"),
         ("export/hf", "export"),
         ("export/gguf_convert", "gguf_convert"),
-        ("export/gguf_read", "quantize"),  # the quantizer reads its input with it
+        ("weights/gguf_read", "quantize"),  # the quantizer reads its input with it
         ("export/quants", "quantize"),
     ],
 )

@@ -26,7 +26,7 @@ from typing import Sequence
 from tinygpt.model.checkpoint import load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, require_file, run_cli
 from tinygpt.model.batches import TokenFile, read_meta, token_dtype
-from tinygpt.export.gguf_read import read_gguf
+from tinygpt.weights.gguf_read import read_gguf
 from tinygpt.tokenizer.bpe import Tokenizer
 
 Row = Sequence[object]

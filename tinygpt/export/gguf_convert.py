@@ -7,7 +7,7 @@ Metadata and tensors follow docs/gguf.md. Which tensors keep F32 follows llama.c
 keeps the position embedding F32 too), the other 2-D weights take the output type. A Q8_0 tensor whose rows
 are not a multiple of 32 values falls back to F16, as convert_hf_to_gguf does. The tied LM head is left out:
 llama.cpp reuses token_embd for the output when `output.weight` is absent. For `llama` the rows of Q and K are
-reordered for llama.cpp's rotary embedding (tinygpt.export.names.rope_rows_to_gguf).
+reordered for llama.cpp's rotary embedding (tinygpt.weights.names.rope_rows_to_gguf).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from tinygpt.common import TinyGPTError, atomic_path, progress, require_file, run_cli
-from tinygpt.export.names import TensorName, by, lm_head_name, model_dims, shape_of, tensor_names
+from tinygpt.weights.names import TensorName, by, lm_head_name, model_dims, shape_of, tensor_names
 from tinygpt.tokenizer.bpe import Tokenizer
 
 F32, F16, BF16, Q8_0 = (gguf.GGMLQuantizationType[t] for t in ("F32", "F16", "BF16", "Q8_0"))
@@ -56,7 +56,7 @@ class HParams:
 
     @property
     def dims(self) -> dict[str, int]:
-        """The symbols of the name table's shapes (tinygpt.export.names) for this model."""
+        """The symbols of the name table's shapes (tinygpt.weights.names) for this model."""
         return model_dims(self.vocab_size, self.n_ctx, self.n_embd, self.n_ff, self.n_head, self.n_kv_head)
 
 

@@ -4,7 +4,7 @@
 
 writes model.safetensors, config.json, generation_config.json, tokenizer.json and tokenizer_config.json.
 Our model computes exactly what transformers' model of the same architecture computes, so only names and layouts
-change (tinygpt.export.names): HF GPT-2 keeps its attention/MLP weights in `Conv1D` modules, stored (in, out),
+change (tinygpt.weights.names): HF GPT-2 keeps its attention/MLP weights in `Conv1D` modules, stored (in, out),
 the transpose of our `nn.Linear` (out, in); HF Llama stores them as we do. A tied LM head is not stored
 (safetensors refuses shared tensors, and transformers re-ties it from `tie_word_embeddings`).
 """
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from tinygpt.model.checkpoint import checked_model_state, load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, atomic_path, run_cli
-from tinygpt.export.names import tensor_names
+from tinygpt.weights.names import tensor_names
 from tinygpt.model.gpt import GPTConfig
 from tinygpt.tokenizer.bpe import EOT, Tokenizer
 

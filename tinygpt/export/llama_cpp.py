@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tinygpt.common import TinyGPTError, run_cli
-from tinygpt.export.gguf_read import gguf_config, gguf_tokenizer, read_gguf
+from tinygpt.weights.gguf_read import gguf_config, gguf_tokenizer, read_gguf
 
 BACKENDS = ("auto", "cli", "python")
 CLI_PROGRAMS = ("llama-completion", "llama-cli")  # llama-completion is the plain-completion tool in new builds

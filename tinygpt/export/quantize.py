@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli
-from tinygpt.export.gguf_read import read_gguf
+from tinygpt.weights.gguf_read import read_gguf
 from tinygpt.export.quants import quantize
 
 QT = GGMLQuantizationType

@@ -145,7 +145,7 @@ class Rotary(nn.Module):
     """cos and sin of RoPE's angles (position * theta^(-2i/head_dim)) for every position, computed once.
 
     Hugging Face's layout: value i of a head is rotated together with value i + head_dim/2 (llama.cpp pairs
-    neighbours instead; the GGUF converter permutes the rows of Q and K to match, see tinygpt.export.names).
+    neighbours instead; the GGUF converter permutes the rows of Q and K to match, see tinygpt.weights.names).
     """
 
     def __init__(self, config: GPTConfig) -> None:

@@ -150,12 +150,12 @@ def load(checkpoint: str | None, gguf: str | None, device: torch.device,
         path = require_file(checkpoint, "checkpoint", "train one with `tinygpt train`")
         model, tokenizer = load_model(path, device)
     elif gguf is not None:
-        from tinygpt.export.gguf_read import load_gguf
+        from tinygpt.weights.gguf_read import load_gguf
 
         path = require_file(gguf, "GGUF file", "make one with `tinygpt gguf_convert`")
         model, tokenizer = load_gguf(path, device)
     else:
-        from tinygpt.export.hf_read import load_hf
+        from tinygpt.weights.hf_read import load_hf
 
         model, tokenizer = load_hf(hf_dir, device)
     return model.eval(), tokenizer

@@ -10,7 +10,7 @@ import torch
 
 from tinygpt.common import TinyGPTError, require_file
 from tinygpt.export.gguf_convert import read_gguf_tensors, read_hf_config
-from tinygpt.export.names import by, tensor_names
+from tinygpt.weights.names import by, tensor_names
 from tinygpt.model.gpt import GPT, GPTConfig
 from tinygpt.tokenizer.bpe import Tokenizer
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tinygpt.common import TinyGPTError, require_file
-from tinygpt.export.names import by, lm_head_name, model_dims, shape_of, tensor_names
+from tinygpt.weights.names import by, lm_head_name, model_dims, shape_of, tensor_names
 from tinygpt.model.gpt import ARCHS, GPT, GPTConfig
 from tinygpt.tokenizer.bpe import Tokenizer
 
