@@ -22,6 +22,7 @@ COMMANDS = {
     "sample": ("tinygpt.model.sample", "generate text from a checkpoint or a GGUF file"),
     "export": ("tinygpt.export.hf", "write a Hugging Face folder, GPT-2 or Llama (safetensors)"),
     "gguf_convert": ("tinygpt.export.gguf_convert", "convert the export folder to a GGUF file"),
+    "imatrix": ("tinygpt.export.calibrate", "importance matrix of the float model on training text"),
     "quantize": ("tinygpt.export.quantize", "quantize a GGUF file (q4_k_m, q6_k, q8_0, ...)"),
     "llama": ("tinygpt.export.llama_cpp", "run a GGUF file with llama.cpp (llama-cli or llama-cpp-python)"),
     "report": ("tinygpt.report", "write the report pages (loss curve, data, GGUF sizes, timings)"),
