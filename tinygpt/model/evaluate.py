@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
 from tinygpt.model.gpt import GPT
 from tinygpt.model.hardware import AMP_CHOICES, autocast_dtype, pick_device
+from tinygpt.model.kl import KLDivergence, describe, kl_divergence
 from tinygpt.model.sample import load
 from tinygpt.tokenizer.bpe import Tokenizer
 
@@ -119,7 +120,7 @@ def read_tokens(args: argparse.Namespace, tokenizer: Tokenizer) -> np.ndarray:
     return tokens
 
 
-def main(argv: Sequence[str] | None = None) -> Evaluation:
+def main(argv: Sequence[str] | None = None) -> Evaluation | KLDivergence:
     parser = argparse.ArgumentParser(prog="tinygpt evaluate", description=__doc__.split("\n\n")[0])
     model_source = parser.add_mutually_exclusive_group(required=True)
     model_source.add_argument("--checkpoint", help="a tinygpt checkpoint (e.g. checkpoints/best.pt)")
@@ -134,13 +135,29 @@ def main(argv: Sequence[str] | None = None) -> Evaluation:
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                         help="mixed precision as in training (auto: bf16 where fast); off: exact fp32")
     parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("--reference", help="a float GGUF (model-f16.gguf): report the model's KL divergence "
+                        "from it, top-1 agreement and perplexity ratio, as llama-perplexity --kl-divergence")
     args = parser.parse_args(argv)
     model, tokenizer = load(args.checkpoint, args.gguf, pick_device(args.device), args.hf_dir)
+    if args.reference:
+        return compare_with_reference(model, tokenizer, args)
     result = evaluate_tokens(model, read_tokens(args, tokenizer), text_lengths(tokenizer), args.stride,
                              args.batch_size, args.amp)
     print(f"{result.bits_per_byte:.4f} bits per byte ({result.loss:.4f} nats per token) over {result.tokens:,} "
           f"tokens, {result.bytes:,} bytes of text; context up to {result.block_size}, stride {result.stride}",
           file=sys.stderr)
+    if args.json:
+        with atomic_open(args.json, "w", encoding="utf-8") as f:
+            json.dump(asdict(result), f, indent=2)
+            f.write("\n")
+    return result
+
+
+def compare_with_reference(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace) -> KLDivergence:
+    """--reference: the model's drift from the float file on the same tokens (tinygpt.model.kl)."""
+    reference, _ = load(None, args.reference, next(model.parameters()).device)
+    result = kl_divergence(model, reference, read_tokens(args, tokenizer), batch_size=args.batch_size)
+    print(describe(result), file=sys.stderr)
     if args.json:
         with atomic_open(args.json, "w", encoding="utf-8") as f:
             json.dump(asdict(result), f, indent=2)
