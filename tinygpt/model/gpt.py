@@ -4,7 +4,10 @@
   GELU, a final LayerNorm. Exactly Hugging Face `GPT2LMHeadModel` and llama.cpp's `gpt2`.
 - `llama`: token embedding only, pre-RMSNorm blocks without biases, rotary position embeddings (RoPE) on queries
   and keys, optional grouped-query attention (n_kv_head key/value heads shared by groups of query heads), a
-  SwiGLU MLP, a final RMSNorm. Exactly Hugging Face `LlamaForCausalLM` and llama.cpp's `llama`.
+  SwiGLU MLP, a final RMSNorm. Exactly Hugging Face `LlamaForCausalLM` and llama.cpp's `llama`; with
+  `rope_scaling` of type llama3, Llama 3.1/3.2's stretched rotary frequencies.
+- `qwen2`: `llama` with biases on the query, key and value projections. Exactly Hugging Face `Qwen2ForCausalLM`
+  and llama.cpp's `qwen2`.
 
 Both tie the LM head to the token embedding unless `tie_embeddings` is off. A `KVCache` makes decoding
 incremental: `forward` then processes only the new tokens, at positions that continue from the cache.
@@ -22,14 +25,15 @@ import torch.nn.functional as F
 from tinygpt.common import TinyGPTError
 from tinygpt.model.presets import PRESETS
 
-ARCHS = ("gpt2", "llama")
+ARCHS = ("gpt2", "llama", "qwen2")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 ATTENTION_KINDS = ("sdpa", "explicit")
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int
-    arch: str = "gpt2"  # "gpt2" or "llama"
+    arch: str = "gpt2"  # "gpt2", "llama" or "qwen2"
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None  # llama: key/value heads (grouped-query attention); None: n_head
@@ -39,6 +43,8 @@ class GPTConfig:
     norm_eps: float = 1e-5  # LayerNorm (gpt2) or RMSNorm (llama) epsilon
     rope_theta: float = 10000.0  # llama: base of the rotary frequencies
     tie_embeddings: bool = True  # the LM head is the token embedding
+    n_ff: int | None = None  # the MLP's hidden width; None: the architecture's rule (ffn_hidden); imported models set it
+    rope_scaling: dict | None = None  # llama/qwen2: Hugging Face's {"rope_type": "llama3", factor, ...}; None: plain RoPE
     attention: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "explicit" (masked softmax)
 
     def __post_init__(self) -> None:
@@ -46,8 +52,10 @@ class GPTConfig:
             raise TinyGPTError(f"model config arch={self.arch!r} must be one of {', '.join(ARCHS)}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size"):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "n_ff"):
             value = getattr(self, name)
+            if name == "n_ff" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TinyGPTError(f"model config {name}={value!r} must be a positive integer")
         if self.n_embd % self.n_head:
@@ -61,7 +69,7 @@ class GPTConfig:
         if self.n_head % self.n_kv_head:
             raise TinyGPTError(f"model config n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}; "
                                "each key/value head serves an equal group of query heads")
-        if self.arch == "llama" and self.head_dim % 2:
+        if self.arch != "gpt2" and self.head_dim % 2:
             raise TinyGPTError(f"model config head size n_embd/n_head={self.head_dim} is odd; "
                                "rotary embeddings rotate pairs of values, pick an even head size")
         if not 0.0 <= self.dropout < 1.0:
@@ -71,6 +79,20 @@ class GPTConfig:
                 raise TinyGPTError(f"model config {name}={getattr(self, name)} must be positive")
         if self.attention not in ATTENTION_KINDS:
             raise TinyGPTError(f"model config attention={self.attention!r} must be one of {', '.join(ATTENTION_KINDS)}")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if self.arch == "gpt2":
+            raise TinyGPTError("model config rope_scaling is set but gpt2 has no rotary embeddings; leave it unset")
+        if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+            raise TinyGPTError(f"model config rope_scaling={scaling!r}: tinygpt knows only rope_type 'llama3' "
+                               "(Llama 3.1/3.2); leave it unset for plain RoPE")
+        missing = [key for key in ROPE_SCALING_KEYS if not isinstance(scaling.get(key), (int, float))]
+        if missing or not scaling["high_freq_factor"] > scaling["low_freq_factor"] > 0 or scaling["factor"] <= 0:
+            raise TinyGPTError(f"model config rope_scaling={scaling!r} needs positive numbers {', '.join(ROPE_SCALING_KEYS)} "
+                               "with high_freq_factor > low_freq_factor")
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +102,8 @@ class GPTConfig:
     def ffn_hidden(self) -> int:
         """The MLP's hidden width: 4 * n_embd for gpt2; for llama 2/3 of that (SwiGLU has three matrices, not
         two) rounded up to a multiple of 256, as Llama does (256 for n_embd 64, 768 for 256, 1536 for 512)."""
+        if self.n_ff is not None:
+            return self.n_ff
         if self.arch == "gpt2":
             return 4 * self.n_embd
         return 256 * math.ceil(int(2 * 4 * self.n_embd / 3) / 256)
@@ -152,6 +176,8 @@ class Rotary(nn.Module):
         super().__init__()
         half = config.head_dim // 2
         inv_freq = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float32) * 2 / config.head_dim)
+        if config.rope_scaling is not None:
+            inv_freq = inv_freq / llama3_freq_factors(inv_freq, config.rope_scaling)
         angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, half)
         # buffers follow .to(device) and are never saved: the state dict and GGUF tensor count stay the weights
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -160,6 +186,19 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables of positions start..start+length-1 in `dtype` (the attention's, autocast's under autocast)."""
         return self.cos[start : start + length].to(dtype), self.sin[start : start + length].to(dtype)
+
+
+def llama3_freq_factors(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's divisors of the rotary frequencies: 1 for wavelengths shorter than the original context /
+    high_freq_factor, `factor` for those longer than context / low_freq_factor, a smooth blend between.
+    llama.cpp stores these divisors as the tensor rope_freqs.weight (tinygpt.weights.names)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < context / high, torch.ones_like(inv_freq),
+                       torch.where(wavelen > context / low, torch.full_like(inv_freq, factor), blended))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -180,15 +219,13 @@ class CausalSelfAttention(nn.Module):
         if self.fused:
             self.qkv = nn.Linear(C, 3 * C)  # rows: Q, K, V (GPT-2's c_attn, transposed)
         else:  # separate, as Llama stores them: K and V have only n_kv_head heads
-            self.q = nn.Linear(C, C, bias=False)
-            self.k = nn.Linear(C, kv_width, bias=False)
-            self.v = nn.Linear(C, kv_width, bias=False)
+            bias = config.arch == "qwen2"  # Qwen2 adds biases to Q, K and V (and nowhere else)
+            self.q = nn.Linear(C, C, bias=bias)
+            self.k = nn.Linear(C, kv_width, bias=bias)
+            self.v = nn.Linear(C, kv_width, bias=bias)
         self.proj = nn.Linear(C, C, bias=self.fused)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # mask[i, j]: may position i attend to position j; a buffer so it follows .to(device), never saved
-        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
-        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -203,8 +240,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.length
             k, v = kv_cache.append(self.layer_idx, k, v)
-        # new queries sit at positions start..start+T-1 and see every key up to their own position
-        mask = self.causal_mask[start : start + T, : start + T]
+        # new queries sit at positions start..start+T-1 and see every key up to their own position (made when
+        # needed: a (block_size, block_size) table per layer would take GBs at the contexts of imported models)
+        mask = None
+        if self.attention == "explicit" or (start and T > 1):
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         grouped = self.n_kv_head != self.n_head  # query head h reads key/value head h // (n_head / n_kv_head)
 
         if self.attention == "sdpa":
@@ -275,7 +315,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         # where positions come in: added at the input (gpt2) or rotating queries and keys (llama)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.arch == "gpt2" else None
-        self.rotary = Rotary(config) if config.arch == "llama" else None
+        self.rotary = Rotary(config) if config.arch != "gpt2" else None
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
