@@ -22,6 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWrit
 
 from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli
 from tinygpt.weights.gguf_read import read_gguf
+from tinygpt.export.imatrix import read_imatrix
 from tinygpt.export.quants import quantize
 
 QT = GGMLQuantizationType
@@ -233,8 +234,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pure", action="store_true",
                         help="one type for every quantizable tensor, no Q4_K_M-style mix (llama-quantize --pure)")
     parser.add_argument("--threads", type=int, default=None, help="worker threads (default and at most: the usable CPUs)")
+    parser.add_argument("--imatrix", help="importance matrix (from tinygpt imatrix or llama-imatrix), as "
+                        "llama-quantize --imatrix")
     args = parser.parse_args(argv)
-    plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads, args.pure)
+    # passed only when given, so that quantize_gguf without an imatrix parameter keeps working
+    imatrix = {"imatrix": read_imatrix(args.imatrix)} if args.imatrix else {}
+    plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads, args.pure, **imatrix)
     counts: dict[str, int] = {}
     for qtype in plan.values():
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
