@@ -32,6 +32,8 @@ def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     head = getattr(getattr(model, "lm_head", None), "weight", None)
     roles: dict[str, list[nn.Parameter]] = {"hidden": [], "tables": [], "head": [], "vectors": []}
     for param in model.parameters():
+        if not param.requires_grad:  # frozen (LoRA's base weights): nothing to optimize
+            continue
         if param.dim() < 2:
             roles["vectors"].append(param)
         elif id(param) in tables:

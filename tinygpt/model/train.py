@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,14 +31,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from tinygpt.common import TinyGPTError, atomic_open, capped_threads, progress, require_file, run_cli
+from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
 from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
-from tinygpt.model.flops import matmul_peak
-from tinygpt.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, config_from_preset
-from tinygpt.model.hardware import AMP_CHOICES, AMP_DTYPES, DEVICES, Ranks, autocast_dtype, pick_device
+from tinygpt.model.flops import MatmulPeak
+from tinygpt.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, Rotary, config_from_preset
+from tinygpt.model.hardware import (AMP_CHOICES, AMP_DTYPES, DEVICES, Ranks, amp_unsupported, autocast_dtype,
+                                    pick_device, threads_per_process)
+from tinygpt.model.lora import TARGETS, adapter_state, apply_lora, load_adapters, merge_lora
 from tinygpt.model.optim import OPTIMIZERS, configure_optimizers, cosine_lr, set_learning_rates
-from tinygpt.model.runs import MetricsLog, announce_run, run_fingerprint, trim_metrics
+from tinygpt.model.runs import MetricsLog, announce_run, last_logged, run_fingerprint, trim_metrics
+from tinygpt.model.start import FINETUNE_WINDOW, SCRATCH, is_scratch, read_start, recipe
 from tinygpt.tokenizer.bpe import Tokenizer
 
 MODEL_FLAGS = ("preset", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "norm_eps",
@@ -68,12 +72,17 @@ class TrainConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     attention: str = "sdpa"
-    max_steps: int = 650
+    init_from: str = SCRATCH  # or a tinygpt checkpoint, a Hugging Face model folder, a GGUF file
+    lora_rank: int = 0  # 0: full training; else LoRA adapters of this rank on lora_targets, the rest frozen
+    lora_alpha: float = 16.0
+    lora_targets: str = ",".join(TARGETS)
+    lora_dropout: float = 0.0
+    max_steps: int | None = None  # None: the starting point's recipe (tinygpt.model.start.RECIPES)
     batch_size: int = 16  # per process and micro-step
     grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 50
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # adamw | muon (hidden matrices) + adamw (the rest)
     muon_lr: float | None = None  # None: lr (Muon's update is scaled to AdamW's RMS)
@@ -92,6 +101,11 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard event files into the run folder
     threads: int = 0  # 0: one per usable CPU; capped at the usable CPUs
 
+    def __post_init__(self) -> None:
+        for name, value in recipe(self.init_from).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def check(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval")
         for name in positive:
@@ -106,6 +120,9 @@ class TrainConfig:
                 raise TinyGPTError(f"--{name}={getattr(self, name)} must not be negative")
         if self.amp not in AMP_CHOICES:
             raise TinyGPTError(f"--amp={self.amp!r} must be one of {', '.join(AMP_CHOICES)}")
+        if self.lora_rank and is_scratch(self.init_from):
+            raise TinyGPTError("--lora_rank is set but --init_from is scratch; LoRA adapts a trained model: "
+                               "give --init_from, or set lora rank 0")
 
 
 class Trainer:
@@ -121,13 +138,13 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
         torch.manual_seed(cfg.seed)
-        self.model = GPT(self.model_config).to(device)
+        self.model = self._build_model().to(device)
         torch.manual_seed(cfg.seed + 1 + ranks.rank)  # dropout: one stream per rank, apart from the init stream
         self.optimizers = configure_optimizers(self.model, optimizer=cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                                weight_decay=cfg.weight_decay, device=device, muon_lr=cfg.muon_lr,
                                                muon_momentum=cfg.muon_momentum)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
-        self.sampler = RandomBatches(self.train_tokens, cfg.batch_size, self.model_config.block_size, cfg.seed,
+        self.sampler = RandomBatches(self.train_tokens, cfg.batch_size, self.window, cfg.seed,
                                      ranks.rank, ranks.world_size)
         self.step, self.best_val_loss, self.last_bpb = 0, math.inf, math.nan
         self.stop_signal: str | None = None  # set by a signal handler (see `stop_on_signals`)
@@ -135,6 +152,25 @@ class Trainer:
         self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tensorboard" if cfg.tensorboard else None)
         self.fast_model = torch.compile(self.model) if cfg.compile else self.model
         self.train_model = DistributedDataParallel(self.fast_model) if ranks.distributed else self.fast_model
+
+    def _build_model(self) -> GPT:
+        """The model at step 0: initialised, or the starting model's weights; with LoRA, frozen and adapted
+        (its base weights in bf16 when training computes in bf16, where they then need no fp32 copy)."""
+        if self.start is None:
+            return GPT(self.model_config)
+        with torch.device("meta"):  # no random initialisation of weights that are replaced next
+            model = GPT(self.model_config)
+        model.load_state_dict(self.start.state, assign=True)
+        if model.rotary is not None:  # a buffer computed from the config, not stored: compute it for real
+            model.rotary = Rotary(self.model_config)
+        if self.model_config.tie_embeddings:  # assigned one by one, the two names became two parameters
+            model.lm_head.weight = model.tok_emb.weight
+        model.float()  # train in float32 whatever the source stored (autocast narrows where it is fast)
+        if self.cfg.lora_rank:
+            base_dtype = torch.bfloat16 if self.amp_dtype is torch.bfloat16 else torch.float32
+            apply_lora(model, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha,
+                       targets=self.cfg.lora_targets.split(","), dropout=self.cfg.lora_dropout, base_dtype=base_dtype)
+        return model
 
     def _load_data(self) -> None:
         cfg, data_dir = self.cfg, Path(self.cfg.data_dir)
@@ -148,13 +184,18 @@ class Trainer:
                 f"{tokenizer_path} has {self.tokenizer.vocab_size} tokens but {data_dir / 'meta.json'} says "
                 f"vocab_size={vocab_size}; the tokens were encoded with another tokenizer, rerun the encode stage"
             )
-        overrides = {name: getattr(cfg, name) for name in MODEL_FLAGS if name != "preset"}
-        self.model_config: GPTConfig = config_from_preset(cfg.preset, vocab_size, **overrides)
+        self.start = None if is_scratch(cfg.init_from) else read_start(cfg.init_from)
+        if self.start is None:
+            overrides = {name: getattr(cfg, name) for name in MODEL_FLAGS if name != "preset"}
+            self.model_config: GPTConfig = config_from_preset(cfg.preset, vocab_size, **overrides)
+            self.window = self.model_config.block_size  # tokens per training sequence
+        else:
+            self.model_config, self.window = self._start_config()
         dtype = token_dtype(vocab_size)
         if meta.get("dtype", dtype.name) != dtype.name:
             raise TinyGPTError(f"{data_dir / 'meta.json'} says dtype={meta['dtype']!r} but vocab_size={vocab_size} "
                                f"needs {dtype.name}; rerun the encode stage")
-        window = self.model_config.block_size + 1
+        window = self.window + 1
         self.train_tokens = TokenFile.open(data_dir / "train.bin", dtype, window)
         self.val_tokens = TokenFile.open(data_dir / "val.bin", dtype, window)
         self.meta_sha256 = hashlib.sha256((data_dir / "meta.json").read_bytes()).hexdigest()
@@ -162,14 +203,36 @@ class Trainer:
                                                                    self.tokenizer.special_tokens.values())
         # eval_batches global batches, so the validation set does not depend on how many processes share it
         self.val_batches = fixed_batches(self.val_tokens, cfg.eval_batches * self.ranks.world_size, cfg.batch_size,
-                                         self.model_config.block_size)
+                                         self.window)
+
+    def _start_config(self) -> tuple[GPTConfig, int]:
+        """The starting model's shape (a run may change only its dropout and attention kernel) and the training
+        window: model.block_size, at most the model's context; by default that context up to FINETUNE_WINDOW."""
+        cfg, source = self.cfg, self.start.config
+        for name in ("n_layer", "n_head", "n_kv_head", "n_embd"):
+            if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(source, name):
+                raise TinyGPTError(f"--{name}={getattr(cfg, name)} contradicts --init_from {cfg.init_from}, which has "
+                                   f"{name}={getattr(source, name)}; the shape comes from the starting model")
+        if cfg.block_size is not None and cfg.block_size > source.block_size:
+            raise TinyGPTError(f"--block_size={cfg.block_size} is beyond the context of --init_from {cfg.init_from} "
+                               f"({source.block_size} tokens); use at most that")
+        if Tokenizer.from_json_str(self.start.tokenizer_json, source=cfg.init_from) != self.tokenizer:
+            raise TinyGPTError(f"{cfg.tokenizer} is not the tokenizer of --init_from {cfg.init_from}; the tokens must "
+                               "be encoded with the model's own tokenizer (rerun train_bpe and encode with init_from)")
+        config = dataclasses.replace(source, dropout=cfg.dropout, attention=cfg.attention)
+        return config, cfg.block_size or min(source.block_size, FINETUNE_WINDOW)
 
     def _settings(self) -> dict:
         """Everything the result depends on: hashed into the run folder's name and written as its config.json."""
         cfg = self.cfg
-        training = {k: v for k, v in asdict(cfg).items() if k not in RUN_NEUTRAL and k not in MODEL_FLAGS}
+        training = {k: v for k, v in asdict(cfg).items() if k not in RUN_NEUTRAL and k not in MODEL_FLAGS
+                    and k != "init_from" and not k.startswith("lora_")}
+        if cfg.lora_rank:  # only then: a scratch run's fingerprint stays what it was before LoRA existed
+            training |= {k: v for k, v in asdict(cfg).items() if k.startswith("lora_")}
+        start = {} if self.start is None else {"start": {"sha256": self.start.sha256, "window": self.window}}
         return {
             "model": asdict(self.model_config),
+            **start,
             "training": {**training, "world_size": self.ranks.world_size},
             "data": {
                 "meta_sha256": self.meta_sha256,
@@ -181,14 +244,38 @@ class Trainer:
 
     def _choose_amp(self) -> torch.dtype | None:
         """The autocast dtype: what --amp says, or for `auto` what this machine is fast at; a resumed run keeps
-        the choice its run folder records, so that it computes as it began. Every rank takes rank 0's."""
+        the choice its run folder records, so that it computes as it began, and stops where this device cannot
+        compute in it (fp16 begun on a GPU, resumed on a CPU). Rank 0 decides, every rank follows (a broadcast,
+        errors included, so that no rank is left waiting in a collective)."""
+        decision: tuple[str | None, str | None] = (None, None)  # (dtype name, error)
+        if self.ranks.is_main:
+            try:
+                decision = (self._amp_of_this_run(), None)
+            except TinyGPTError as e:
+                decision = (None, str(e))
+        name, error = self.ranks.broadcast(decision)
+        if error:
+            raise TinyGPTError(error)
+        return AMP_DTYPES[name]
+
+    def _amp_of_this_run(self) -> str:
         recorded = self.run_dir / "config.json"
+        chosen = None
         if self.cfg.amp == "auto" and self.last_path.exists() and recorded.exists():
             chosen = json.loads(recorded.read_text()).get("amp_chosen")
-            if chosen in AMP_DTYPES:
-                return AMP_DTYPES[chosen]
+        if chosen in AMP_DTYPES:
+            why_not = amp_unsupported(AMP_DTYPES[chosen], self.device)
+            if why_not:
+                raise TinyGPTError(
+                    f"run folder {self.run_dir} computes in {chosen} (what --amp auto chose where the run began), "
+                    f"but on {self.device} {why_not}; resume it on a device like that one, or start a new run "
+                    f"here with --amp off (a new run folder; this one is kept)")
+            return chosen
         dtype = autocast_dtype(self.cfg.amp, self.device)
-        return AMP_DTYPES[self.ranks.broadcast(self.amp_name(dtype))]
+        why_not = amp_unsupported(dtype, self.device)
+        if why_not:
+            raise TinyGPTError(f"--amp {self.cfg.amp}: on {self.device} {why_not}; use --amp off or auto")
+        return self.amp_name(dtype)
 
     @staticmethod
     def amp_name(dtype: torch.dtype | None) -> str:
@@ -201,13 +288,27 @@ class Trainer:
         if self.last_path.exists():
             self._load_state(load_checkpoint(self.last_path))
             resumed_step = self.step
+        self._check_ranks_agree(resumed_step)
         if self.ranks.is_main:
             announce_run(self.run_dir, self.settings, resumed_step)
             with atomic_open(self.run_dir / "config.json", "w") as f:
                 json.dump({**self.settings, "fingerprint": self.run_dir.name,
                            "amp_chosen": self.amp_name(self.amp_dtype)}, f, indent=2)
-            trim_metrics(self.metrics_path, self.step)
+            # a fresh start drops what a run killed before its first last.pt logged (step 0's line included)
+            trim_metrics(self.metrics_path, self.step if resumed_step is not None else -1)
+            self.last_bpb = last_logged(self.metrics_path, "val_bpb")
             self.metrics.open(self.step)
+
+    def _check_ranks_agree(self, resumed_step: int | None) -> None:
+        """Every rank resumes from the same step, or all start afresh; else every rank stops with the same
+        message (a rank that went its own way would wait forever in a collective, or train other weights).
+        Ranks disagree when run folders are not on one shared file system."""
+        views = self.ranks.gather(resumed_step)
+        if len(set(views)) > 1:
+            seen = ", ".join(f"rank {r}: {'step ' + str(v) if v is not None else 'no last.pt'}"
+                             for r, v in enumerate(views))
+            raise TinyGPTError(f"the processes disagree about resuming run {self.run_dir} ({seen}); put --runs_dir "
+                               "on a file system every node shares, or give each node the same copy of the run folder")
 
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state()}
@@ -217,8 +318,10 @@ class Trainer:
 
     def _state(self, val_loss: float) -> dict:
         """The whole training state (a collective under DDP: it gathers every rank's RNG state)."""
+        # LoRA: only what changes; the frozen base is the starting model, which the fingerprint identifies
+        weights = {"adapters": adapter_state(self.model)} if self.cfg.lora_rank else {"model": self.model.state_dict()}
         return {
-            "model": self.model.state_dict(),
+            **weights,
             "model_config": asdict(self.model_config),
             "tokenizer_json": self.tokenizer_json,
             "optimizers": [opt.state_dict() for opt in self.optimizers],
@@ -236,7 +339,7 @@ class Trainer:
             raise TinyGPTError(f"{self.last_path} was not written by this run (fingerprint or process count differs); "
                                "delete the run folder to start over")
         try:
-            self.model.load_state_dict(ckpt["model"])
+            self._load_weights(ckpt)
             if len(ckpt["optimizers"]) != len(self.optimizers):
                 raise ValueError(f"{len(ckpt['optimizers'])} optimizer states for {len(self.optimizers)} optimizers")
             for opt, state in zip(self.optimizers, ckpt["optimizers"]):
@@ -251,6 +354,12 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise TinyGPTError(f"{self.last_path} is incomplete or damaged ({type(e).__name__}: {e}); "
                                "delete the run folder to start over") from None
+
+    def _load_weights(self, ckpt: dict) -> None:
+        if self.cfg.lora_rank:
+            load_adapters(self.model, ckpt["adapters"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
 
     def _diverged(self, what: str) -> TinyGPTError:
         kept = (f"keeping the last good checkpoint {self.last_path}" if self.last_path.exists()
@@ -276,7 +385,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batch count
         for i, offsets in enumerate(self.val_batches):
             if i % self.ranks.world_size == self.ranks.rank:
-                x, y = split_batch(self.val_tokens.windows(offsets, self.model_config.block_size + 1), self.device)
+                x, y = split_batch(self.val_tokens.windows(offsets, self.window + 1), self.device)
                 with self._autocast():
                     _, loss = self.fast_model(x, y)
                 total += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
@@ -319,15 +428,17 @@ class Trainer:
 
     def run(self) -> None:
         cfg, main = self.cfg, self.ranks.is_main
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.ranks.world_size * self.model_config.block_size
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.ranks.world_size * self.window
         flops_per_token = self.model.estimate_flops_per_token()
         # MFU: achieved model FLOP/s over what this device's matmuls reach in the training dtype, all processes
-        peak = matmul_peak(self.amp_dtype or torch.float32, self.device) * self.ranks.world_size
+        peak = MatmulPeak(self.amp_dtype or torch.float32, self.device, self.ranks.world_size)
         if main:
             print(f"model: {self.model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per "
                   f"token (forward + backward); {tokens_per_step} tokens per step on {self.ranks.world_size} "
                   f"process(es), {self.device}, amp {self.amp_name(self.amp_dtype)} ({self.cfg.amp}); "
-                  f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+                  f"measured matmul peak {peak.flops / 1e12:.2f} TFLOP/s")
+        if self.step == 0:
+            self._validate_start()
         bar = progress(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
                        **({} if main else {"disable": True}))
         window_time, window_steps = 0.0, 0  # training time only: evaluation and checkpoints are not throughput
@@ -344,12 +455,13 @@ class Trainer:
                     tokens_per_s = tokens_per_step * window_steps / window_time
                     lr = self.optimizers[0].param_groups[0]["lr"]
                     flops_per_s = tokens_per_s * flops_per_token
+                    mfu = peak.mfu(flops_per_s) if main else math.nan  # (main alone may measure again)
                     record = {"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                              "flops_per_s": flops_per_s, "mfu": flops_per_s / peak}
+                              "flops_per_s": flops_per_s, "mfu": mfu}
                     if len(self.optimizers) > 1:
                         record["muon_lr"] = self.optimizers[1].param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{train_loss:.3f}", val_bpb=f"{self.last_bpb:.3f}", lr=f"{lr:.2e}",
-                                    tok_s=f"{tokens_per_s:,.0f}", mfu=f"{flops_per_s / peak:.0%}", refresh=False)
+                                    tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
                     window_time, window_steps = 0.0, 0
                 val_loss, improved = math.nan, False
                 if self.step % cfg.eval_interval == 0 or done:
@@ -358,7 +470,7 @@ class Trainer:
                         raise self._diverged(f"the validation loss is {val_loss}")
                     improved = val_loss < self.best_val_loss
                     self.best_val_loss = min(self.best_val_loss, val_loss)
-                    bpb = self.last_bpb = val_loss / (math.log(2) * self.val_bytes_per_token)
+                    bpb = self.last_bpb = self._bits_per_byte(val_loss)
                     record = {"step": self.step, "train_loss": train_loss, **record, "val_loss": val_loss, "val_bpb": bpb}
                     if main:
                         bar.write(f"step {self.step}: validation {bpb:.4f} bits/byte (loss {val_loss:.4f}), "
@@ -379,10 +491,30 @@ class Trainer:
                     raise TrainingStopped(f"stopped by {self.stop_signal or 'another process'} at step {self.step}, "
                                           f"state saved in {self.last_path}; run the same command to resume")
 
+    def _bits_per_byte(self, val_loss: float) -> float:
+        return val_loss / (math.log(2) * self.val_bytes_per_token)
+
+    def _validate_start(self) -> None:
+        """Validation before the first step: the number the run starts from (a fine-tuned model's baseline), in
+        the metrics and the progress bar at once. Evaluation draws no random numbers, so the run's stream and its
+        exact resume are untouched; it is not a candidate for the best model."""
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            raise self._diverged(f"the validation loss is {val_loss}")
+        bpb = self.last_bpb = self._bits_per_byte(val_loss)
+        if self.ranks.is_main:
+            self.metrics.write({"step": 0, "val_loss": val_loss, "val_bpb": bpb})
+            print(f"step 0: validation {bpb:.4f} bits/byte (loss {val_loss:.4f})")
+
     def write_final(self) -> Path:
         """The best checkpoint's model, config and tokenizer (no training state), atomically to --out."""
         best = load_checkpoint(self.best_path)
-        final = {key: best[key] for key in ("model", "model_config", "tokenizer_json", "step", "val_loss")}
+        final = {key: best[key] for key in ("model_config", "tokenizer_json", "step", "val_loss")}
+        if self.cfg.lora_rank:  # the adapters folded into the weights: a plain model from here on
+            self._load_weights(best)
+            final["model"] = merge_lora(self.model).state_dict()
+        else:
+            final["model"] = best["model"]
         final["run"] = self.run_dir.name  # which run folder holds this checkpoint's metrics (for the report)
         save_checkpoint(self.cfg.out, final)
         print(f"best val loss {best['val_loss']:.4f} at step {best['step']} -> {self.cfg.out}")
@@ -392,8 +524,8 @@ class Trainer:
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) the run `cfg` describes; return the path of the final checkpoint (--out)."""
     cfg.check()
-    torch.set_num_threads(capped_threads(cfg.threads))
     ranks = Ranks.from_env()
+    torch.set_num_threads(threads_per_process(cfg.threads, ranks.local_world_size))
     device = pick_device(cfg.device, ranks.local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -463,13 +595,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tie_embeddings", type=true_or_false, nargs="?", const=True, default=d.tie_embeddings,
                    metavar="true|false", help="the LM head is the token embedding")
     m.add_argument("--attention", default=d.attention, choices=["sdpa", "explicit"])
-    o = p.add_argument_group("optimization")
-    o.add_argument("--max_steps", type=int, default=d.max_steps, help="optimizer steps")
+    st = p.add_argument_group("starting point (fine-tuning)")
+    st.add_argument("--init_from", default=d.init_from, help="scratch, a tinygpt checkpoint (.pt), a Hugging Face "
+                    "model folder or a GGUF file; the model's shape then comes from it (--block_size: the window)")
+    st.add_argument("--lora_rank", type=int, default=d.lora_rank, help="LoRA adapters of this rank, base frozen; 0: "
+                    "full fine-tuning")
+    st.add_argument("--lora_alpha", type=float, default=d.lora_alpha, help="adapter scale alpha/rank")
+    st.add_argument("--lora_targets", default=d.lora_targets, help=f"comma-separated layers from {','.join(TARGETS)}")
+    st.add_argument("--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the adapters' input")
+    scratch, finetune = recipe(SCRATCH), recipe("model")
+    o = p.add_argument_group("optimization (defaults: scratch's / a starting model's recipe)")
+    o.add_argument("--max_steps", type=int, help=f"optimizer steps ({scratch['max_steps']} / {finetune['max_steps']})")
     o.add_argument("--batch_size", type=int, default=d.batch_size, help="sequences per micro-step and process")
     o.add_argument("--grad_accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
-    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    o.add_argument("--min_lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
-    o.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
+    o.add_argument("--lr", type=float, help=f"peak learning rate ({scratch['lr']} / {finetune['lr']})")
+    o.add_argument("--min_lr", type=float, help=f"learning rate at the end of the cosine decay ({scratch['min_lr']} / "
+                   f"{finetune['min_lr']})")
+    o.add_argument("--warmup_steps", type=int, help=f"({scratch['warmup_steps']} / {finetune['warmup_steps']})")
     o.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
                    help="adamw, or muon for the hidden weight matrices with adamw for the rest")
     o.add_argument("--muon_lr", type=float, default=d.muon_lr, help="Muon's peak learning rate; default: --lr")

@@ -1,0 +1,113 @@
+"""LoRA (Hu et al., 2021): low-rank adapters on chosen linear layers, trained while every base weight stays frozen.
+
+A wrapped layer computes `base(x) + alpha/rank * B(A(dropout(x)))` with A (rank, in) and B (out, rank); B starts
+at zero, so training starts from exactly the base model. The base weight and bias keep their names
+(`blocks.0.attn.q.weight`), the adapters add `lora_a` and `lora_b` beside them, so `adapter_state` is the small
+part a checkpoint must hold, and `merge_lora` folds `alpha/rank * B @ A` into the weight and puts plain
+`nn.Linear` layers back: every file written after that is a plain model that transformers and llama.cpp run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinygpt.common import TinyGPTError
+
+# target name -> where that layer sits in a block, per architecture (gpt2's q, k and v are one fused layer)
+TARGET_LAYERS = {
+    "llama": {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.proj",
+              "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.proj"},
+    "gpt2": {"q": "attn.qkv", "k": "attn.qkv", "v": "attn.qkv", "o": "attn.proj", "up": "mlp.fc", "down": "mlp.proj"},
+}  # fmt: skip
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update. The base weight may be held in a narrower dtype
+    (bf16) than the adapters: it is only read, so it needs no fp32 master copy."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            base = F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x.dtype)
+        else:
+            base = F.linear(x, w, self.bias)
+        return base + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear (float32) computing what this layer computes (without dropout)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device)
+        with torch.no_grad():
+            delta = self.scale * (self.lora_b.float() @ self.lora_a.float())
+            layer.weight.copy_(self.weight.float() + delta)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias.float())
+        return layer
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str] | tuple[str, ...],
+               dropout: float = 0.0, base_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Freeze every parameter of `model` (a GPT) and wrap the `targets` layers of each block with adapters;
+    return the wrapped layers' names. Targets an architecture lacks (gpt2 has no gate) are skipped."""
+    if rank < 1:
+        raise TinyGPTError(f"train.lora.rank={rank} must be at least 1")
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown or not targets:
+        raise TinyGPTError(f"train.lora.targets {list(targets)}: choose from {', '.join(TARGETS)}")
+    layers = TARGET_LAYERS[model.config.arch]
+    paths = sorted({layers[t] for t in targets if t in layers})
+    if not paths:
+        raise TinyGPTError(f"train.lora.targets {list(targets)} name no layer of a {model.config.arch} model; "
+                           f"it has {', '.join(sorted(layers))}")
+    model.requires_grad_(False)
+    wrapped = []
+    for i, block in enumerate(model.blocks):
+        for path in paths:
+            parent_name, name = path.split(".")
+            parent = getattr(block, parent_name)
+            base = getattr(parent, name)
+            base.weight.data = base.weight.data.to(base_dtype)
+            setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
+            wrapped.append(f"blocks.{i}.{path}")
+    return wrapped
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors only: what training changes."""
+    return {name: t for name, t in model.state_dict().items() if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+
+
+def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put saved adapters back; every adapter of the model must be in `state` and nothing else."""
+    expected = adapter_state(model)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"adapters differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer's weight (in place, float32); the model is then a plain GPT."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return model
