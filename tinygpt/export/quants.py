@@ -1,20 +1,23 @@
-"""GGUF block quantizers in numpy, bit-exact with llama.cpp's reference code (ggml-quants.c, no importance matrix).
+"""GGUF block quantizers in numpy, bit-exact with llama.cpp's (ggml-quants.c), with and without an importance matrix.
 
-Every quantizer works on all blocks of a tensor at once. The K-quant searches (`make_qkx2_quants`,
-`make_qx_quants`) keep their values element-major, shape (elements per sub-block, sub-blocks), so a sum over
-a sub-block is a reduction over axis 0: numpy adds the rows one after another, which is exactly the
-left-to-right float32 accumulation of the C loops (a reduction over the contiguous axis would be pairwise and
-differ in the last bits). All arithmetic stays float32 in the C order of operations; numpy never fuses a
-multiply-add, and neither does ggml's portable build. See docs/gguf.md#bit-exact-quantizers for the algorithms.
+Every quantizer works on all blocks of a chunk of rows at once. The searches (`make_qkx2_quants`,
+`make_qx_quants`, `make_qp_quants`) keep their values element-major, shape (elements per sub-block,
+sub-blocks), so a sum over a sub-block is a reduction over axis 0: numpy adds the rows one after another, which
+is exactly the left-to-right float32 accumulation of the C loops (a reduction over the contiguous axis would be
+pairwise and differ in the last bits). All arithmetic stays float32 in the C order of operations; numpy never
+fuses a multiply-add, and neither does ggml's portable build. See docs/gguf.md#bit-exact-quantizers for the
+reference algorithms and docs/gguf.md#quantizing-with-an-importance-matrix for the weighted ones.
 
-Public entry point: `quantize(data, qtype)`, returning bytes shaped like `gguf.quants.quantize` does, so the
-result goes straight into `gguf.GGUFWriter.add_tensor(..., raw_dtype=qtype)`.
+Public entry point: `quantize(data, qtype, imatrix=...)`, returning bytes shaped like `gguf.quants.quantize`
+does, so the result goes straight into `gguf.GGUFWriter.add_tensor(..., raw_dtype=qtype)`. Without an importance
+matrix each type runs ggml's `quantize_row_*_ref` path; with one (the mean square of each input column's
+activation), the `quantize_row_*_impl` path llama-quantize --imatrix runs. Q8_0 ignores it, as ggml does.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -22,25 +25,36 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
 F32 = np.float32
+MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: ggml's nearest_int adds it to round through the float32 mantissa
 
 # Rows are quantized in chunks of about this many values: large enough to amortize numpy's per-call cost,
 # small enough that the working arrays of the K-quant search (a few MB) stay in the CPU caches.
 CHUNK_VALUES = 1 << 18
+
+Weights = Optional[np.ndarray]  # per-column importance of one row (n_per_row,), or None for the reference path
 
 
 def _seq_sum(terms: np.ndarray) -> np.ndarray:
     """Sum float32 `terms` of shape (n, columns) over axis 0, strictly left to right, one result per column."""
     if terms.shape[1] > 1:
         return np.add.reduce(terms, axis=0)  # row by row: sequential (checked in tests)
-    acc = terms[0].copy()  # a single column would be summed pairwise as one contiguous run
-    for row in terms[1:]:
-        acc += row
-    return acc
+    return np.add.accumulate(terms[:, 0])[-1:]  # a single column would be summed pairwise as one contiguous run
+
+
+def _row_seq_sum(terms: np.ndarray) -> np.ndarray:
+    """Sum float32 `terms` of shape (rows, n) along each row, strictly left to right (accumulate is sequential)."""
+    return np.add.accumulate(terms, axis=1)[:, -1]
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int: round half to even (the float32 magic-number trick), as float32."""
+    """ggml's nearest_int: round half to even (the float32 magic-number trick), as float32; |v| < 2**22."""
     return np.rint(v)
+
+
+def _nearest_int_bits(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int bit for bit, also outside |v| < 2**22 where it returns garbage (int64): needed where C
+    divides by a sum that can be tiny (make_qp_quants)."""
+    return ((np.asarray(v, F32) + MAGIC).view(np.int32) & 0x7FFFFF).astype(np.int64) - 0x400000
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
@@ -55,6 +69,21 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
 
 def _blocks(x: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=F32).reshape(-1, size)
+
+
+def _element_major(x: np.ndarray, size: int) -> np.ndarray:
+    """Rows cut into sub-blocks of `size` values -> (size, sub-blocks): value l of every sub-block in row l."""
+    return np.ascontiguousarray(np.asarray(x, F32).reshape(-1, size).T)
+
+
+def _importance_columns(qw: np.ndarray, size: int, n_rows: int) -> np.ndarray:
+    """One row's importance (n_per_row,) laid out like `_element_major` of `n_rows` rows."""
+    return np.tile(np.asarray(qw, F32).reshape(-1, size).T, (1, n_rows))
+
+
+def _first_extreme(x: np.ndarray, arg: Callable) -> np.ndarray:
+    """The min (or max) of each column of x, the first occurrence on ties: the sign of a zero reaches the bytes."""
+    return x[arg(x, axis=0), np.arange(x.shape[1])]
 
 
 # ----------------------------------------------------------------------------------------------- 32-value types
@@ -91,8 +120,24 @@ def _high_bits_32(q: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
 
 
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """Q8_0: per 32 values d = max|x|/127 (fp16) and int8 q = roundf(x/d), half away from zero."""
+def _row_sigma2(rows: np.ndarray) -> np.ndarray:
+    """The legacy types' weighted paths: mean square of each whole row (sum_x2 / n_per_row), one per row."""
+    rows = np.asarray(rows, F32).reshape(-1, rows.shape[-1])
+    return _row_seq_sum(rows * rows) / F32(rows.shape[1])
+
+
+def _legacy_weights(rows: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, w) element-major over 32-value blocks, w = qw * sqrt(sigma2 + x^2) with the row's sigma2."""
+    rows = np.asarray(rows, F32).reshape(-1, rows.shape[-1])
+    n_rows, n = rows.shape
+    xs = _element_major(rows, 32)
+    sigma2 = np.repeat(_row_sigma2(rows), n // 32)
+    w = _importance_columns(qw, 32, n_rows) * np.sqrt(sigma2 + xs * xs)
+    return xs, w
+
+
+def quantize_q8_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
+    """Q8_0: per 32 values d = max|x|/127 (fp16) and int8 q = roundf(x/d), half away from zero. ggml ignores qw."""
     b = _blocks(x, 32)
     d = np.abs(b).max(axis=1) / F32(127)
     v = b * _safe_inverse(d)[:, None]
@@ -102,42 +147,85 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
 
 
-def quantize_q4_0(x: np.ndarray) -> np.ndarray:
-    """Q4_0: d = max/-8 for the signed absolute maximum; q = min(15, trunc(x/d + 8.5))."""
+def _quantize_qx_0(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q4_0_impl / q5_0_impl: make_qx_quants per block with the row's weights; (d as float32,
+    L (blocks, 32) as uint8, nmax + l). The quants come from the search itself, not requantized with fp16(d)."""
+    xs, w = _legacy_weights(x, qw)
+    L, scale = _make_qx_quants(xs, w, nmax)
+    return scale, L.T.astype(np.uint8)
+
+
+def quantize_q4_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
+    """Q4_0: d = max/-8 for the signed absolute maximum; q = min(15, trunc(x/d + 8.5)); weighted: a search."""
+    if qw is not None:
+        d, q = _quantize_qx_0(x, qw, 8)
+        return np.concatenate([_f16_bytes(d), _pack_nibbles_32(q)], axis=1)
     b = _blocks(x, 32)
     d = _absmax_signed(b) / F32(-8)
     q = np.minimum(15, np.trunc(b * _safe_inverse(d)[:, None] + F32(8.5)).astype(np.int8)).astype(np.uint8)
     return np.concatenate([_f16_bytes(d), _pack_nibbles_32(q)], axis=1)
 
 
-def quantize_q5_0(x: np.ndarray) -> np.ndarray:
+def quantize_q5_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     """Q5_0: d = max/-16 for the signed absolute maximum; q = min(31, trunc(x/d + 16.5)), bit 4 apart."""
-    b = _blocks(x, 32)
-    d = _absmax_signed(b) / F32(-16)
-    q = np.minimum(31, np.trunc(b * _safe_inverse(d)[:, None] + F32(16.5)).astype(np.int8)).astype(np.uint8)
+    if qw is not None:
+        d, q = _quantize_qx_0(x, qw, 16)
+    else:
+        b = _blocks(x, 32)
+        d = _absmax_signed(b) / F32(-16)
+        q = np.minimum(31, np.trunc(b * _safe_inverse(d)[:, None] + F32(16.5)).astype(np.int8)).astype(np.uint8)
     return np.concatenate([_f16_bytes(d), _high_bits_32(q), _pack_nibbles_32(q & 15)], axis=1)
 
 
-def quantize_q5_1(x: np.ndarray) -> np.ndarray:
-    """Q5_1: d = (max - min)/31, m = min; q = trunc((x - min)/d + 0.5) (llama.cpp's fallback for Q5_K rows)."""
+def _min_max_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The reference Q4_1/Q5_1: d = (max - min)/nmax, m = min, and (x - min)/d + 0.5 (which C truncates)."""
     b = _blocks(x, 32)
     lo, hi = _first_extremes(b)
-    d = (hi - lo) / F32(31)
-    q = np.trunc((b - lo[:, None]) * _safe_inverse(d)[:, None] + F32(0.5)).astype(np.uint8)
+    d = (hi - lo) / F32(nmax)
+    return d, lo, (b - lo[:, None]) * _safe_inverse(d)[:, None] + F32(0.5)
+
+
+def _quantize_qx_1(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants per block with the row's weights; (d, m, L uint8)."""
+    xs, w = _legacy_weights(x, qw)
+    L, scale, the_min = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36)
+    return scale, -the_min, L.T.astype(np.uint8)
+
+
+def quantize_q4_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
+    """Q4_1: d = (max - min)/15, m = min; q = min(15, trunc((x - min)/d + 0.5)). llama-quantize uses it only with
+    an importance matrix (the first ffn_down layers of a Q4_0 file)."""
+    if qw is not None:
+        d, lo, q = _quantize_qx_1(x, qw, 15)
+    else:
+        d, lo, v = _min_max_ref(x, 15)
+        q = np.minimum(15, np.trunc(v).astype(np.int8)).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles_32(q)], axis=1)
+
+
+def quantize_q5_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
+    """Q5_1: d = (max - min)/31, m = min; q = trunc((x - min)/d + 0.5) (llama.cpp's fallback for Q5_K rows)."""
+    if qw is not None:
+        d, lo, q = _quantize_qx_1(x, qw, 31)
+    else:
+        d, lo, v = _min_max_ref(x, 31)
+        q = np.trunc(v).astype(np.uint8)
     return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _high_bits_32(q), _pack_nibbles_32(q & 15)], axis=1)
 
 
-# ------------------------------------------------------------------------------------------------- K-quants
+# ------------------------------------------------------------------------------------------------- searches
 
-def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale and min of each column of x (n, columns): a weighted least-squares fit tried at nstep+1 grid sizes.
+def _make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's make_qkx2_quants, and make_qkx3_quants (the same search when given weights), on each column of
+    x (n, columns): a weighted least-squares fit of a scale and a min, tried at nstep+1 grid sizes.
 
     Returns (L as float32 (n, columns), scale, the_min) where a value is approximated by scale*L - the_min.
     """
-    lo = np.minimum(x.min(axis=0), F32(0))
+    lo = _first_extreme(x, np.argmin)
+    lo = np.where(lo > 0, F32(0), lo)
     hi = x.max(axis=0)
-    flat = hi == lo  # all values equal (and <= 0): L = 0, scale 0
+    flat = hi <= lo  # all values equal (and <= 0): L = 0, scale 0
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
     fnmax = F32(nmax)
@@ -176,16 +264,101 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     return L, scale, -lo
 
 
-def _k_scales_minmax(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """The shared first half of Q4_K and Q5_K: per 256-value block, 8 scales and mins as 6-bit integers.
+def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, rmse_type=1) with weights w on each column of x (n, columns): (L + nmax as
+    float32, scale). The reference Q6_K passes w = x^2 (what C computes when given no weights)."""
+    fnmax = F32(nmax)
+    peak = x[np.abs(x).argmax(axis=0), np.arange(x.shape[1])]  # signed value of the first largest magnitude
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    peak = np.where(zero, F32(1), peak)
+    wx = w * x
 
-    Returns (x as (32, 8*blocks), L from the search, ls, lm (blocks, 8), d, dmin (blocks,) as fp16 values).
+    def trial(iscale: np.ndarray):
+        l = np.clip(_nearest_int(iscale * x), -fnmax, fnmax - 1)
+        return l, _seq_sum(wx * l), _seq_sum(w * l * l)
+
+    l, sumlx, suml2 = trial(-fnmax / peak)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        L = l
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            l, sumlx, suml2 = trial(-(fnmax + F32(0.1) * F32(step)) / peak)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            L = np.where(better, l, L)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+    L = np.where(zero, F32(0), L + fnmax)  # an all-zero sub-block keeps L = 0, not the offset nmax
+    return L, np.where(zero, F32(0), scale)
+
+
+def _make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qp_quants on each column of x (n, columns), x >= 0 in practice: the weighted choice of a
+    K-quant block's 6-bit sub-block scales (or mins). A grid of 9 scales, then up to 5 passes that move one
+    quant at a time while the weighted fit improves. Returns (L as uint8 (n, columns), scale)."""
+    n = x.shape[0]
+    fnmax = F32(nmax)
+    top = np.zeros(x.shape[1], F32)
+    for xi in x:
+        top = np.where(top > xi, top, xi)  # MAX(max, x[i]): on equal values C takes x[i]
+    zero = top < GROUP_MAX_EPS
+    top = np.where(zero, F32(1), top)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / top
+        scale = F32(1) / iscale
+        L0 = (_nearest_int_bits(iscale * x) & 0xFF).astype(F32)  # stored in a uint8
+        diff = x - scale * L0
+        best = _seq_sum(w * diff * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            iscale_is = (F32(0.1) * F32(step) + fnmax) / top
+            scale_is = F32(1) / iscale_is
+            l = np.minimum(nmax, _nearest_int_bits(iscale_is * x)).astype(F32)
+            diff = x - scale_is * l
+            mse = _seq_sum(w * diff * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, iscale_is, iscale)
+
+        l = np.minimum(nmax, _nearest_int_bits(iscale * x))
+        lf = l.astype(F32)
+        wx = w * x
+        sumlx = _seq_sum(wx * lf)
+        suml2 = _seq_sum(w * lf * lf)
+        L = l & 0xFF  # what C keeps in its uint8 array
+        for _ in range(5):  # C stops after a pass without change: a further pass would change nothing either
+            for i in range(n):
+                Li = L[i].astype(F32)
+                slx = sumlx - wx[i] * Li
+                sl2 = suml2 - w[i] * Li * Li
+                new_l = np.minimum(nmax, _nearest_int_bits(x[i] * sl2 / slx))
+                nl = new_l.astype(F32)
+                slx_new = slx + wx[i] * nl
+                sl2_new = sl2 + w[i] * nl * nl
+                take = ((slx > 0) & (sl2 > 0) & (new_l != L[i])
+                        & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+                L[i] = np.where(take, new_l & 0xFF, L[i])
+                sumlx = np.where(take, slx_new, sumlx)
+                suml2 = np.where(take, sl2_new, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    L = np.where(zero, 0, L).astype(np.uint8)
+    return L, np.where(zero, F32(0), scale).astype(F32)
+
+
+# ------------------------------------------------------------------------------------------------- K-quants
+
+def _k_scales_minmax(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The reference first half of Q4_K and Q5_K: per 256-value block, 8 scales and mins as 6-bit integers.
+
+    Returns (x as (32, 8*blocks), L from the search, ls, lm (blocks, 8) uint8, d, dmin (blocks,) fp16 values).
     """
     nb = x.shape[0] // QK_K
-    xs = np.ascontiguousarray(x.reshape(-1, 32).T)  # (32, sub-blocks), element-major
+    xs = _element_major(x, 32)
     av_x = np.sqrt(_seq_sum(xs * xs) / F32(32))
     w = av_x + np.abs(xs)
-    L, scales, mins = _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep)
+    L, scales, mins = _make_qkx_quants(xs, w, nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
 
     max_scale = np.maximum(scales.max(axis=1), F32(0))
@@ -201,6 +374,27 @@ def _k_scales_minmax(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
     return xs, L, ls, lm, d, dmin
 
 
+def _k_scales_weighted(rows: np.ndarray, qw: np.ndarray, nmax: int, cap63: bool):
+    """quantize_row_q4_K_impl / q5_K_impl's first half: per 256-value block, weights qw * sqrt(sigma2 + x^2)
+    (sigma2 = twice the block's mean square), make_qkx3_quants per sub-block, then the 6-bit scales and mins
+    each chosen by make_qp_quants weighted by the sub-blocks' summed weights. Same returns as _k_scales_minmax,
+    ls and lm as C stores them (Q4_K does not cap them at 63, Q5_K does)."""
+    rows = np.asarray(rows, F32).reshape(-1, rows.shape[-1])
+    blocks = rows.reshape(-1, QK_K)
+    nb = len(blocks)
+    sigma2 = F32(2) * _row_seq_sum(blocks * blocks) / F32(QK_K)
+    xs = _element_major(blocks, 32)
+    w = _importance_columns(qw, 32, len(rows)) * np.sqrt(np.repeat(sigma2, 8) + xs * xs)
+    sw = np.ascontiguousarray(_seq_sum(w).reshape(nb, 8).T)
+    L, scales, mins = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36)
+    ls, d_block = _make_qp_quants(np.ascontiguousarray(scales.reshape(nb, 8).T), sw, 63)
+    lm, m_block = _make_qp_quants(np.ascontiguousarray(mins.reshape(nb, 8).T), sw, 63)
+    ls, lm = ls.T, lm.T
+    if cap63:
+        ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+    return xs, L, ls, lm, _fp16(d_block), _fp16(m_block)
+
+
 def _k_requantize(xs: np.ndarray, L: np.ndarray, ls, lm, d, dmin, nmax: int) -> np.ndarray:
     """Recompute L with the stored (rounded) scales; returns L as (blocks, 256) uint8 in value order."""
     sd = (d[:, None] * ls.astype(F32)).reshape(-1)  # per sub-block, float32 like the C code
@@ -212,67 +406,60 @@ def _k_requantize(xs: np.ndarray, L: np.ndarray, ls, lm, d, dmin, nmax: int) -> 
 
 
 def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """8 six-bit scales and mins -> the 12-byte K-quant layout (high bits of j >= 4 in the top of bytes 0-7)."""
+    """8 six-bit scales and mins -> the 12-byte K-quant layout (high bits of j >= 4 in the top of bytes 0-7).
+    Bits above the sixth (possible in the weighted Q4_K) spill over as C's uint8 arithmetic lets them."""
     lo_s, hi_s, lo_m, hi_m = ls[:, :4], ls[:, 4:], lm[:, :4], lm[:, 4:]
     return np.concatenate([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)],
                           axis=1).astype(np.uint8)
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+def _unpack_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's get_scale_min_k4 for j = 0..7: the scales and mins the 12 bytes actually hold."""
+    q = packed.astype(np.uint8)
+    sc = np.concatenate([q[:, 0:4] & 63, (q[:, 8:12] & 15) | ((q[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def _k_quantize(x: np.ndarray, qw: Weights, nmax: int):
+    """Scales, mins and requantized values of Q4_K (nmax 15) or Q5_K (nmax 31): (d, dmin, 12 scale bytes,
+    L as (blocks, 4, 2, 32) uint8: value 64c + 32h + l at [c, h, l])."""
+    if qw is None:
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        xs, L, ls, lm, d, dmin = _k_scales_minmax(_blocks(x, QK_K).reshape(-1), nmax, rmin, 0.1, nstep)
+        packed = _pack_k_scales(ls, lm)
+    else:
+        xs, L, ls, lm, d, dmin = _k_scales_weighted(x, qw, nmax, cap63=nmax == 31)
+        packed = _pack_k_scales(ls, lm)
+        ls, lm = _unpack_k_scales(packed)
+    L = _k_requantize(xs, L, ls, lm, d, dmin, nmax).reshape(-1, 4, 2, 32)
+    return d, dmin, packed, L
+
+
+def quantize_q4_k(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     """Q4_K: 256-value blocks of 8x32, 4-bit values with 6-bit scales and mins; 144 bytes per block."""
-    xs, L, ls, lm, d, dmin = _k_scales_minmax(_blocks(x, QK_K).reshape(-1), 15, -1.0, 0.1, 20)
-    L = _k_requantize(xs, L, ls, lm, d, dmin, 15).reshape(-1, 4, 2, 32)
+    d, dmin, packed, L = _k_quantize(x, qw, 15)
     qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qs], axis=1)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qs], axis=1)
 
 
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+def quantize_q5_k(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     """Q5_K: like Q4_K with 5-bit values (bit 4 of value 64c+j at bit 2c of qh[j]); 176 bytes per block."""
-    xs, L, ls, lm, d, dmin = _k_scales_minmax(_blocks(x, QK_K).reshape(-1), 31, -0.5, 0.1, 15)
-    L = _k_requantize(xs, L, ls, lm, d, dmin, 31).reshape(-1, 4, 2, 32)
+    d, dmin, packed, L = _k_quantize(x, qw, 31)
     qs = ((L[:, :, 0] & 15) | ((L[:, :, 1] & 15) << 4)).reshape(-1, 128)
     shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None, None] + np.arange(2, dtype=np.uint8)[None, None, :, None]
     qh = np.bitwise_or.reduce(((L >> 4) << shifts).reshape(-1, 8, 32), axis=1).astype(np.uint8)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qh, qs], axis=1)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qh, qs], axis=1)
 
 
-def _make_qx_quants_q6(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n=16, nmax=32, rmse_type=1) on each column of x (16, columns): (L + 32 as float32, scale)."""
-    nmax = F32(32)
-    cols = np.arange(x.shape[1])
-    peak = x[np.abs(x).argmax(axis=0), cols]  # signed value of the first largest magnitude
-    zero = np.abs(peak) < GROUP_MAX_EPS
-    peak = np.where(zero, F32(1), peak)
-    w = x * x
-    wx = w * x
-
-    def trial(iscale: np.ndarray):
-        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
-        return l, _seq_sum(wx * l), _seq_sum(w * l * l)
-
-    l, sumlx, suml2 = trial(-nmax / peak)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
-        L = l
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            l, sumlx, suml2 = trial(-(nmax + F32(0.1) * F32(step)) / peak)
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better, l, L)
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
-    L = np.where(zero, F32(0), L + nmax)  # an all-zero sub-block keeps L = 0, not the offset 32
-    return L, np.where(zero, F32(0), scale)
-
-
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """Q6_K: 256-value blocks of 16x16, 6-bit values with int8 scales; 210 bytes per block."""
+def quantize_q6_k(x: np.ndarray, qw: Weights = None) -> np.ndarray:
+    """Q6_K: 256-value blocks of 16x16, 6-bit values with int8 scales; 210 bytes per block. The sub-block search
+    weighs each value by x^2, or by its column's importance when given one (quantize_row_q6_K_impl)."""
     b = _blocks(x, QK_K)
     nb = len(b)
-    xs = np.ascontiguousarray(b.reshape(-1, 16).T)  # (16, sub-blocks)
-    L, scales = _make_qx_quants_q6(xs)
+    xs = _element_major(b, 16)  # (16, sub-blocks)
+    w = xs * xs if qw is None else _importance_columns(qw, 16, b.size // len(qw))
+    L, scales = _make_qx_quants(xs, w, 32)
     scales = scales.reshape(nb, 16)
 
     peak = scales[np.arange(nb), np.abs(scales).argmax(axis=1)]
@@ -298,9 +485,10 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 QT = GGMLQuantizationType
 
-QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
+QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray, Weights], np.ndarray]] = {
     QT.Q8_0: quantize_q8_0,
     QT.Q4_0: quantize_q4_0,
+    QT.Q4_1: quantize_q4_1,
     QT.Q5_0: quantize_q5_0,
     QT.Q5_1: quantize_q5_1,
     QT.Q4_K: quantize_q4_k,
@@ -309,9 +497,12 @@ QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def quantize(data: np.ndarray, qtype: GGMLQuantizationType, threads: int = 1) -> np.ndarray:
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType, threads: int = 1,
+             imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize `data` (rows along the last axis) to `qtype`, as llama.cpp would.
 
+    `imatrix`: the importance of each column (n_per_row values, or n_per_row per matrix for a stack of matrices,
+    as llama-quantize passes expert tensors), which switches to ggml's weighted quantizers.
     Returns uint8 of shape (*data.shape[:-1], bytes per row) for block types, float32/float16 arrays for
     F32/F16. `threads` > 1 splits the rows over a thread pool (numpy releases the GIL in its loops).
     """
@@ -326,16 +517,30 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, threads: int = 1) ->
     n_per_row = data.shape[-1]
     if n_per_row % block_size:
         raise ValueError(f"row length {n_per_row} is not a multiple of {qtype.name}'s block size {block_size}")
+    row_bytes = n_per_row // block_size * type_size
+    if imatrix is not None:
+        n_mat = int(np.prod(data.shape[:-2], dtype=np.int64)) if data.ndim > 2 else 1
+        weights = np.asarray(imatrix, F32).reshape(-1)
+        if weights.size != n_mat * n_per_row:
+            raise ValueError(f"importance matrix has {weights.size} values for {n_mat} matrices of rows of "
+                             f"{n_per_row}")
+        if n_mat > 1:  # one importance row per matrix
+            mats = np.asarray(data).reshape(n_mat, -1, n_per_row)
+            parts = [_quantize_rows(m, qtype, threads, w) for m, w in zip(mats, weights.reshape(n_mat, -1))]
+            return np.stack(parts).reshape(*data.shape[:-1], row_bytes)
+        return _quantize_rows(data, qtype, threads, weights).reshape(*data.shape[:-1], row_bytes)
+    return _quantize_rows(data, qtype, threads, None).reshape(*data.shape[:-1], row_bytes)
 
+
+def _quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, threads: int, qw: Weights) -> np.ndarray:
+    n_per_row = data.shape[-1]
     rows = np.ascontiguousarray(data, dtype=F32).reshape(-1, n_per_row)
     rows_per_chunk = max(1, CHUNK_VALUES // n_per_row)
     chunks = [rows[i:i + rows_per_chunk] for i in range(0, len(rows), rows_per_chunk)]
     fn = QUANTIZERS[qtype]
     if threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(fn, chunks))
+            parts = list(pool.map(lambda c: fn(c, qw), chunks))
     else:
-        parts = [fn(c) for c in chunks]
-    row_bytes = n_per_row // block_size * type_size
-    out = np.concatenate(parts, axis=0).reshape(*data.shape[:-1], row_bytes)
-    return out
+        parts = [fn(c, qw) for c in chunks]
+    return np.concatenate(parts, axis=0)
