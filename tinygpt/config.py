@@ -23,8 +23,8 @@ def check_config(config: dict, schema: dict, source: str = "config.yaml") -> dic
     errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
         raise TinyGPTError(f"{source}: {describe(errors[0])}")
-    config = with_defaults(config, schema)
-    problem = contradiction(config)
+    config = with_recipe(with_defaults(config, schema))
+    problem = contradiction(config) or start_contradiction(config, schema)
     if problem:
         raise TinyGPTError(f"{source}: {problem}")
     return config
@@ -62,6 +62,53 @@ def contradiction(config: dict) -> str | None:
             return (f"model.block_size {shape['block_size']} needs windows of {shape['block_size'] + 1} tokens, but "
                     f"validation gets about {val_bytes} bytes (encode.val_fraction {encode['val_fraction']} of "
                     f"{min(known_bytes)}); use more data, a larger val_fraction or a smaller block_size")
+    return None
+
+
+def with_recipe(config: dict) -> dict:
+    """Schedule settings left null take the recipe of the run's starting point: scratch's, or fine-tuning's."""
+    from tinygpt.model.start import recipe  # torch-free
+
+    for key, value in recipe(config["train"]["init_from"]).items():
+        if config["train"].get(key) is None:
+            config["train"][key] = value
+    return config
+
+
+# model settings that a starting model decides; set to anything but their default, they must agree with it
+SOURCE_DECIDES = ("preset", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "norm_eps", "rope_theta",
+                  "tie_embeddings")
+
+
+def start_contradiction(config: dict, schema: dict) -> str | None:
+    """With train.init_from a model, a model setting (or train_bpe's vocabulary) that contradicts that model;
+    LoRA without one. Reads the source's shape, so a missing or unsupported source also stops here."""
+    from tinygpt.model.start import is_scratch, source_shape
+
+    train, model = config["train"], config["model"]
+    init_from = train["init_from"]
+    if is_scratch(init_from):
+        if train["lora"]["rank"]:
+            return "train.lora.rank is set but train.init_from is scratch; LoRA adapts a trained model: set init_from"
+        return None
+    source = source_shape(init_from)
+    defaults = schema["properties"]["model"]["properties"]
+    for key in SOURCE_DECIDES:
+        value = model.get(key)
+        if value == defaults[key].get("default"):
+            continue
+        if key == "preset" or value != source[key]:
+            has = "" if key == "preset" else f" (the model has {source[key]})"
+            return (f"model.{key} is {value} but train.init_from {init_from} decides the model's shape{has}; "
+                    f"remove model.{key} from the config")
+    if model.get("block_size") is not None and model["block_size"] > source["block_size"]:
+        return (f"model.block_size {model['block_size']} is beyond the context of train.init_from {init_from} "
+                f"({source['block_size']} tokens); use at most that, or null")
+    vocab_default = schema["properties"]["train_bpe"]["properties"]["vocab_size"].get("default")
+    vocab = config["train_bpe"]["vocab_size"]
+    if vocab != vocab_default and vocab != source["vocab_size"]:
+        return (f"train_bpe.vocab_size {vocab} contradicts train.init_from {init_from}, whose tokenizer the pipeline "
+                f"uses ({source['vocab_size']} tokens); remove train_bpe.vocab_size from the config")
     return None
 
 

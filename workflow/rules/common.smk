@@ -9,6 +9,7 @@ from snakemake.settings.types import DeploymentMethod
 
 from tinygpt.cli import COMMANDS
 from tinygpt.data.formats import matching_files
+from tinygpt.model.start import is_scratch, source_files
 from tinygpt.sources import module_sources
 
 ROOT = Path(workflow.basedir)  # the folder holding the Snakefile, config.yaml and tinygpt/
@@ -136,6 +137,20 @@ def train_launcher(settings):
 
 def train_flags(model, train):
     """Model shape and optimisation settings, in one string so that a change to either reruns training.
-    tie_embeddings goes as a value: it defaults to true, so an absent flag could not say false."""
-    model = {**model, "tie_embeddings": str(model.get("tie_embeddings", True)).lower()}
+    tie_embeddings goes as a value: it defaults to true, so an absent flag could not say false. From scratch
+    without LoRA the string is what it was before either existed (no rerun); with init_from the starting model
+    has the shape, and only the window (block_size), dropout and attention kernel go."""
+    train, lora = {k: v for k, v in train.items() if k != "lora"}, train.get("lora", {})
+    if is_scratch(train.get("init_from")):
+        train.pop("init_from", None)
+        model = {**model, "tie_embeddings": str(model.get("tie_embeddings", True)).lower()}
+    else:
+        model = {k: model.get(k) for k in ("block_size", "dropout", "attention")}
+    if lora.get("rank"):
+        train |= {f"lora_{k}": ",".join(v) if k == "targets" else v for k, v in lora.items()}
     return f"{flags(model)} {flags(train, skip=('gpus', 'nodes'))}"
+
+
+def start_files(train):
+    """The starting model's files (train.init_from), inputs of the rules that read it: a new model reruns them."""
+    return [] if is_scratch(train["init_from"]) else [os.path.relpath(p) for p in source_files(train["init_from"])]

@@ -7,6 +7,7 @@ rule train:
         val=rules.encode.output.val,
         meta=rules.encode.output.meta,
         tokenizer=rules.train_bpe.output.tokenizer,
+        start=start_files(config["train"]),
         code=sources("train"),
     output:
         # Only the final checkpoint is declared: the resumable state (last.pt) lives in a run folder under
