@@ -1,11 +1,13 @@
 """The `quantize` stage: an f16/f32/bf16 GGUF in, a quantized GGUF out, equal tensor by tensor to llama-quantize's.
 
-    tinygpt quantize --input model-f16.gguf --out model-q4_k_m.gguf --type q4_k_m [--threads N]
+    tinygpt quantize --input model-f16.gguf --out model-q4_k_m.gguf --type q4_k_m [--threads N] [--imatrix FILE]
 
 Which tensor gets which type follows llama.cpp's src/llama-quant.cpp for the file types we offer
 (docs/gguf.md#which-tensor-gets-which-type); the bytes come from tinygpt.export.quants. Tensors are written
 in llama.cpp's order (by layer, then name) and the metadata is copied with general.quantization_version and
-general.file_type set last, as llama.cpp does.
+general.file_type set last, as llama.cpp does. With an importance matrix the tensors it covers take ggml's
+weighted quantizers, and the `quantize.imatrix.*` keys llama-quantize adds follow
+(docs/gguf.md#quantizing-with-an-importance-matrix).
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli
 from tinygpt.weights.gguf_read import read_gguf
-from tinygpt.export.imatrix import read_imatrix
+from tinygpt.export.imatrix import load_imatrix, read_imatrix
 from tinygpt.export.quants import quantize
 
 QT = GGMLQuantizationType
@@ -47,6 +49,9 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 # A row length that does not fit a type's blocks falls back to this type (then to F16 if that does not fit either).
 FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+# With an importance matrix, llama.cpp gives the ffn_down of the first eighth of the layers a type with a min
+# in these file types ("guard against craziness in the first few ffn_down layers").
+IMATRIX_FFN_DOWN = {"q4_0": QT.Q4_1, "q5_0": QT.Q5_1}
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,12 @@ def _is_attn_v(name: str) -> bool:
 
 
 def plan_tensor_types(tensors: Sequence[TensorInfo], file_type: str, n_layer: int,
-                      pure: bool = False) -> dict[str, GGMLQuantizationType]:
+                      pure: bool = False, has_imatrix: bool = False) -> dict[str, GGMLQuantizationType]:
     """The type llama-quantize gives each tensor (tensors in llama_order, whose counters this walk reproduces).
 
     `pure` is llama-quantize's --pure: every quantizable tensor gets the file type's own type, with no
-    Q6_K for the output layer and no mix across layers (rows that do not fit it still fall back)."""
+    Q6_K for the output layer and no mix across layers (rows that do not fit it still fall back).
+    `has_imatrix`: an importance matrix is given, which changes the first ffn_down layers of q4_0 and q5_0."""
     ft = FILE_TYPES[file_type]
     mixed = file_type in ("q4_k_m", "q5_k_m")
     tied = not any(t.name == "output.weight" for t in tensors)  # the token embedding doubles as the output
@@ -114,6 +120,8 @@ def plan_tensor_types(tensors: Sequence[TensorInfo], file_type: str, n_layer: in
         elif "ffn_down" in t.name:
             if mixed and use_more_bits(i_ffn_down, n_layer):
                 new = QT.Q6_K
+            elif has_imatrix and file_type in IMATRIX_FFN_DOWN and i_ffn_down < n_layer // 8:
+                new = IMATRIX_FFN_DOWN[file_type]
             i_ffn_down += 1
         plan[t.name] = _fallback(new, t.ne[0])
     return plan
@@ -162,7 +170,7 @@ def _raw_bytes(t) -> np.ndarray:
     return np.asarray(t.data).reshape(-1).view(np.uint8).reshape(*shape[:-1], shape[-1] // block * size)
 
 
-def _convert(t, qtype: GGMLQuantizationType, threads: int) -> np.ndarray:
+def _convert(t, qtype: GGMLQuantizationType, threads: int, importance: np.ndarray | None) -> np.ndarray:
     if t.tensor_type not in FLOAT_TYPES:
         raise TinyGPTError(f"tensor {t.name} is already {t.tensor_type.name} and would need {qtype.name}; "
                            "quantize from the f16 (or f32/bf16) GGUF instead")
@@ -171,14 +179,75 @@ def _convert(t, qtype: GGMLQuantizationType, threads: int) -> np.ndarray:
         return values.astype(np.float16)
     if qtype == QT.F32:
         return values
-    return quantize(values, qtype, threads=threads)
+    return quantize(values, qtype, threads=threads, imatrix=importance)
+
+
+# ------------------------------------------------------------------------------------------------ importance matrix
+
+@dataclass(frozen=True)
+class ImatrixInfo:
+    """What the llama-quantize tool records about the importance matrix it applied (tools/quantize)."""
+    file: str  # the file name as given on the command line
+    dataset: str | None  # the first of the file's calibration datasets
+    chunk_count: int  # the chunks it was computed on; 0: unknown, not recorded
+
+    def metadata(self, n_entries: int) -> list[tuple[str, Any, GGUFValueType]]:
+        """The `quantize.imatrix.*` keys in llama-quantize's order; strings cut to 127 bytes as its
+        fixed-size override buffer does."""
+        keys: list[tuple[str, Any, GGUFValueType]] = [
+            ("quantize.imatrix.file", self.file.encode()[:127], GGUFValueType.STRING)]
+        if self.dataset is not None:
+            keys.append(("quantize.imatrix.dataset", self.dataset.encode()[:127], GGUFValueType.STRING))
+        keys.append(("quantize.imatrix.entries_count", n_entries, GGUFValueType.UINT32))
+        if self.chunk_count > 0:
+            keys.append(("quantize.imatrix.chunks_count", self.chunk_count, GGUFValueType.UINT32))
+        return keys
+
+
+def _importance_values(imatrix, info: ImatrixInfo | None):
+    """(tensor name -> per-column importance, info) from a file name or a mapping; non-finite values refused
+    as llama-quantize refuses them."""
+    if imatrix is None:
+        return None, None
+    if isinstance(imatrix, (str, os.PathLike)):
+        data = load_imatrix(imatrix)
+        if info is None:
+            info = ImatrixInfo(os.fspath(imatrix), data.datasets[0] if data.datasets else None, data.chunk_count)
+        imatrix = read_imatrix(imatrix)
+    values = {name: np.asarray(v, np.float32).reshape(-1) for name, v in imatrix.items()}
+    for name, v in values.items():
+        bad = v[~np.isfinite(v)]
+        if bad.size:
+            raise TinyGPTError(f"the importance matrix holds a non-finite value ({bad[0]}) for {name}; "
+                               "compute it again from the f16 model (tinygpt imatrix)")
+    return values, info
+
+
+def _tensor_importance(values: Mapping[str, np.ndarray] | None, info: TensorInfo) -> np.ndarray | None:
+    """The importance entry of a tensor being quantized, after llama-quantize's size check (ne0 * ne2 values)."""
+    if values is None or info.name not in values:
+        return None  # quantized without one, as llama-quantize does ("did not find weights")
+    v = values[info.name]
+    expected = info.ne[0] * (info.ne[2] if len(info.ne) > 2 else 1)
+    if v.size == expected:
+        return v
+    if info.name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return None  # llama.cpp lets this one pass without its entry
+    raise TinyGPTError(f"the importance matrix has {v.size} values for {info.name}, which has rows of "
+                       f"{info.ne[0]}: it was computed for another model; compute it again from this one")
 
 
 # ------------------------------------------------------------------------------------------------ the stage
 
 def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, file_type: str = "q4_k_m",
-                  threads: int | None = None, pure: bool = False) -> dict[str, GGMLQuantizationType]:
-    """Quantize a float GGUF to `file_type`, like `llama-quantize input out <TYPE>`. Returns name -> new type."""
+                  threads: int | None = None, pure: bool = False,
+                  imatrix: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+                  imatrix_info: ImatrixInfo | None = None) -> dict[str, GGMLQuantizationType]:
+    """Quantize a float GGUF to `file_type`, like `llama-quantize input out <TYPE>`. Returns name -> new type.
+
+    `imatrix`: an importance-matrix file (then the output is `llama-quantize --imatrix FILE`'s, the file name as
+    given recorded in quantize.imatrix.file), or tensor name -> per-column importance (as llama_model_quantize
+    takes it: no quantize.imatrix.* keys unless `imatrix_info` says what to record)."""
     if file_type not in FILE_TYPES:
         raise TinyGPTError(f"unknown quantization type {file_type!r}; supported: {', '.join(FILE_TYPES)}")
     input_path = require_file(input_path, "input GGUF", "make it with: tinygpt gguf_convert")
@@ -186,6 +255,7 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
     if out_path.exists() and out_path.resolve() == input_path.resolve():
         raise TinyGPTError(f"--out {out_path} is the input file; choose another output path")
     threads = capped_threads(threads)
+    importance, imatrix_info = _importance_values(imatrix, imatrix_info)
 
     reader = read_gguf(input_path, "pass the f16 GGUF written by tinygpt gguf_convert")
     fields = {f.name: f for f in reader.fields.values()}
@@ -199,24 +269,35 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
     block_count = fields.get(f"{arch}.block_count")
     if block_count is None:
         raise TinyGPTError(f"{input_path} lacks the key {arch}.block_count, which llama.cpp needs as well")
-    plan = plan_tensor_types(infos, file_type, int(block_count.parts[block_count.data[0]][0]), pure)
+    plan = plan_tensor_types(infos, file_type, int(block_count.parts[block_count.data[0]][0]), pure,
+                             has_imatrix=importance is not None)
+
+    # llama.cpp copies the input's keys, then sets its own; setting a key removes it and appends it at the end
+    metadata = {name: _field_value(field) for name, field in fields.items()
+                if not name.startswith("GGUF.") and name != "general.architecture"}  # header pseudo-fields
+    new_keys = [("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32),
+                ("general.file_type", FILE_TYPES[file_type].ftype, GGUFValueType.UINT32)]
+    if imatrix_info is not None and importance is not None:
+        new_keys += imatrix_info.metadata(len(importance))
+    for name, value, vtype in new_keys:
+        metadata.pop(name, None)
+        metadata[name] = (value, vtype, None)
+    for name in ("split.no", "split.count", "split.tensors.count"):  # one output file, as llama-quantize writes
+        metadata.pop(name, None)
 
     with atomic_path(out_path) as tmp:
         writer = GGUFWriter(tmp, arch)
-        for name, field in fields.items():
-            if name.startswith("GGUF.") or name in ("general.architecture", "general.quantization_version",
-                                                    "general.file_type"):
-                continue  # header pseudo-fields, and the keys llama.cpp rewrites (appended below, in its order)
-            value, vtype, sub = _field_value(field)
+        for name, (value, vtype, sub) in metadata.items():
             if name == "general.alignment":
                 writer.data_alignment = int(value)
             writer.add_key_value(name, value, vtype, sub)
-        writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
-        writer.add_uint32("general.file_type", FILE_TYPES[file_type].ftype)
 
         for info in progress(infos, desc=f"quantize {file_type}", unit="tensor"):
             t, qtype = by_name[info.name], plan[info.name]
-            data = _raw_bytes(t) if qtype == t.tensor_type else _convert(t, qtype, threads)
+            if qtype == t.tensor_type:
+                data = _raw_bytes(t)
+            else:
+                data = _convert(t, qtype, threads, _tensor_importance(importance, info))
             writer.add_tensor(info.name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -237,9 +318,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--imatrix", help="importance matrix (from tinygpt imatrix or llama-imatrix), as "
                         "llama-quantize --imatrix")
     args = parser.parse_args(argv)
-    # passed only when given, so that quantize_gguf without an imatrix parameter keeps working
-    imatrix = {"imatrix": read_imatrix(args.imatrix)} if args.imatrix else {}
-    plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads, args.pure, **imatrix)
+    # the file name, not its values: llama-quantize records the name, datasets and chunk count in the output
+    plan = quantize_gguf(args.input, args.out, args.type.lower(), args.threads, args.pure, imatrix=args.imatrix)
     counts: dict[str, int] = {}
     for qtype in plan.values():
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
