@@ -24,9 +24,11 @@ from typing import Callable, Iterable, Sequence
 import regex
 
 from tinygpt.common import EOT, TinyGPTError, atomic_open, require_file
+from tinygpt.tokenizer.hf_json import parse_tokenizer_json
+from tinygpt.tokenizer.pipeline import (  # noqa: F401 - the byte map and GPT2_PATTERN are part of this API
+    BYTE_TO_UNICODE, GPT2_PATTERN, UNICODE_TO_BYTE, Pipeline, Step, bmp_classes, bytes_to_token_string,
+    token_string_to_bytes)
 
-# GPT-2's pre-tokenization regex, verbatim; llama.cpp's "gpt-2" pre-tokenizer splits text the same way.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # The same pattern for pure-ASCII text, where \p{L} is [A-Za-z] and \p{N} is [0-9]. Whitespace is spelled out
 # because `re`'s \s also matches \x1c-\x1f, which `regex`'s \s (Unicode White_Space) does not.
 _ASCII_SPACE = r"\t\n\x0b\x0c\r "
@@ -40,35 +42,12 @@ _BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 CACHE_SIZE = 100_000  # entries per encode cache; a cache is emptied when full, which bounds memory
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are shifted to
-    code points 256 and up, in byte order, so that every token is a visible string without spaces.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in mapping)
-    for offset, b in enumerate(shifted):
-        mapping[b] = chr(256 + offset)
-    return dict(sorted(mapping.items()))
-
-
-BYTE_TO_UNICODE: dict[int, str] = _bytes_to_unicode()
-UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in BYTE_TO_UNICODE.items()}
-
-
 @lru_cache(maxsize=None)
 def compiled_pattern() -> regex.Pattern:
     return regex.compile(GPT2_PATTERN)
 
 
 _ascii_pattern = re.compile(ASCII_PATTERN)
-
-
-def _class_ranges(prop: str, text: str) -> str:
-    """The characters of `text` that `regex` puts in class `prop`, as ranges for a `re` character class."""
-    return "".join(f"\\u{m.start():04x}-\\u{m.end() - 1:04x}" for m in regex.finditer(prop + "+", text))
 
 
 @lru_cache(maxsize=None)
@@ -79,8 +58,8 @@ def bmp_pattern() -> re.Pattern:
     whatever Unicode version each knows. `re` keeps such a class as a table with one lookup per character; with
     characters beyond U+FFFF in it, it would test range by range, slower than `regex`.
     """
-    bmp = "".join(map(chr, range(0x10000)))
-    letters, numbers, space = (_class_ranges(p, bmp) for p in (r"\p{L}", r"\p{N}", r"\s"))
+    classes = bmp_classes()
+    letters, numbers, space = classes["L"], classes["N"], classes["s"]
     return re.compile(rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"""
                       rf"""|[{space}]+(?![^{space}])|[{space}]+""")
 
@@ -145,18 +124,6 @@ def pretokenize(text: str) -> list[str]:
     return chunks
 
 
-def bytes_to_token_string(data: bytes) -> str:
-    return "".join(BYTE_TO_UNICODE[b] for b in data)
-
-
-def token_string_to_bytes(token: str) -> bytes:
-    try:
-        return bytes(UNICODE_TO_BYTE[c] for c in token)
-    except KeyError as e:
-        raise TinyGPTError(f"token {token!r} has character {e.args[0]!r} outside GPT-2's byte alphabet; "
-                           "only byte-level BPE tokenizers are supported") from None
-
-
 class _BoundedCache(dict):
     """text -> ids; a miss calls `compute`. At most 2 * CACHE_SIZE entries: when full, the entries become the
     previous generation (and the one before is dropped); a miss looks there before computing, so what is still
@@ -178,31 +145,86 @@ class _BoundedCache(dict):
         return ids
 
 
+_OWN_PIPELINE = Pipeline(None, (Step("split", GPT2_PATTERN),))  # what train_bpe writes
+
+
+def _token_pattern(tokens: Iterable[str], lstrip: set[str] = frozenset(), rstrip: set[str] = frozenset()):
+    """One regex finding any of `tokens`, the longest at a position first (as Hugging Face's matcher does),
+    with the whitespace before (lstrip) or after (rstrip) a token taken into its match."""
+    parts = [("\\s*" if t in lstrip else "") + regex.escape(t) + ("\\s*" if t in rstrip else "")
+             for t in sorted(tokens, key=len, reverse=True)]
+    return regex.compile("(" + "|".join(parts) + ")") if parts else None
+
+
 class Tokenizer:
-    """A byte-level BPE tokenizer defined by its merges (rank order) and its special tokens (appended last)."""
+    """A byte-level BPE tokenizer: vocabulary, merges in rank order, added (special) tokens, and the text
+    pipeline (normalizer, pre-tokenizer; see `pipeline`) of a Hugging Face tokenizer.json.
+
+    `Tokenizer(merges)` is tinygpt's own layout (what train_bpe learns): id i < 256 is byte i, merge k gives id
+    256 + k, special tokens come last, GPT-2's regex splits. `from_json_str` reads any supported tokenizer.json.
+    """
 
     def __init__(self, merges: Sequence[tuple[int, int]], specials: Sequence[str] = (EOT,),
                  eot_token: str = EOT) -> None:
         if eot_token not in specials:
             raise TinyGPTError(f"the special tokens {list(specials)} must include {eot_token}")
-        self.merges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in merges]
-        self.vocab: list[bytes] = [bytes([i]) for i in range(256)]
-        for rank, (a, b) in enumerate(self.merges):
+        merges = [(int(a), int(b)) for a, b in merges]
+        vocab = [bytes([i]) for i in range(256)]
+        for rank, (a, b) in enumerate(merges):
             new_id = 256 + rank
             if not (0 <= a < new_id and 0 <= b < new_id):
                 raise TinyGPTError(f"merge {rank} ({a}, {b}) uses an id not defined before it")
-            self.vocab.append(self.vocab[a] + self.vocab[b])
-        first_special = len(self.vocab)
-        self.special_tokens: dict[str, int] = {s: first_special + i for i, s in enumerate(specials)}
-        self.vocab.extend(s.encode("utf-8") for s in specials)
-        self.vocab_size: int = len(self.vocab)
-        self.eot_id: int = self.special_tokens[eot_token]
-        self._pair_rank: dict[int, int] = {a << 32 | b: rank for rank, (a, b) in enumerate(self.merges)}
-        self._byte_pair_rank = [len(self.merges)] * 65536  # the same for pairs of bytes, as a table
-        for rank, (a, b) in enumerate(self.merges):
-            if a < 256 and b < 256:
+            vocab.append(vocab[a] + vocab[b])
+        added = {s: len(vocab) + i for i, s in enumerate(specials)}
+        vocab += [s.encode("utf-8") for s in specials]
+        self._setup(vocab, merges, list(range(256, 256 + len(merges))), added, set(specials), eot_token)
+
+    def _setup(self, vocab: list[bytes], merges: list[tuple[int, int]], merged: list[int], added: dict[str, int],
+               special: set[str], eot_token: str, pipeline: Pipeline = _OWN_PIPELINE, bos_token: str | None = None,
+               ignore_merges: bool = False, spec: dict | None = None, normalized: set[str] = frozenset(),
+               lstrip: set[str] = frozenset(), rstrip: set[str] = frozenset()) -> None:
+        """vocab: bytes of every id (added tokens: their UTF-8 text); merges: (left, right) ids by rank and
+        merged: the id each makes; added: every added token's id (special or not)."""
+        self.merges, self._merged = merges, merged
+        self.vocab: list[bytes] = vocab
+        self.vocab_size: int = len(vocab)
+        self.added_tokens: dict[str, int] = added
+        self.special_tokens: dict[str, int] = {t: i for t, i in added.items() if t in special}
+        self.eot_id: int = added[eot_token]
+        self.bos_id: int | None = None if bos_token is None else added[bos_token]
+        self.pipeline, self.ignore_merges, self._spec = pipeline, ignore_merges, spec
+        n = len(merges)
+        self._pair_rank: dict[int, int] = {a << 32 | b: rank for rank, (a, b) in enumerate(merges)}
+        added_ids = set(added.values())
+        self._id_of_bytes = {t: i for i, t in enumerate(vocab) if i not in added_ids}
+        missing = [b for b in range(256) if bytes([b]) not in self._id_of_bytes]
+        if missing:
+            raise TinyGPTError(f"the vocabulary has no token for byte {missing[0]:#04x} (and {len(missing) - 1} "
+                               "more); a byte-level BPE needs all 256 to encode any text")
+        self._byte_id = [self._id_of_bytes[bytes([b])] for b in range(256)]
+        self._bytes_are_ids = self._byte_id == list(range(256))
+        byte_of_id = {i: b for b, i in enumerate(self._byte_id)}
+        self._byte_pair_rank = [n] * 65536  # the same for pairs of bytes, as a table indexed by byte values
+        for key, rank in self._pair_rank.items():
+            a, b = byte_of_id.get(key >> 32), byte_of_id.get(key & 0xFFFFFFFF)
+            if a is not None and b is not None:
                 self._byte_pair_rank[a << 8 | b] = rank
-        self._special_pattern = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
+        # Added tokens are found in the raw text, or (flag `normalized`, with a normalizer) in the normalized text.
+        on_normalized = {t for t in normalized if pipeline.normalizer is not None}
+        raw, norm = set(added) - on_normalized, {pipeline.normalize(t) for t in on_normalized}
+        plain_raw = {t for t in raw if t not in special}
+        plain_norm = {pipeline.normalize(t) for t in on_normalized if t not in special}
+        self._patterns = {special_too: (_token_pattern(r, lstrip, rstrip), _token_pattern(m, lstrip, rstrip))
+                          for special_too, r, m in ((True, raw, norm), (False, plain_raw, plain_norm))}
+        self._added_ids = {**{pipeline.normalize(t): added[t] for t in on_normalized}, **added}
+        self._strip = bool(lstrip or rstrip)
+        fast_gpt2 = pipeline == _OWN_PIPELINE
+        self._pretokenize = pretokenize if fast_gpt2 else pipeline.pretokenize
+        # Splitting at spaces (see encode_ordinary) is proven for GPT-2's regex and property-tested for the
+        # other known pipelines.
+        self._space_split = pipeline.known is not None and pipeline.normalizer is None
+        self._breaker = (_SPACE_SPLIT_BREAKER if fast_gpt2 or not self._space_split
+                         else regex.compile(pipeline.known.space_split_breaker))
         self._chunk_cache = _BoundedCache(self._encode_chunk)
         self._word_cache = _BoundedCache(self._encode_word)  # for the space-split fast path
 
@@ -210,8 +232,29 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, eot_id={self.eot_id})"
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Tokenizer) and self.merges == other.merges
-                and self.special_tokens == other.special_tokens)
+        return (isinstance(other, Tokenizer) and self.merges == other.merges and self.vocab == other.vocab
+                and self.added_tokens == other.added_tokens and self.special_tokens == other.special_tokens
+                and self.pipeline == other.pipeline and self.bos_id == other.bos_id
+                and self.ignore_merges == other.ignore_merges)
+
+    @property
+    def gguf_pre(self) -> str:
+        """The name llama.cpp gives this pre-tokenizer (`tokenizer.ggml.pre`); TinyGPTError if it has none."""
+        known = self.pipeline.known
+        if known is None:
+            raise TinyGPTError("this tokenizer's normalizer and pre-tokenizer are none that llama.cpp implements "
+                               "(GPT-2's, SmolLM's, Llama 3's, Qwen2's), so llama.cpp would tokenize differently")
+        if known.ignore_merges != self.ignore_merges:
+            raise TinyGPTError(f"llama.cpp's {known.gguf_pre!r} pre-tokenizer has ignore_merges "
+                               f"{known.ignore_merges}, this tokenizer {self.ignore_merges}; llama.cpp would "
+                               "tokenize differently")
+        return known.gguf_pre
+
+    @property
+    def safe_before(self) -> bytes | None:
+        """A bytes regex class: an ASCII byte of it before ASCII whitespace is a point where text may be cut
+        without changing its pieces (see `pieces`); None when no such point is known for this pipeline."""
+        return None if self.pipeline.known is None else self.pipeline.known.safe_before
 
     # ---- encoding -------------------------------------------------------------------------------------------
 
@@ -221,15 +264,16 @@ class Tokenizer:
         (Merging one occurrence at a time equals merging all of a pair's occurrences left to right: pairs that
         hold the new id rank after it, so the next lowest pair is the pair's next occurrence, if any.)
         """
-        ids = list(chunk)
+        ids = list(chunk) if self._bytes_are_ids else [self._byte_id[b] for b in chunk]
         rank_of, missing, byte_pair_rank = self._pair_rank.get, len(self.merges), self._byte_pair_rank
+        merged = self._merged
         ranks = [byte_pair_rank[a << 8 | b] for a, b in zip(chunk, chunk[1:])]
         while ranks:
             rank = min(ranks)
             if rank == missing:
                 break
             i = ranks.index(rank)
-            new = 256 + rank
+            new = merged[rank]
             ids[i:i + 2] = [new]
             del ranks[i]
             if i:
@@ -239,7 +283,12 @@ class Tokenizer:
         return ids
 
     def _encode_chunk(self, chunk: str) -> list[int]:
-        return self._merge_chunk(chunk.encode("utf-8"))
+        data = chunk.encode("utf-8")
+        if self.ignore_merges:  # a piece that is a token is that token, whatever the merges would make of it
+            found = self._id_of_bytes.get(data)
+            if found is not None:
+                return [found]
+        return self._merge_chunk(data)
 
     def _encode_word(self, word: str) -> list[int]:
         """Ids of " " + word, where word is text between two spaces of a text the space-split path may take."""
@@ -248,26 +297,54 @@ class Tokenizer:
     def _encode_chunks(self, text: str) -> list[int]:
         """The general path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
         # Cache hits run entirely in C (dict lookup, chain); only unseen chunks reach _BoundedCache.__missing__.
-        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, pretokenize(text))))
+        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, self._pretokenize(text))))
 
-    def encode_ordinary(self, text: str) -> list[int]:
-        """Encode text, treating special-token text like any other text."""
-        if _SPACE_SPLIT_BREAKER.search(text):
+    def _encode_normalized(self, text: str) -> list[int]:
+        """Encode normalized text without added tokens."""
+        if not self._space_split or self._breaker.search(text):
             return self._encode_chunks(text)
         # Fast path: str.split and one dict hit per word replace the regex for all but unseen words.
         words = text.split(" ")
         rest = chain.from_iterable(map(self._word_cache.__getitem__, islice(words, 1, None)))
         return list(chain(self._encode_chunks(words[0]), rest))
 
-    def encode(self, text: str) -> list[int]:
-        """Encode text; each literal special token (e.g. <|endoftext|>) becomes its single id."""
+    def _encode_with(self, text: str, special_too: bool) -> list[int]:
+        """Normalize and encode text; the added tokens found in it (special ones only if special_too) are kept
+        whole, found in the raw text or, if their `normalized` flag says so, in the normalized text."""
+        raw, normalized = self._patterns[special_too]
         ids: list[int] = []
-        for i, part in enumerate(self._special_pattern.split(text)):
+        for i, part in enumerate(self._split_on(raw, text)):
             if i % 2:  # split() with a capture group puts the separators at odd positions
-                ids.append(self.special_tokens[part])
-            elif part:
-                ids.extend(self.encode_ordinary(part))
+                ids.append(self._added_id(part))
+                continue
+            for j, piece in enumerate(self._split_on(normalized, self.pipeline.normalize(part) if part else part)):
+                if j % 2:
+                    ids.append(self._added_id(piece))
+                elif piece:
+                    ids += self._encode_normalized(piece)
         return ids
+
+    @staticmethod
+    def _split_on(pattern, text: str) -> list[str]:
+        return [text] if pattern is None or not text else pattern.split(text)
+
+    def _added_id(self, match: str) -> int:
+        found = self._added_ids.get(match)
+        return self._added_ids[match.strip()] if found is None and self._strip else found
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text, treating special-token text like any other text (non-special added tokens stay tokens:
+        Hugging Face's encode with split_special_tokens and no post-processor)."""
+        if self._patterns[False] == (None, None) and self.pipeline.normalizer is None:
+            return self._encode_normalized(text)
+        return self._encode_with(text, special_too=False)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Encode text; each literal added token (e.g. <|endoftext|>) becomes its single id. With bos=True the
+        post-processor's beginning-of-sequence token comes first, if it has one (Hugging Face's encode with
+        add_special_tokens); without it, as Hugging Face's add_special_tokens=False."""
+        ids = self._encode_with(text, special_too=True)
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         vocab = self.vocab
@@ -279,10 +356,9 @@ class Tokenizer:
     # ---- token strings (GGUF, Hugging Face) ------------------------------------------------------------------
 
     def token_strings(self) -> list[str]:
-        """Each id's GPT-2 byte-to-unicode string (e.g. 'Ġthe'); special tokens as their text."""
-        n_ordinary = 256 + len(self.merges)
-        strings = [bytes_to_token_string(t) for t in self.vocab[:n_ordinary]]
-        return strings + list(self.special_tokens)
+        """Each id's GPT-2 byte-to-unicode string (e.g. 'Ġthe'); added tokens as their text."""
+        by_id = {i: t for t, i in self.added_tokens.items()}
+        return [by_id[i] if i in by_id else bytes_to_token_string(t) for i, t in enumerate(self.vocab)]
 
     def merge_strings(self) -> list[str]:
         """Merges as 'left right' token strings in rank order (byte-level tokens never contain a space)."""
@@ -320,6 +396,8 @@ class Tokenizer:
 
     def to_json_str(self) -> str:
         """The Hugging Face `tokenizer.json` text: `tokenizers.Tokenizer.from_str` gives exactly our ids."""
+        if self._spec is not None:  # read from a tokenizer.json: written back as read
+            return json.dumps(self._spec, ensure_ascii=False, indent=1)
         strings = self.token_strings()
         n_ordinary = 256 + len(self.merges)
         spec = {
@@ -353,35 +431,19 @@ class Tokenizer:
             f.write(self.to_json_str())
 
     @classmethod
-    def from_json_str(cls, text: str, source: str = "tokenizer JSON") -> "Tokenizer":
-        """Load a Hugging Face `tokenizer.json` (ours, or any byte-level BPE with tinygpt's id layout)."""
-        try:
-            spec = json.loads(text)
-            model = spec["model"]
-            if model.get("type") != "BPE":
-                raise TinyGPTError(f"{source}: model type is {model.get('type')!r}, expected 'BPE'")
-            by_id = {int(i): t for t, i in model["vocab"].items()}
-            specials = [a["content"] for a in spec.get("added_tokens", []) if a.get("special")]
-            for added in spec.get("added_tokens", []):
-                by_id[int(added["id"])] = added["content"]
-            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise TinyGPTError(f"{source} is not a valid Hugging Face tokenizer.json ({type(e).__name__}: {e}); "
-                               "re-run train_bpe to rebuild it") from None
-        if sorted(by_id) != list(range(len(by_id))):
-            raise TinyGPTError(f"{source}: token ids are not contiguous from 0; re-run train_bpe to rebuild it")
-        tokens = [by_id[i] for i in range(len(by_id))]
-        tail = tokens[256 + len(merges):]
-        if sorted(tail) != sorted(specials):
-            raise TinyGPTError(f"{source}: tokens after the merges must be the special tokens {specials}, "
-                               f"found {tail[:5]}")
-        return cls.from_token_strings(tokens, merges)
+    def from_json_str(cls, text: str, source: str = "tokenizer JSON", eot_token: str | None = None) -> "Tokenizer":
+        """Load a Hugging Face `tokenizer.json`: ours, or a byte-level BPE of a supported family (see
+        `tinygpt.tokenizer.hf_json`). eot_token: the end-of-text token (default: the first of EOT_NAMES)."""
+        return parse_tokenizer_json(cls, text, source, eot_token)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike, eot_token: str | None = None) -> "Tokenizer":
         path = require_file(path, "tokenizer", "run `tinygpt train_bpe` to create it")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise TinyGPTError(f"cannot read tokenizer {path}: {e}") from None
-        return cls.from_json_str(text, source=str(path))
+        return cls.from_json_str(text, source=str(path), eot_token=eot_token)
+
+
+_SINGLE_BYTES = frozenset(bytes([b]) for b in range(256))
