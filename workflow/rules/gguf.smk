@@ -1,4 +1,4 @@
-# GGUF: export -> gguf_convert -> quantize
+# GGUF: export -> gguf_convert -> (imatrix) -> quantize
 
 EXPORT_FILES = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 
@@ -48,14 +48,39 @@ rule gguf_convert:
         " --outtype {wildcards.outtype} {params.args} 2>&1 | tee {log}"
 
 
+rule imatrix:
+    input:
+        # the float file the quantizer reads, run over training tokens (never validation): reruns only when the
+        # model or the calibration text (or this stage's code) changes
+        gguf=f"exports/tinygpt/model-{config['quantize']['input']}.gguf",
+        tokens=rules.encode.output.train,
+        code=sources("imatrix"),
+    output:
+        imatrix="exports/tinygpt/imatrix.gguf",
+    params:
+        args=flags({"chunks": config["quantize"]["imatrix_chunks"]}),
+    log:
+        "logs/imatrix.log",
+    benchmark:
+        "benchmarks/imatrix.tsv"
+    threads: config["quantize"]["threads"]
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt imatrix --gguf {input.gguf} --tokens {input.tokens} --out {output.imatrix}"
+        " {params.args} --threads {threads} 2>&1 | tee {log}"
+
+
 rule quantize:
     input:
         gguf=f"exports/tinygpt/model-{config['quantize']['input']}.gguf",
+        imatrix=rules.imatrix.output.imatrix if config["quantize"]["imatrix"] else [],
         code=sources("quantize"),
     output:
         gguf="exports/tinygpt/model-{qtype}.gguf",
     params:
         args=flags({"pure": config["quantize"]["pure"]}),
+        imatrix=lambda wildcards, input: f"--imatrix {input.imatrix}" if input.imatrix else "",
     log:
         "logs/quantize-{qtype}.log",
     benchmark:
@@ -65,4 +90,4 @@ rule quantize:
         "../envs/tinygpt.yaml"
     shell:
         "python -m tinygpt quantize --input {input.gguf} --out {output.gguf} --type {wildcards.qtype}"
-        " {params.args} --threads {threads} 2>&1 | tee {log}"
+        " {params.args} {params.imatrix} --threads {threads} 2>&1 | tee {log}"
