@@ -1,0 +1,167 @@
+"""LoRA: a wrapped layer computes base + alpha/rank * B A; merging gives the adapted model's logits in a plain GPT;
+training leaves the frozen weights bit-identical, keeps only the adapters in last.pt, and resumes after SIGKILL to
+identical adapters."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import metrics, run_dirs, subprocess_env, write_token_dir
+from tinygpt.common import TinyGPTError
+from tinygpt.model.checkpoint import load_checkpoint, load_model
+from tinygpt.model.gpt import GPT, GPTConfig
+from tinygpt.model.lora import LoRALinear, adapter_state, apply_lora, merge_lora
+from tinygpt.model.train import main
+
+TINY = dict(vocab_size=320, n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def randomized_adapters(model: GPT) -> None:
+    """B starts at zero (the adapted model is the base); give every adapter values so that it matters."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in adapter_state(model).items():
+            t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+
+
+def test_a_wrapped_layer_adds_the_scaled_low_rank_update():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 7)
+    w, b = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = LoRALinear(base, rank=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(5, 12)
+    a_, b_ = layer.lora_a.detach(), layer.lora_b.detach()
+    expected = x @ w.T + b + 2.0 * (x @ a_.T) @ b_.T  # alpha / rank = 2
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.merged()(x), expected)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad and layer.lora_a.requires_grad
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_model_is_a_plain_gpt_with_the_adapted_logits(arch):
+    torch.manual_seed(0)
+    config = GPTConfig(arch=arch, **TINY)
+    model = GPT(config)
+    plain_names = set(model.state_dict())
+    wrapped = apply_lora(model, rank=4, alpha=8.0, targets=["q", "v", "o", "gate", "up", "down"])
+    expected_layers = {"llama": ["attn.proj", "attn.q", "attn.v", "mlp.gate", "mlp.proj", "mlp.up"],
+                       "gpt2": ["attn.proj", "attn.qkv", "mlp.fc", "mlp.proj"]}[arch]
+    assert wrapped == [f"blocks.{i}.{p}" for i in range(2) for p in expected_layers]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(adapter_state(model))
+    idx = torch.randint(0, 320, (2, 16))
+    before, _ = model(idx)
+    randomized_adapters(model)
+    adapted, _ = model(idx)
+    assert not torch.allclose(adapted, before)
+    merge_lora(model)
+    assert set(model.state_dict()) == plain_names
+    fresh = GPT(config)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(idx)[0], adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_base_is_the_bf16_rounded_weight_plus_the_update():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="llama", **TINY))
+    weight = model.blocks[0].attn.q.weight.detach().clone()
+    apply_lora(model, rank=2, alpha=2.0, targets=["q"], base_dtype=torch.bfloat16)
+    layer = model.blocks[0].attn.q
+    assert layer.weight.dtype is torch.bfloat16 and layer.lora_a.dtype is torch.float32
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), (x.bfloat16() @ weight.bfloat16().T).float())
+
+
+def test_unknown_targets_are_a_clear_error():
+    model = GPT(GPTConfig(arch="gpt2", **TINY))
+    with pytest.raises(TinyGPTError, match="choose from q, k, v, o, gate, up, down"):
+        apply_lora(model, rank=2, alpha=2.0, targets=["q_proj"])
+    with pytest.raises(TinyGPTError, match="name no layer of a gpt2 model"):
+        apply_lora(model, rank=2, alpha=2.0, targets=["gate"])
+
+
+# --- training with LoRA -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_token_dir(tmp_path_factory.mktemp("tokens"))
+
+
+def args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return ["--data_dir", str(data_dir), "--tokenizer", str(data_dir / "tokenizer.json"),
+            "--out", str(out_dir / "best.pt"), "--runs_dir", str(out_dir / "runs"), "--batch_size", "4",
+            "--eval_batches", "2", "--threads", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(data_dir, tmp_path_factory) -> Path:
+    """A tiny trained llama checkpoint to adapt."""
+    out = tmp_path_factory.mktemp("base")
+    main(args(data_dir, out, "--arch", "llama", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+              "--block_size", "16", "--max_steps", "4", "--eval_interval", "4"))
+    return out / "best.pt"
+
+
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_targets", "q,v,down", "--lr", "1e-2", "--warmup_steps", "2"]
+
+
+def test_lora_trains_adapters_only_and_the_final_checkpoint_holds_merged_weights(data_dir, base, tmp_path):
+    main(args(data_dir, tmp_path, "--init_from", str(base), *LORA, "--max_steps", "6", "--eval_interval", "3"))
+    [run_dir] = run_dirs(tmp_path)
+    last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
+    assert "model" not in last and set(last["adapters"]) == {
+        f"blocks.{i}.{p}.{ab}" for i in range(2) for p in ("attn.q", "attn.v", "mlp.proj") for ab in ("lora_a", "lora_b")}
+    assert any(t.abs().sum() > 0 for n, t in last["adapters"].items() if n.endswith("lora_b")), "B was trained"
+    start = load_checkpoint(base)["model"]
+    final = load_checkpoint(tmp_path / "best.pt")
+    assert set(final["model"]) == set(start)
+    for name, tensor in start.items():
+        layer = name.removesuffix(".weight")
+        if f"{layer}.lora_a" in best["adapters"]:  # merged: the untouched base plus alpha/rank * B A
+            delta = 2.0 * (best["adapters"][f"{layer}.lora_b"] @ best["adapters"][f"{layer}.lora_a"])
+            assert torch.equal(final["model"][name], tensor + delta), name
+        else:  # frozen and not adapted: bit-identical to the start
+            assert torch.equal(final["model"][name], tensor), name
+    # the merged checkpoint is a plain model; its validation loss is the one the run logged for its best step
+    model, _ = load_model(tmp_path / "best.pt")
+    assert [m["val_loss"] for m in metrics(run_dir) if m["step"] == final["step"]] == [final["val_loss"]]
+    assert model.config.n_layer == 2
+
+
+def test_killed_lora_run_resumes_to_identical_adapters(data_dir, base, tmp_path):
+    settings = ["--init_from", str(base), *LORA, "--max_steps", "150", "--ckpt_interval", "7", "--eval_interval", "50",
+                "--lora_dropout", "0.1"]
+    command = [sys.executable, "-m", "tinygpt.model.train"]
+    env = subprocess_env()
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(command + args(data_dir, whole, *settings), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(command + args(data_dir, killed, *settings), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((killed / "runs").glob("*/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.05))
+    assert proc.poll() is None, "training finished before it could be killed; give the test more steps"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [run_dir] = run_dirs(killed)
+    killed_at = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 0 < killed_at < 150
+    resumed = subprocess.run(command + args(data_dir, killed, *settings), env=env, check=True,
+                             capture_output=True, text=True)
+    assert f"resuming run {run_dir} from step {killed_at}" in resumed.stdout
+    last_whole, last_resumed = (load_checkpoint(d / "last.pt") for d in (run_dirs(whole)[0], run_dir))
+    for name, tensor in last_whole["adapters"].items():
+        assert torch.equal(tensor, last_resumed["adapters"][name]), name
+    final_whole, final_resumed = load_checkpoint(whole / "best.pt"), load_checkpoint(killed / "best.pt")
+    assert all(torch.equal(t, final_resumed["model"][n]) for n, t in final_whole["model"].items())
