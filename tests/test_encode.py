@@ -221,7 +221,7 @@ def test_long_documents_stream_in_pieces_with_identical_ids(tmp_path, tokenizer_
     real = encode_module._encode_batch
     monkeypatch.setattr(encode_module, "_encode_batch", lambda batch: seen.extend(batch) or real(batch))
     meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", 0.2, threads=1)
-    assert max(len(data) for data, _, _ in seen) <= 50 * 2 and len(seen) > 5 * len(docs)
+    assert max(len(data) for data, *_ in seen) <= 50 * 2 and len(seen) > 5 * len(docs)
     train, val = read_split(tmp_path / "out", "train", meta), read_split(tmp_path / "out", "val", meta)
     assert train.tolist() + val.tolist() == expected_ids(tok, docs)
 
@@ -267,3 +267,57 @@ def test_cli(tmp_path, tokenizer_path):
     assert meta["documents"]["val"] >= 1 and meta["split"]["rule"] == "random"
     meta = main(["--corpus", str(corpus), "--tokenizer", str(tokenizer_path), "--out_dir", str(tmp_path / "u")])
     assert meta["split"]["rule"] == "tail" and meta["documents"]["val"] == 2
+
+
+# ---- a set of files, workers, CPUs --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_a_kill_while_writing_leaves_the_old_set_whole(tmp_path, tokenizer_path, monkeypatch, fail_at):
+    """meta.json always describes the token files beside it: a kill at the n-th file operation of a rerun
+    (writing a file, renaming one) leaves the whole old set."""
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
+    out = tmp_path / "out"
+    encode_corpus(corpus, tokenizer_path, out, 0.1, threads=1)
+    old = {name: (out / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
+    calls = []
+
+    def killed(real):
+        def step(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt("killed")
+            return real(*args, **kwargs)
+        return step
+
+    import os
+
+    import tinygpt.common as common
+
+    monkeypatch.setattr(common, "_exchange", lambda a, b: False, raising=False)  # the most steps: two renames
+    monkeypatch.setattr(os, "replace", killed(os.replace))
+    monkeypatch.setattr(os, "rename", killed(os.rename))
+    monkeypatch.setattr(encode_module, "sha256_file", killed(encode_module.sha256_file))  # between files
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(corpus, tokenizer_path, out, 0.3, threads=1)
+    assert {name: (out / name).read_bytes() for name in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "out"]
+
+
+@pytest.mark.parametrize("monitor", [False, True], ids=["alone", "tqdm-monitor-thread"])
+def test_workers_never_fork_beside_a_thread_nor_exceed_the_usable_cpus(tmp_path, tokenizer_path, monkeypatch,
+                                                                       monitor):
+    """A stage run alone forks its workers before its progress bar starts tqdm's monitor thread; beside a live
+    thread it spawns them. --threads above the CPUs this process may use is cut to them."""
+    import tinygpt.common as common
+    from forks import progress_bars_on, started_processes, watched_forks
+
+    progress_bars_on(monkeypatch, monitor)
+    monkeypatch.setattr(common, "usable_cpus", lambda: 2)
+    started = started_processes(monkeypatch)
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
+    with watched_forks() as forks:
+        main(["--corpus", str(corpus), "--tokenizer", str(tokenizer_path), "--out_dir", str(tmp_path / "out"),
+              "--threads", "8"])
+    assert started == ["spawn" if monitor else "fork"] * 2, "one worker per usable CPU"
+    assert forks == ([] if monitor else [[], []]), "no other thread alive at a fork"
+    assert (tmp_path / "out" / "meta.json").exists()

@@ -178,3 +178,35 @@ def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(TinyGPTError, match="checkpoint not found"):
         export_hf(tmp_path / "nope.pt", tmp_path / "out")
+
+
+def test_a_kill_while_exporting_leaves_the_old_folder_whole(tmp_path, monkeypatch):
+    """The five files are one set: weights never sit beside another model's config. A kill after the new weights
+    and config are written keeps the old export, and files of later stages in the folder are kept."""
+    import tinygpt.export.hf as hf
+
+    tokenizer = tiny_tokenizer()
+    old, new = (save_tiny_checkpoint(tmp_path / f"{name}.pt", random_gpt(tokenizer, seed=seed), tokenizer)
+                for name, seed in (("old", 0), ("new", 1)))
+    out = tmp_path / "hf"
+    export_hf(old, out)
+    (out / "model-f16.gguf").write_bytes(b"a later stage's file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written, real_write = [], hf._write_json
+
+    def killed_after_two(path, obj):
+        written.append(path.name)
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        real_write(path, obj)
+
+    monkeypatch.setattr(hf, "_write_json", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(new, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    export_hf(new, out)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == EXPORT_FILES | {"model-f16.gguf"} and after["model-f16.gguf"] == b"a later stage's file"
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "new.pt", "old.pt"], "no temporary folder left"

@@ -152,3 +152,23 @@ def test_cli_errors(tmp_path):
         with pytest.raises(TinyGPTError, match=r"latin1.txt is not UTF-8 text \(byte 22\)"):
             main(["--corpus", str(latin1), "--out", str(tmp_path / "t.json"), "--threads", threads])
     assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("monitor", [False, True], ids=["alone", "tqdm-monitor-thread"])
+def test_workers_never_fork_beside_a_thread_nor_exceed_the_usable_cpus(tmp_path, monkeypatch, monitor):
+    """As in encode: workers fork before the progress bar starts tqdm's monitor thread, or spawn beside a live
+    thread; --threads above the CPUs this process may use is cut to them."""
+    import tinygpt.common as common
+    from forks import progress_bars_on, started_processes, watched_forks
+
+    progress_bars_on(monkeypatch, monitor)
+    monkeypatch.setattr(common, "usable_cpus", lambda: 2)
+    started = started_processes(monkeypatch)
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, TEXTS * 4)
+    with watched_forks() as forks:
+        tok = main(["--corpus", str(corpus), "--out", str(tmp_path / "t.json"), "--vocab_size", "300",
+                    "--threads", "8"])
+    assert started == ["spawn" if monitor else "fork"] * 2, "one worker per usable CPU"
+    assert forks == ([] if monitor else [[], []]), "no other thread alive at a fork"
+    assert tok == train_bpe(TEXTS * 4, 300, show_progress=False)

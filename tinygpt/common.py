@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
+import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -35,7 +40,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
 
     The temporary file lives in the same folder so that the final `os.replace` is atomic: an interrupted
-    stage never leaves a file that looks finished.
+    stage never leaves a file that looks finished. The file is flushed to disk before the rename and the
+    folder after it, so that a power cut cannot leave a renamed but empty file either.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +52,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         # mkstemp makes 0600 (and some writers recreate the file): give the output the usual permissions
         os.chmod(tmp, 0o666 & ~_UMASK)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -57,8 +65,98 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
     with atomic_path(path) as tmp:
         with open(tmp, mode, **kwargs) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames need no folder fsync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system without fsync on folders (some network mounts): nothing more to do
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path` for a set of files (meta.json beside the token files it
+    describes, a model folder); if the block succeeds, the set replaces `path` in one step, so readers see the
+    old set or the new one, never a mix. Other files in `path` (a later stage's outputs) are kept: they are
+    hard-linked into the new folder before the swap; a folder in `path` is refused (it is no place for a set).
+
+    The swap is one atomic exchange of the two folders (Linux renameat2); where the file system has no such
+    exchange, the old folder is renamed aside first, and a failure between the two renames puts it back.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()  # swap the folder it points to, not the link
+    path = Path(os.path.abspath(path))
+    if path.exists() and not path.is_dir():
+        raise TinyGPTError(f"{path} is a file, not a folder; give a folder for these files")
+    folders = [p.name for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+    if folders:
+        raise TinyGPTError(f"{path} holds folders ({', '.join(sorted(folders)[:3])}); give a folder of its own for "
+                           "these files, since they are replaced together")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        yield tmp
+        written = {p.name for p in tmp.iterdir()}
+        if path.is_dir():
+            for kept in path.iterdir():
+                if kept.name not in written:
+                    _link_or_copy(kept, tmp / kept.name)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+        for file in tmp.iterdir():
+            fsync_path(file)
+        fsync_path(tmp)
+        if not path.exists():
+            os.rename(tmp, path)
+        elif _exchange(tmp, path):
+            old = tmp  # the exchange left the old folder at the temporary name
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old)  # over the empty folder mkdtemp made
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                old = None
+                raise
+        fsync_path(path.parent)
+    finally:
+        for leftover in {tmp, old} - {None}:
+            if leftover.exists() and leftover != path:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):  # the file system cannot exchange
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))
 
 
 def usable_cpus() -> int:
@@ -73,6 +171,15 @@ def capped_threads(requested: int | None) -> int:
     """`requested` threads or processes (None or 0: one per usable CPU), never more than the usable CPUs:
     `snakemake --cores 4` on a 2-core machine asks for 4, and two threads per core made training 20% slower."""
     return max(1, min(requested or usable_cpus(), usable_cpus()))
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How to start worker processes: fork (fast: workers inherit what is loaded) when this process runs no
+    other thread, else spawn. A fork copies every lock as it is at that instant, so a lock that another thread
+    holds (tqdm's monitor thread, which lives on once a progress bar was shown) stays locked in the worker
+    forever. Stages start their pools before their first progress bar, so a stage run alone forks."""
+    alone = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if alone else "spawn")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

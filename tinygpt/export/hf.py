@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face folder: `GPT2LMHeadModel` (arch gpt2) or `LlamaForCausalLM` (arch llama).
+"""Export a checkpoint as a Hugging Face folder: `GPT2LMHeadModel` (arch gpt2), `LlamaForCausalLM` (arch llama) or
+`Qwen2ForCausalLM` (arch qwen2).
 
     tinygpt export --checkpoint checkpoints/best.pt --out_dir exports/tinygpt
 
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from tinygpt.model.checkpoint import checked_model_state, load_checkpoint
-from tinygpt.common import TinyGPTError, atomic_open, atomic_path, run_cli
+from tinygpt.common import TinyGPTError, atomic_folder, run_cli
 from tinygpt.weights.names import tensor_names
 from tinygpt.model.gpt import GPTConfig
 from tinygpt.tokenizer.bpe import EOT, Tokenizer
@@ -38,7 +39,9 @@ def hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
 
 def hf_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
     """config.json for the HF model of `config.arch`: the same network, dropouts off (an inference export)."""
-    return gpt2_config(config, eot_id) if config.arch == "gpt2" else llama_config(config, eot_id)
+    if config.arch == "gpt2":
+        return gpt2_config(config, eot_id)
+    return llama_config(config, eot_id) if config.arch == "llama" else qwen2_config(config, eot_id)
 
 
 def gpt2_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
@@ -51,7 +54,7 @@ def gpt2_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": None,  # None means 4 * n_embd, as in our MLP
+        "n_inner": config.n_ff,  # None means 4 * n_embd, as in our MLP
         "activation_function": "gelu_new",
         "layer_norm_epsilon": config.norm_eps,
         "resid_pdrop": 0.0,
@@ -69,6 +72,7 @@ def gpt2_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
 
 
 def llama_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
+    rope = {"rope_type": "default"} if config.rope_scaling is None else dict(config.rope_scaling)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -83,8 +87,8 @@ def llama_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,  # transformers 4 reads this key, 5 rope_parameters
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "rope_scaling": None,
+        "rope_parameters": {**rope, "rope_theta": config.rope_theta},
+        "rope_scaling": config.rope_scaling,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
@@ -96,6 +100,16 @@ def llama_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
         "use_cache": True,
         "dtype": "float32",
     }
+
+
+def qwen2_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
+    """Qwen2 is Llama's configuration with biases on Q, K and V (implied by the model type) and a sliding window
+    that stays off."""
+    llama = llama_config(config, eot_id)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp", "head_dim"):
+        del llama[key]
+    return {**llama, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": config.n_layer}
 
 
 def tokenizer_config(block_size: int) -> dict[str, Any]:
@@ -114,13 +128,12 @@ def tokenizer_config(block_size: int) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write the Hugging Face folder for `checkpoint` into `out_dir` (each file atomically); return out_dir."""
+    """Write the Hugging Face folder for `checkpoint` into `out_dir`, its files replaced together (other files
+    there, such as GGUF files made from an earlier export, are kept); return out_dir."""
     ckpt = load_checkpoint(checkpoint)
     config, state = checked_model_state(ckpt, checkpoint)
     tokenizer = Tokenizer.from_json_str(ckpt["tokenizer_json"])
@@ -132,17 +145,15 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     eot_id = tokenizer.eot_id
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(hf_state_dict(state, config), str(tmp), metadata={"format": "pt"})
-    _write_json(out_dir / "config.json", hf_config(config, eot_id))
-    _write_json(
-        out_dir / "generation_config.json",
-        {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id},
-    )
-    with atomic_open(out_dir / "tokenizer.json", "w", encoding="utf-8") as f:
-        f.write(ckpt["tokenizer_json"])
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config(config.block_size))
+    with atomic_folder(out_dir) as folder:  # the five files appear together: never weights beside an old config
+        save_file(hf_state_dict(state, config), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(folder / "config.json", hf_config(config, eot_id))
+        _write_json(
+            folder / "generation_config.json",
+            {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id},
+        )
+        (folder / "tokenizer.json").write_text(ckpt["tokenizer_json"], encoding="utf-8")
+        _write_json(folder / "tokenizer_config.json", tokenizer_config(config.block_size))
     return out_dir
 
 

@@ -1,9 +1,10 @@
 """Stage encode: tokenize a cleaned corpus into flat token files train.bin / val.bin plus meta.json.
 
-Each document's tokens are followed by <|endoftext|>. The corpus is streamed in pieces of about 1 MB (a long
-document is cut only where the pre-tokenizer splits anyway, so its ids equal those of encoding it whole; see
-`pieces`) to a pool of worker processes, with a bounded number of pieces in flight: memory stays flat whatever
-the corpus or document sizes, and the output keeps corpus order.
+Each document's tokens are followed by the tokenizer's end-of-text token (<|endoftext|>), and preceded by its
+beginning-of-sequence token when its post-processor adds one (Llama 3's <|begin_of_text|>). The corpus is
+streamed in pieces of about 1 MB (a long document is cut only where the pre-tokenizer splits anyway, so its ids
+equal those of encoding it whole; see `pieces`) to a pool of worker processes, with a bounded number of pieces
+in flight: memory stays flat whatever the corpus or document sizes, and the output keeps corpus order.
 
 Which text is validation (`--split`; meta.json records the rule and what it did under "split"):
   tail (default): the last val_fraction of the corpus *by bytes*, in corpus order (as nanoGPT and llama2.c hold
@@ -22,20 +23,21 @@ So with val_fraction > 0 neither split is ever empty. val_fraction 0 (command li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli, sha256_file
+from tinygpt.common import (TinyGPTError, atomic_folder, capped_threads, progress, require_file, run_cli, sha256_file,
+                            worker_context)
 from tinygpt.tokenizer.bpe import EOT, Tokenizer, prepare_pretokenizer
-from tinygpt.tokenizer.pieces import PIECE_BYTES, Piece, iter_pieces, safe_points
+from tinygpt.tokenizer.pieces import PIECE_BYTES, Piece, iter_pieces, safe_point_pattern, safe_points
 
 SPLITS = ("tail", "random")
 BATCH_BYTES = 1 << 20  # corpus text per worker task
@@ -98,33 +100,34 @@ def _documents(corpus: Path) -> Iterator[_Document]:
                 start = None
 
 
-def _first_safe_point(f, lo: int, end: int) -> int:
+def _first_safe_point(f, lo: int, end: int, safe) -> int:
     """The first safe point p with lo <= p < end (a document's bytes end at `end`), or -1."""
     pos = lo - 1  # a safe point needs its byte before it
     while pos < end - 1:
         f.seek(pos)
         data = f.read(min(_SCAN_BYTES, end - pos))
-        points = safe_points(data)
+        points = safe_points(data, safe)
         if points:
             return pos + points[0]
         pos += len(data) - 1  # overlap one byte: a safe point may straddle the blocks
     return -1
 
 
-def _last_safe_point(f, start: int, hi: int) -> int:
+def _last_safe_point(f, start: int, hi: int, safe) -> int:
     """The last safe point p with start < p < hi, or -1."""
     while hi > start + 1:
         lo = max(start, hi - _SCAN_BYTES)
         f.seek(lo)
-        points = safe_points(f.read(hi - lo))
+        points = safe_points(f.read(hi - lo), safe)
         if points:
             return lo + points[-1]
         hi = lo + 1
     return -1
 
 
-def plan_split(corpus: Path, rule: str, val_fraction: float, seed: int) -> SplitPlan:
-    """Decide where validation goes before encoding: one quick pass that only reads the corpus."""
+def plan_split(corpus: Path, rule: str, val_fraction: float, seed: int, safe=safe_point_pattern()) -> SplitPlan:
+    """Decide where validation goes before encoding: one quick pass that only reads the corpus. safe: the
+    tokenizer's safe points (`pieces.safe_point_pattern`), where a document may be cut."""
     size = corpus.stat().st_size
     cut = round((1 - val_fraction) * size)
     n_documents, first, spanning, first_after = 0, None, None, None
@@ -162,9 +165,9 @@ def plan_split(corpus: Path, rule: str, val_fraction: float, seed: int) -> Split
                                      f"document start nearest to byte {cut:,} = (1 - val_fraction) * corpus bytes)")
     doc = spanning or first
     with open(corpus, "rb") as f:
-        val_start = _first_safe_point(f, max(cut, doc.start + 1), doc.end)
+        val_start = _first_safe_point(f, max(cut, doc.start + 1), doc.end, safe)
         if val_start < 0:
-            val_start = _last_safe_point(f, doc.start, min(cut, doc.end))
+            val_start = _last_safe_point(f, doc.start, min(cut, doc.end), safe)
     if val_start < 0:
         raise TinyGPTError(f"corpus {corpus}: validation would start inside the document at byte {doc.start:,}, "
                            "which has no whitespace to split it at; add documents to the corpus")
@@ -193,13 +196,16 @@ def _init_worker(tokenizer_json: str) -> None:
     _tokenizer = Tokenizer.from_json_str(tokenizer_json)
 
 
-def _encode_batch(batch: list[tuple[bytes, bool, bool]]) -> EncodedBatch:
-    """Encode (text, ends its document, is validation) pieces in order into the two splits' tokens."""
+def _encode_batch(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
+    """Encode (text, ends its document, is validation, starts its document) pieces in order into the two splits'
+    tokens."""
     tok = _tokenizer
     splits: tuple[list[int], list[int]] = ([], [])
     n_bytes = 0
-    for data, ends_document, is_val in batch:
+    for data, ends_document, is_val, starts_document in batch:
         ids = splits[is_val]
+        if starts_document and tok.bos_id is not None:  # as the post-processor adds it (Llama 3)
+            ids.append(tok.bos_id)
         ids += tok.encode_ordinary(data.decode("utf-8", errors="replace"))  # pieces end at ASCII bytes
         if ends_document:
             ids.append(tok.eot_id)
@@ -208,10 +214,11 @@ def _encode_batch(batch: list[tuple[bytes, bool, bool]]) -> EncodedBatch:
     return EncodedBatch(np.array(splits[0], dtype=dtype), np.array(splits[1], dtype=dtype), n_bytes)
 
 
-def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes, bool, bool]]]:
-    batch, size = [], 0
+def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes, bool, bool, bool]]]:
+    batch, size, starts = [], 0, True
     for piece, is_val in pieces:
-        batch.append((piece.data, piece.ends_document, is_val))
+        batch.append((piece.data, piece.ends_document, is_val, starts))
+        starts = piece.ends_document  # the next piece starts a document
         size += len(piece.data)
         if size >= BATCH_BYTES:
             yield batch
@@ -220,22 +227,26 @@ def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes,
         yield batch
 
 
-def _encoded_batches(batches: Iterator[list], tokenizer_json: str, threads: int) -> Iterator[EncodedBatch]:
-    """Encode batches in corpus order, with at most 2 * threads batches in flight (bounded memory)."""
+@contextlib.contextmanager
+def _batch_encoder(tokenizer_json: str, threads: int) -> Iterator[Callable[[Iterator[list]], Iterator[EncodedBatch]]]:
+    """A function that encodes batches in corpus order, with at most 2 * threads batches in flight (bounded
+    memory). Its worker processes start here, before the caller opens a progress bar (see `worker_context`)."""
     if threads <= 1:
         _init_worker(tokenizer_json)
-        for batch in batches:
-            yield _encode_batch(batch)
+        yield lambda batches: map(_encode_batch, batches)
         return
     prepare_pretokenizer()  # once, here: forked workers inherit it
-    with multiprocessing.get_context("fork").Pool(threads, _init_worker, (tokenizer_json,)) as pool:
-        in_flight: deque = deque()
-        for batch in batches:
-            in_flight.append(pool.apply_async(_encode_batch, (batch,)))
-            if len(in_flight) >= 2 * threads:
+    with worker_context().Pool(threads, _init_worker, (tokenizer_json,)) as pool:
+        def encoded(batches: Iterator[list]) -> Iterator[EncodedBatch]:
+            in_flight: deque = deque()
+            for batch in batches:
+                in_flight.append(pool.apply_async(_encode_batch, (batch,)))
+                if len(in_flight) >= 2 * threads:
+                    yield in_flight.popleft().get()
+            while in_flight:
                 yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
+
+        yield encoded
 
 
 def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -253,36 +264,33 @@ def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     if threads < 1:
         raise TinyGPTError(f"threads {threads} must be >= 1")
     tok = Tokenizer.load(tokenizer_path)
-    plan = plan_split(corpus, split, val_fraction, seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    safe = safe_point_pattern(tok.safe_before)
+    plan = plan_split(corpus, split, val_fraction, seed, safe)
     n_tokens, n_docs, last_doc = [0, 0], [0, 0], [-1, -1]
     corpus_digest = hashlib.sha256()
 
     def assigned(f) -> Iterator[tuple[Piece, bool]]:
-        for piece in iter_pieces(f, PIECE_BYTES, digest=corpus_digest):
+        for piece in iter_pieces(f, PIECE_BYTES, digest=corpus_digest, safe=safe):
             for part, is_val in plan.assign(piece):
                 if last_doc[is_val] != part.document:  # a document split in two counts in both
                     last_doc[is_val] = part.document
                     n_docs[is_val] += 1
                 yield part, is_val
 
-    bar = progress(total=corpus.stat().st_size, desc="encode", unit="B", unit_scale=True)
-    with (atomic_path(out_dir / "train.bin") as train_path, atomic_path(out_dir / "val.bin") as val_path,
-          atomic_path(out_dir / "meta.json") as meta_path):
-        with open(corpus, "rb") as f, open(train_path, "wb") as train_f, open(val_path, "wb") as val_f:
-            for encoded in _encoded_batches(_batches(assigned(f)), tok.to_json_str(), threads):
+    with _batch_encoder(tok.to_json_str(), threads) as encode_batches, atomic_folder(out_dir) as out, \
+            progress(total=corpus.stat().st_size, desc="encode", unit="B", unit_scale=True) as bar:
+        with open(corpus, "rb") as f, open(out / "train.bin", "wb") as train_f, open(out / "val.bin", "wb") as val_f:
+            for encoded in encode_batches(_batches(assigned(f))):
                 train_f.write(memoryview(encoded.train))
                 val_f.write(memoryview(encoded.val))
                 n_tokens[0] += len(encoded.train)
                 n_tokens[1] += len(encoded.val)
                 bar.update(encoded.n_bytes)
-        bar.close()
         meta = {
             "dtype": token_dtype(tok.vocab_size).name,
             "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id,
+            "bos_id": tok.bos_id,
             "tokens": {"train": n_tokens[0], "val": n_tokens[1]},
             "documents": {"train": n_docs[0], "val": n_docs[1]},
             "tokenizer_sha256": sha256_file(tokenizer_path),
@@ -292,7 +300,7 @@ def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, 
                       "val_start_byte": plan.val_start, "whole_documents": plan.whole_documents,
                       "description": plan.description},
         }
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 

@@ -20,17 +20,17 @@ tokenizer's vocab_size is smaller than requested.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
-import multiprocessing
 import os
 import queue
 import sys
 from collections import Counter
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from tinygpt.common import TinyGPTError, capped_threads, progress, require_file, run_cli
+from tinygpt.common import TinyGPTError, capped_threads, progress, require_file, run_cli, worker_context
 from tinygpt.tokenizer.bpe import EOT, Tokenizer, prepare_pretokenizer, pretokenize
 from tinygpt.tokenizer.pieces import PIECE_BYTES, iter_pieces
 
@@ -99,14 +99,18 @@ def _wait(step, workers) -> object:
                                    "retry with fewer --threads") from None
 
 
-def _count_parallel(batches: Iterator[tuple[str, list]], threads: int, bar=None) -> Counter[str]:
+@contextlib.contextmanager
+def _parallel_counter(threads: int) -> Iterator[Callable[..., Counter[str]]]:
+    """A function that counts the chunks of batches in `threads` worker processes. The workers start here,
+    before the caller opens a progress bar (see `worker_context`)."""
     prepare_pretokenizer()  # once, here: forked workers inherit it
-    ctx = multiprocessing.get_context("fork")
+    ctx = worker_context()
     tasks, results = ctx.Queue(maxsize=2 * threads), ctx.Queue()
     workers = [ctx.Process(target=_count_worker, args=(tasks, results), daemon=True) for _ in range(threads)]
     for w in workers:
         w.start()
-    try:
+
+    def count(batches: Iterator[tuple[str, list]], bar=None) -> Counter[str]:
         for batch in batches:
             _wait(lambda: tasks.put(batch, timeout=1.0), workers)
             if bar is not None:
@@ -126,6 +130,9 @@ def _count_parallel(batches: Iterator[tuple[str, list]], threads: int, bar=None)
         for w in workers:
             w.join()
         return total
+
+    try:
+        yield count
     finally:
         for w in workers:
             if w.is_alive():
@@ -150,7 +157,8 @@ def count_chunks(texts: Iterable[str], threads: int = 1) -> Counter[str]:
         counts: Counter[str] = Counter()
         _count_into(counts, texts)
         return counts
-    return _count_parallel(_batched(((0, t) for t in texts), "text"), threads)
+    with _parallel_counter(threads) as count:
+        return count(_batched(((0, t) for t in texts), "text"))
 
 
 def count_corpus_chunks(path: str | os.PathLike, threads: int = 1, max_bytes: int | None = None,
@@ -166,16 +174,18 @@ def count_corpus_chunks(path: str | os.PathLike, threads: int = 1, max_bytes: in
             n_documents += piece.ends_document
             yield piece.offset, piece.data
 
-    bar = progress(total=total_bytes, desc="count chunks", unit="B", unit_scale=True,
-                   **({} if show_progress else {"disable": True}))
-    with open(path, "rb") as f, bar:
-        if threads <= 1:
+    with contextlib.ExitStack() as stack:
+        parallel_count = stack.enter_context(_parallel_counter(threads)) if threads > 1 else None
+        bar = stack.enter_context(progress(total=total_bytes, desc="count chunks", unit="B", unit_scale=True,
+                                           **({} if show_progress else {"disable": True})))
+        f = stack.enter_context(open(path, "rb"))
+        if parallel_count is None:
             counts: Counter[str] = Counter()
             for offset, data in items(f):
                 _count_into(counts, [_decode(data, path, offset)])
                 bar.update(len(data))
         else:
-            counts = _count_parallel(_batched(items(f), str(path)), threads, bar)
+            counts = parallel_count(_batched(items(f), str(path)), bar)
     return counts, n_documents
 
 
