@@ -32,6 +32,14 @@ PARITY_TEXTS = [
 ]
 
 
+def printable(piece: bytes) -> bool:
+    """A token that is whole printable characters: greedy text made of such tokens compares as text."""
+    try:
+        return piece.decode("utf-8").isprintable()
+    except UnicodeDecodeError:
+        return False
+
+
 def corpus(repeats: int = 12) -> list[str]:
     """A few KB of varied text, each repeat slightly different so that BPE finds many merges."""
     return [f"{s} ({i})" for i in range(repeats) for s in _SENTENCES]

@@ -251,7 +251,7 @@ def test_llama_config_the_converter_cannot_run_is_refused(llama_files, tmp_path)
     source = files["f32"].parent / "hf"
     for change, message in [({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
                             ({"attention_bias": True}, "attention_bias is true"),
-                            ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "its RoPE is scaled")]:
+                            ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling of type 'linear'")]:
         folder = tmp_path / "changed"
         folder.mkdir(exist_ok=True)
         for f in source.iterdir():

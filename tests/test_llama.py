@@ -9,23 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from builders import PARITY_TEXTS, corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
+from builders import PARITY_TEXTS, corpus, printable, random_gpt, save_tiny_checkpoint, tiny_tokenizer
 
 from tinygpt.common import TinyGPTError
 from tinygpt.export.hf import export_hf
 from tinygpt.export.gguf_convert import convert_to_gguf
 from tinygpt.weights.gguf_read import load_gguf
 from tinygpt.export.llama_cpp import main, run_llama
+from tinygpt.export.quantize import quantize_gguf
 from tinygpt.model.sample import generate
 
 PROMPT = "Once upon a time, a little"
-
-
-def printable(piece: bytes) -> bool:
-    try:
-        return piece.decode("utf-8").isprintable()
-    except UnicodeDecodeError:
-        return False
 
 
 # llama with grouped-query attention: the converter permutes Q and K rows with different head counts
@@ -49,13 +43,8 @@ def gguf_files(tmp_path_factory, request):
                         "wide": random_gpt(tokenizer, n_embd=256, block_size=64, seed=1, std=0.05, **arch)}.items():
         export_hf(save_tiny_checkpoint(tmp / f"{kind}.pt", model, tokenizer), tmp / kind)
         files[kind] = convert_to_gguf(tmp / kind, tmp / f"{kind}-f16.gguf", "f16")
-    try:
-        from tinygpt.export.quantize import quantize_gguf
-    except ImportError:
-        pass
-    else:
-        files["q4_k_m"] = tmp / "wide-q4_k_m.gguf"
-        quantize_gguf(files["wide"], files["q4_k_m"], "q4_k_m", threads=1)
+    files["q4_k_m"] = tmp / "wide-q4_k_m.gguf"
+    quantize_gguf(files["wide"], files["q4_k_m"], "q4_k_m", threads=1)
     return tokenizer, files
 
 
@@ -113,8 +102,6 @@ def test_cli_prints_prompt_and_continuation(gguf_files, capsys):
 
 def test_llama_cpp_runs_our_q4_k_m_file(gguf_files):
     tokenizer, files = gguf_files
-    if "q4_k_m" not in files:
-        pytest.skip("tinygpt.export.quantize is not available")
     ids = tokenizer.encode(" ".join(corpus(1)))[:64]
     theirs, ours = llama_logits(files["q4_k_m"], ids), our_logits(files["q4_k_m"], ids)
     # same dequantized weights; llama.cpp also rounds activations to 8 bits for K-quant matmuls

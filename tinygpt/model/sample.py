@@ -149,15 +149,11 @@ def load(checkpoint: str | None, gguf: str | None, device: torch.device,
 
         path = require_file(checkpoint, "checkpoint", "train one with `tinygpt train`")
         model, tokenizer = load_model(path, device)
-    elif gguf is not None:
-        from tinygpt.weights.gguf_read import load_gguf
+    else:  # the readers of imported models: a GGUF file or a Hugging Face folder of any family tinygpt runs
+        from tinygpt.weights.read import load_pretrained
 
-        path = require_file(gguf, "GGUF file", "make one with `tinygpt gguf_convert`")
-        model, tokenizer = load_gguf(path, device)
-    else:
-        from tinygpt.weights.hf_read import load_hf
-
-        model, tokenizer = load_hf(hf_dir, device)
+        path = hf_dir if gguf is None else require_file(gguf, "GGUF file", "make one with `tinygpt gguf_convert`")
+        model, tokenizer = load_pretrained(path, device)
     return model.eval(), tokenizer
 
 

@@ -1,4 +1,5 @@
-"""Load a `gpt2` or `llama` GGUF file (ours or any with the same layout) back into our PyTorch GPT and Tokenizer.
+"""Load a `gpt2`, `llama` or `qwen2` GGUF file (ours, or llama.cpp's conversion of a model of those families) back
+into our PyTorch GPT and Tokenizer.
 
 gguf-py parses the file and dequantizes every tensor type llama.cpp writes (F16, BF16, Q8_0, Q4_K, Q6_K,
 Q5_0, ...), so a quantized file runs in PyTorch with exactly the weights llama.cpp sees: this is how we
@@ -15,9 +16,15 @@ import numpy as np
 import torch
 
 from tinygpt.common import TinyGPTError, require_file
-from tinygpt.weights.names import by, lm_head_name, model_dims, shape_of, tensor_names
-from tinygpt.model.gpt import ARCHS, GPT, GPTConfig
+from tinygpt.model.gpt import ARCHS, GPT, GPTConfig, llama3_freq_factors
 from tinygpt.tokenizer.bpe import Tokenizer
+from tinygpt.weights.names import ROPE_FREQS, by, config_dims, lm_head_name, shape_of, tensor_names
+
+SUPPORTED = ("tinygpt reads GGUF files of architecture gpt2, llama (SmolLM, SmolLM2, Llama 3.x) or qwen2 with a "
+             "byte-level BPE tokenizer (tokenizer.ggml.model gpt2)")
+# Llama 3.x's rope_scaling, tried first when a file's rope_freqs.weight has to be read back as settings
+LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
 
 def read_gguf(path: str | Path, hint: str = "re-create it with tinygpt gguf_convert") -> gguf.GGUFReader:
     """Parse a GGUF file (memory-mapped); a missing, truncated or non-GGUF file is one clear TinyGPTError."""
@@ -37,7 +44,7 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
         if default is not None:
             return default
         raise TinyGPTError(
-            f"GGUF file {reader.data.filename} has no metadata key {key!r}; it is not a tinygpt gpt2 or llama file"
+            f"GGUF file {reader.data.filename} has no metadata key {key!r}; {SUPPORTED}"
         )
     return field.contents()
 
@@ -48,12 +55,10 @@ def _f32(value: float) -> float:
 
 
 def gguf_config(reader: gguf.GGUFReader) -> GPTConfig:
-    """The GPTConfig described by the file's `gpt2.*` or `llama.*` metadata."""
+    """The GPTConfig described by the file's `<arch>.*` metadata (and its rope_freqs.weight, Llama 3.1's scaling)."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
-        raise TinyGPTError(
-            f"GGUF file {reader.data.filename} has architecture {arch!r}; tinygpt loads {' and '.join(ARCHS)} files"
-        )
+        raise TinyGPTError(f"GGUF file {reader.data.filename} has architecture {arch!r}; {SUPPORTED}")
     n_embd = int(_field(reader, f"{arch}.embedding_length"))
     n_head = int(_field(reader, f"{arch}.attention.head_count"))
     settings = dict(
@@ -69,30 +74,64 @@ def gguf_config(reader: gguf.GGUFReader) -> GPTConfig:
     if arch == "gpt2":
         settings["norm_eps"] = _f32(_field(reader, "gpt2.attention.layer_norm_epsilon"))
     else:
-        settings["n_kv_head"] = int(_field(reader, "llama.attention.head_count_kv", n_head))
-        settings["norm_eps"] = _f32(_field(reader, "llama.attention.layer_norm_rms_epsilon"))
-        settings["rope_theta"] = _f32(_field(reader, "llama.rope.freq_base", 10000.0))
-        rope_dims = int(_field(reader, "llama.rope.dimension_count", n_embd // n_head))
+        settings["n_kv_head"] = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+        settings["norm_eps"] = _f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon"))
+        settings["rope_theta"] = _f32(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+        rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", n_embd // n_head))
         if rope_dims != n_embd // n_head:
             raise TinyGPTError(f"GGUF file {reader.data.filename} rotates {rope_dims} of each head's "
-                               f"{n_embd // n_head} values; tinygpt's llama rotates them all")
+                               f"{n_embd // n_head} values; tinygpt's {arch} rotates them all")
+        if reader.get_field(f"{arch}.rope.scaling.type") is not None:
+            raise TinyGPTError(f"GGUF file {reader.data.filename} scales its RoPE "
+                               f"({arch}.rope.scaling.type); tinygpt runs plain RoPE and Llama 3.1's rope_freqs")
     config = GPTConfig(**settings)
     n_ff = int(_field(reader, f"{arch}.feed_forward_length"))
-    if n_ff != config.ffn_hidden:
-        raise TinyGPTError(
-            f"GGUF file {reader.data.filename} has feed_forward_length {n_ff}; tinygpt's {arch} MLP with "
-            f"n_embd {n_embd} has {config.ffn_hidden}"
-        )
+    if n_ff != config.ffn_hidden:  # files of our own models follow the rule and stay n_ff=None, as trained
+        config.n_ff = n_ff
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:
+        config.rope_scaling = rope_scaling_from_factors(np.array(freqs.data, dtype=np.float32), config,
+                                                        reader.data.filename)
     return config
+
+
+def rope_scaling_from_factors(factors: np.ndarray, config: GPTConfig, source: str) -> dict | None:
+    """The llama3 rope_scaling whose frequency divisors are `factors` (llama.cpp stores only these).
+
+    Scaling the original context and both frequency factors together leaves the divisors unchanged, so the
+    settings are read as Llama 3.x's (low 1, high 4, context 8192) when those reproduce the divisors, and
+    otherwise fitted with low_freq_factor 1 from the blended divisors (two or more are needed)."""
+    factor = float(factors.max())
+    if config.arch == "gpt2" or factors.shape != (config.head_dim // 2,):
+        raise TinyGPTError(f"GGUF file {source}: {ROPE_FREQS} has shape {factors.shape}; {SUPPORTED}")
+    if np.all(factors == 1.0):
+        return None
+    half = config.head_dim // 2
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float32) * 2 / config.head_dim)
+    candidates = [{"rope_type": "llama3", "factor": factor, **LLAMA3_SCALING}]
+    blended = (factors > 1.0) & (factors < factor)
+    if blended.sum() >= 2:  # 1/f = (1 - s)/factor + s with s = context/wavelength - low (low = 1, high - low = 1/k)
+        smooth = (1 / factors[blended] - 1 / factor) / (1 - 1 / factor)
+        wavelen = (2 * np.pi / inv_freq.numpy())[blended]
+        slope, intercept = np.polyfit(1 / wavelen, smooth, 1)  # slope = context * k, intercept = -k
+        k = -intercept
+        if k > 0:
+            candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                               "high_freq_factor": float(np.float32(1 + 1 / k)),
+                               "original_max_position_embeddings": round(float(slope / k))})
+    for scaling in candidates:
+        if torch.allclose(llama3_freq_factors(inv_freq, scaling), torch.from_numpy(factors), rtol=1e-5):
+            return scaling
+    raise TinyGPTError(f"GGUF file {source}: {ROPE_FREQS} is not a Llama 3.1 rope scaling tinygpt can read back; "
+                       f"{SUPPORTED}")
 
 
 def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     """The byte-level BPE tokenizer stored in the file's `tokenizer.ggml.*` metadata."""
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise TinyGPTError(
-            f"GGUF file {reader.data.filename} has tokenizer model {model!r}; expected 'gpt2' (byte-level BPE)"
-        )
+        kind = " (SentencePiece)" if model == "llama" else ""
+        raise TinyGPTError(f"GGUF file {reader.data.filename} has tokenizer model {model!r}{kind}; {SUPPORTED}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
     if not 0 <= eos < len(tokens):
@@ -101,18 +140,19 @@ def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
 
 
 def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Every tensor as float32 under our names, in our layout (numpy shape = reversed GGML shape, and the rows
-    of llama's Q and K back in our rotary order)."""
+    """Every tensor under our names, in our layout (numpy shape = reversed GGML shape, and the rows of llama's Q
+    and K back in our rotary order): F16 and BF16 as stored (half the memory), the rest as float32."""
     names = by("gguf", tensor_names(config.arch, config.n_layer, config.tie_embeddings))
-    dims = model_dims(config.vocab_size, config.block_size, config.n_embd, config.ffn_hidden, config.n_head,
-                      config.n_kv_head)
+    dims = config_dims(config)
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if t.name == ROPE_FREQS and config.rope_scaling is not None:
+            continue  # read into config.rope_scaling; our model computes it
         if t.name not in names:
             raise TinyGPTError(f"GGUF file {reader.data.filename} has tensor {t.name!r}, which is not part of a "
                                f"tinygpt {config.arch} model")
         try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            values = _stored_values(t)
         except NotImplementedError:
             raise TinyGPTError(
                 f"GGUF tensor {t.name} has type {t.tensor_type.name}, which gguf-py cannot dequantize"
@@ -125,22 +165,46 @@ def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str,
         if tuple(reversed(shape)) != expected:
             raise TinyGPTError(f"GGUF file {reader.data.filename}: tensor {t.name} has shape "
                                f"{tuple(reversed(shape))}, the metadata needs {expected}")
-        values = np.array(values, dtype=np.float32).reshape(expected)
-        tensors[name.ours] = torch.from_numpy(np.ascontiguousarray(name.gguf_to_ours(values, dims)))
+        # a copy: the file's memory map is read-only, and training writes into these tensors (load_state_dict
+        # with assign=True keeps them)
+        values = torch.from_numpy(np.array(values)).reshape(expected)
+        if values.dtype == torch.int16:  # BF16 arrives as raw 16-bit words
+            values = values.view(torch.bfloat16)
+        tensors[name.ours] = name.gguf_to_ours(values, dims).contiguous()
+    missing = [n.gguf for n in names.values() if n.ours not in tensors]
+    if missing:
+        raise TinyGPTError(f"GGUF file {reader.data.filename} lacks {', '.join(missing[:3])}; {SUPPORTED}")
     return tensors
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Our GPT (eval mode, float32, on `device`) and Tokenizer from a gpt2 or llama GGUF file, weights dequantized."""
-    reader = read_gguf(path)
+def _stored_values(t) -> np.ndarray:
+    """A tensor's values: F32 and F16 as they are, BF16 as int16 words (torch reads them as bfloat16), the
+    quantized types dequantized to float32 by gguf-py."""
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.asarray(t.data)
+    if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+        return np.asarray(t.data).view(np.int16)
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+
+def _model_parts(reader: gguf.GGUFReader) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     config, tokenizer = gguf_config(reader), gguf_tokenizer(reader)
     state = dequantized_tensors(reader, config)
-    model = GPT(config)
-    expected = model.state_dict()
     if config.tie_embeddings:  # llama.cpp reuses token_embd as the output
-        state["lm_head.weight"] = state.get("tok_emb.weight")
-    missing = [n for n in expected if state.get(n) is None]
-    if missing:
-        raise TinyGPTError(f"GGUF file {path} does not match its own metadata ({', '.join(missing[:3])} missing)")
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return config, state, tokenizer
+
+
+def read_gguf_model(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str]:
+    """(config, state dict under our names, tokenizer.json text) of a GGUF file."""
+    config, state, tokenizer = _model_parts(read_gguf(path, hint=SUPPORTED))
+    return config, state, tokenizer.to_json_str()
+
+
+def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """Our GPT (eval mode, float32, on `device`) and Tokenizer from a gpt2, llama or qwen2 GGUF file, weights
+    dequantized."""
+    config, state, tokenizer = _model_parts(read_gguf(path))
+    model = GPT(config)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer

@@ -39,6 +39,10 @@ class TensorName:
         data = data.T if self.hf_transposed else data
         return rope_rows_to_gguf(data, dims[self.gguf_rope_heads]) if self.gguf_rope_heads else data
 
+    def ours_to_gguf(self, data: Array, dims: dict[str, int]) -> Array:
+        """A weight in our state dict's layout -> GGUF's (only llama's Q and K rows move)."""
+        return rope_rows_to_gguf(data, dims[self.gguf_rope_heads]) if self.gguf_rope_heads else data
+
     def gguf_to_ours(self, data: Array, dims: dict[str, int]) -> Array:
         """A weight in GGUF's layout -> our state dict's (the inverse row order; our Linear layout is GGUF's)."""
         return rope_rows_from_gguf(data, dims[self.gguf_rope_heads]) if self.gguf_rope_heads else data
@@ -89,7 +93,21 @@ LLAMA_BLOCK = (
 )  # fmt: skip
 LLAMA_HEAD = T("lm_head.weight", "lm_head.weight", "output.weight", ("V", "C"))
 
-TABLES = {"gpt2": (GPT2_TOP, GPT2_BLOCK, GPT2_HEAD), "llama": (LLAMA_TOP, LLAMA_BLOCK, LLAMA_HEAD)}
+# Qwen2: Llama's tensors plus biases on Q, K and V. llama.cpp runs qwen2 with the "neox" rotary embedding, which
+# pairs (i, i + d/2) as we and Hugging Face do, so no rows are permuted.
+QWEN2_BLOCK = (
+    *LLAMA_BLOCK[:1],
+    *(replace(t, gguf_rope_heads=None) for t in LLAMA_BLOCK[1:4]),
+    T("blocks.{i}.attn.q.bias", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", ("C",)),
+    T("blocks.{i}.attn.k.bias", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", ("KV",)),
+    T("blocks.{i}.attn.v.bias", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", ("KV",)),
+    *LLAMA_BLOCK[4:],
+)  # fmt: skip
+
+TABLES = {"gpt2": (GPT2_TOP, GPT2_BLOCK, GPT2_HEAD), "llama": (LLAMA_TOP, LLAMA_BLOCK, LLAMA_HEAD),
+          "qwen2": (LLAMA_TOP, QWEN2_BLOCK, LLAMA_HEAD)}
+# Llama 3.1's rope_scaling as llama.cpp stores it: the divisor of each rotary frequency (head_dim / 2 values).
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def tensor_names(arch: str, n_layer: int, tied: bool = True) -> list[TensorName]:
@@ -112,6 +130,12 @@ def model_dims(vocab_size: int, n_ctx: int, n_embd: int, n_ff: int, n_head: int,
     kv_width = n_kv_head * (n_embd // n_head)
     return {"V": vocab_size, "T": n_ctx, "C": n_embd, "3C": 3 * n_embd, "F": n_ff, "H": n_head, "KV_H": n_kv_head,
             "KV": kv_width}
+
+
+def config_dims(config) -> dict[str, int]:
+    """model_dims of a GPTConfig (duck-typed: this module imports no model code)."""
+    return model_dims(config.vocab_size, config.block_size, config.n_embd, config.ffn_hidden, config.n_head,
+                      config.n_kv_head)
 
 
 def rope_rows_to_gguf(w: Array, n_head: int) -> Array:

@@ -1,0 +1,187 @@
+"""Importing and exporting the families tinygpt runs, against transformers and llama.cpp.
+
+transformers builds random-weight models from each family's real configuration, shrunk (GPT-2; SmolLM2's
+Llama, tied, grouped-query; Llama 3.1's, untied, with rope_scaling llama3; Qwen2.5's, with q/k/v biases and an
+MLP width that is no multiple of 256), saved with save_pretrained. We read them, compare logits, export them
+back to Hugging Face and GGUF, and check the files with transformers and llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import corpus, printable, save_tiny_checkpoint, tiny_tokenizer
+from llama_tools import llama_tool
+
+from tinygpt.common import TinyGPTError
+from tinygpt.export.gguf_convert import convert_to_gguf
+from tinygpt.export.hf import export_hf
+from tinygpt.model.gpt import GPT
+from tinygpt.model.sample import generate
+from tinygpt.weights.read import read_model
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+# family -> (config class, settings): the real models' settings with the sizes shrunk
+FAMILIES = {
+    "gpt2": ("GPT2Config", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, activation_function="gelu_new")),
+    "smollm2": ("LlamaConfig", dict(SHAPE, num_key_value_heads=2, intermediate_size=256, rms_norm_eps=1e-5,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                                    tie_word_embeddings=True)),
+    "llama3": ("LlamaConfig", dict(SHAPE | {"max_position_embeddings": 16384}, num_key_value_heads=2, intermediate_size=256, rms_norm_eps=1e-5,
+                                   rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0}, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(SHAPE, num_key_value_heads=2, intermediate_size=352, rms_norm_eps=1e-6,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                  tie_word_embeddings=True, use_sliding_window=False)),
+}
+PROMPT = "Once upon a time, a little"
+
+
+def hf_model(family: str, seed: int = 0):
+    """A random transformers model of `family`: weights spread (std 0.15) so greedy decoding has no near-ties,
+    norms and biases non-trivial, tokens that are not printable characters shrunk (comparable greedy text)."""
+    tokenizer = tiny_tokenizer()
+    config_class, settings = FAMILIES[family]
+    config = getattr(transformers, config_class)(vocab_size=tokenizer.vocab_size, **settings)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.1 if name.endswith("bias") else 0.15)
+        rows = [i for i, piece in enumerate(tokenizer.vocab) if not printable(piece)]
+        model.get_input_embeddings().weight[rows] *= 0.1
+        if not config.tie_word_embeddings:
+            model.get_output_embeddings().weight[rows] *= 0.1
+    return model
+
+
+def save_folder(model, folder: Path, **kwargs) -> Path:
+    model.save_pretrained(folder, **kwargs)
+    (folder / "tokenizer.json").write_text(tiny_tokenizer().to_json_str(), encoding="utf-8")
+    return folder
+
+
+def ours(config, state) -> GPT:
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model.float().eval()
+
+
+def logits_of(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return (out.logits if hasattr(out, "logits") else out[0])[0].float().numpy()
+
+
+IDS = tiny_tokenizer().encode(" ".join(corpus(1)))[:48]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """One family: its transformers model, its folder, what we read from it, our export and its GGUF files."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = hf_model(request.param)
+    folder = save_folder(model, tmp / "hf")
+    config, state, tokenizer_json, kind = read_model(folder)
+    ckpt = save_tiny_checkpoint(tmp / "model.pt", ours(config, state), tiny_tokenizer())
+    export = export_hf(ckpt, tmp / "export")
+    gguf = {t: convert_to_gguf(export, tmp / f"model-{t}.gguf", t) for t in ("f32", "f16")}
+    return dict(name=request.param, hf=model, folder=folder, config=config, state=state, kind=kind,
+                tokenizer_json=tokenizer_json, export=export, gguf=gguf, tmp=tmp)
+
+
+def test_imported_logits_equal_transformers(family):
+    assert family["kind"] == "hf" and family["tokenizer_json"] == tiny_tokenizer().to_json_str()
+    config = family["config"]
+    expected_arch = {"gpt2": "gpt2", "smollm2": "llama", "llama3": "llama", "qwen2": "qwen2"}[family["name"]]
+    assert config.arch == expected_arch and config.tie_embeddings == (family["name"] != "llama3")
+    np.testing.assert_allclose(logits_of(ours(config, family["state"]), IDS), logits_of(family["hf"], IDS),
+                               rtol=0, atol=1e-4)
+
+
+def test_sharded_folder_reads_the_same(family):
+    folder = save_folder(family["hf"], family["tmp"] / "sharded", max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 2
+    config, state, _, _ = read_model(folder)
+    assert config == family["config"] and state.keys() == family["state"].keys()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, family["state"][name]), name
+
+
+def test_export_loads_in_transformers_with_equal_logits(family):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(family["export"], output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(model) is type(family["hf"])
+    np.testing.assert_allclose(logits_of(model.eval(), IDS), logits_of(family["hf"], IDS), rtol=0, atol=1e-4)
+    # and we read our own export back to the same config and weights
+    config, state, _, _ = read_model(family["export"])
+    assert config == family["config"]
+    assert all(torch.equal(state[n], t.float()) for n, t in family["state"].items())
+
+
+def test_gguf_reads_back_equal(family):
+    config, state, tokenizer_json, kind = read_model(family["gguf"]["f32"])
+    assert kind == "gguf" and config == family["config"]  # rope_scaling and MLP width included
+    assert all(torch.equal(state[n], t.float()) for n, t in family["state"].items())
+    config16, state16, _, _ = read_model(family["gguf"]["f16"])
+    assert config16 == config
+    np.testing.assert_allclose(logits_of(ours(config16, state16), IDS), logits_of(family["hf"], IDS),
+                               rtol=0, atol=0.02 * np.abs(logits_of(family["hf"], IDS)).max())
+
+
+def test_llama_cpp_greedy_text_equals_ours_from_f16(family):
+    pytest.importorskip("llama_cpp")
+    from tinygpt.export.llama_cpp import run_llama
+
+    tokenizer = tiny_tokenizer()
+    config, state, _, _ = read_model(family["gguf"]["f16"])
+    prompt_ids = tokenizer.encode(PROMPT)
+    text = tokenizer.decode(generate(ours(config, state), prompt_ids, 24, temperature=0.0, eot_id=tokenizer.eot_id))
+    assert len(text) > 10 and "\ufffd" not in text  # a real continuation
+    assert run_llama(family["gguf"]["f16"], PROMPT, n_predict=24, temperature=0.0, backend="python",
+                     threads=1) == text
+
+
+def test_q4_k_m_is_byte_identical_to_llama_quantize(family):
+    from tinygpt.export.quantize import quantize_gguf
+
+    tool = llama_tool("llama-quantize")
+    src, tmp = family["gguf"]["f16"], family["tmp"]
+    quantize_gguf(src, tmp / "ours-q4_k_m.gguf", "q4_k_m", threads=1)
+    subprocess.run([str(tool), str(src), str(tmp / "llama-q4_k_m.gguf"), "Q4_K_M", "1"], check=True,
+                   capture_output=True)
+    assert (tmp / "ours-q4_k_m.gguf").read_bytes() == (tmp / "llama-q4_k_m.gguf").read_bytes()
+
+
+def test_other_architectures_and_sentencepiece_are_refused(tmp_path):
+    folder = save_folder(hf_model("smollm2"), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    cases = [
+        ({**config, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM"),
+        ({**config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn'"),
+        ({**config, "hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ]
+    for changed, message in cases:
+        (folder / "config.json").write_text(json.dumps(changed))
+        with pytest.raises(TinyGPTError, match=message) as error:
+            read_model(folder)
+        assert "tinygpt reads GPT2LMHeadModel, LlamaForCausalLM" in str(error.value)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.model").write_bytes(b"\x0a\x00")  # Llama 2 / Mistral / TinyLlama ship this instead
+    with pytest.raises(TinyGPTError, match="SentencePiece tokenizer.model"):
+        read_model(folder)
+    (tmp_path / "x.bin").write_bytes(b"not a model")
+    with pytest.raises(TinyGPTError, match="neither a tinygpt checkpoint nor a GGUF file"):
+        read_model(tmp_path / "x.bin")
