@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
+import numpy as np
 import pytest
 import regex
+import torch
 from hypothesis import given, settings, strategies as st
 
 from tinygpt.common import TinyGPTError
@@ -26,6 +28,7 @@ TRAINING_TEXT = [
     "Emoji time 🎉🎉 🐱 🚀🚀🚀 👩‍👩‍👧 ❤️ done.",
     "def f(x):\n    return x  +  1\n\n\n\tindented\ttabs   and   spaces    end\r\n",
     "It's, they're, we've, I'm, you'll, he'd: contractions'S and 'T, DON'T and I'LL too.",
+    "First line.\nSecond line.\nThird line!\n\nNew paragraph.\n(Quoted.)\n\n",
 ]
 SPECIALS = {
     "gpt2": ["<|endoftext|>"],
@@ -237,3 +240,93 @@ def test_other_split_settings_equal_hf():
     assert isinstance(spec["model"]["merges"][0], list)  # tokenizers writes pairs; strings load the same
     spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
     assert Tokenizer.from_json_str(json.dumps(spec)).merges == ours.merges
+
+
+# ---- the pipeline with a model's tokenizer: train_bpe --from_model, then encode -------------------------------
+
+LONG_DOCUMENTS = [
+    "Chapter 1.\nIt was 1987; the end.\n\n" * 8 + "Numbers 1234567890 and words, words, words!\n" * 6,
+    "日本語の文。\n\n  indented 42.\n\t-- dashes --\r\nend." * 10,
+]
+
+
+def test_from_model_then_encode_equals_hf(family, tmp_path, monkeypatch):
+    """train_bpe --from_model takes the model folder's tokenizer.json; encode then writes, for each document in
+    small pieces, the beginning token (if any), HF's ids and the end-of-text token."""
+    from tinygpt.tokenizer import encode as encode_module, pieces as pieces_module
+    from tinygpt.tokenizer.train_bpe import main as train_bpe_main
+
+    name, hf, ours = family
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text(hf.to_str(), encoding="utf-8")
+    tokenizer_path = tmp_path / "tokenizer.json"
+    assert train_bpe_main(["--from_model", str(model), "--out", str(tokenizer_path)]) == ours
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 40)  # cut documents at the family's safe points
+    monkeypatch.setattr(encode_module, "PIECE_BYTES", 40)
+    docs = LONG_DOCUMENTS + [t for t in HELD_OUT + TRAINING_TEXT if t and "<|" not in t]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{doc}\n<|endoftext|>\n" for doc in docs), encoding="utf-8")
+    meta = encode_module.encode_corpus(corpus, tokenizer_path, tmp_path / "out", 0.2, threads=2)
+    ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")])
+    bos = [ours.bos_id] if ours.bos_id is not None else []
+    expected = [i for doc in docs for i in bos + hf_ids(hf, doc, special=False) + [ours.eot_id]]
+    assert ids.tolist() == expected
+    assert meta["dtype"] == "uint16" and meta["bos_id"] == ours.bos_id and meta["eot_id"] == ours.eot_id
+
+
+def test_from_model_refuses_what_it_cannot_encode(tmp_path):
+    from tinygpt.tokenizer.train_bpe import main as train_bpe_main
+
+    with pytest.raises(TinyGPTError, match="tokenizer not found"):
+        train_bpe_main(["--from_model", str(tmp_path), "--out", str(tmp_path / "t.json")])
+    spec = json.loads(build("gpt2").to_str())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(TinyGPTError, match="SentencePiece"):
+        train_bpe_main(["--from_model", str(tmp_path), "--out", str(tmp_path / "t.json")])
+    assert not (tmp_path / "t.json").exists()
+    with pytest.raises(TinyGPTError, match="--corpus .* or --from_model"):
+        train_bpe_main(["--out", str(tmp_path / "t.json")])
+
+
+def test_vocabulary_above_65535_gives_uint32_token_files(tmp_path):
+    """A Llama-3-like vocabulary whose end-of-text id is above 65,535: encode writes uint32, and training's
+    reader (batches) and the report read the ids back."""
+    from itertools import product
+
+    from tinygpt.model.batches import TokenFile, read_meta, token_dtype
+    from tinygpt.tokenizer.encode import encode_corpus
+    from tinygpt.tokenizer.pipeline import BYTE_TO_UNICODE
+
+    spec = json.loads(build("llama3").to_str())
+    vocab = spec["model"]["vocab"]
+    alphabet = list(BYTE_TO_UNICODE.values())
+    filler = ("".join(p) for p in product(alphabet, repeat=3))  # unused tokens, as a large vocabulary has
+    next_id = len(vocab)
+    for token in filler:
+        if next_id == 70_000:
+            break
+        if token not in vocab:
+            vocab[token] = next_id
+            next_id += 1
+    for i, added in enumerate(spec["added_tokens"]):
+        added["id"] = 70_000 + i
+    for item in spec["post_processor"]["processors"][1]["special_tokens"].values():
+        item["ids"] = [70_000]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    ours = Tokenizer.load(path)
+    assert ours.eot_id == 70_001 and ours.bos_id == 70_000
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{t}\n<|endoftext|>\n" for t in TRAINING_TEXT), encoding="utf-8")
+    meta = encode_corpus(corpus, path, tmp_path / "out", 0.2, threads=1)
+    assert meta["dtype"] == "uint32" == token_dtype(read_meta(tmp_path / "out")["vocab_size"]).name
+    tokens = TokenFile.open(tmp_path / "out" / "train.bin", np.dtype(meta["dtype"]), 1)
+    first = tokens.windows(torch.tensor([0]), 3)[0].tolist()
+    assert first == [70_000] + ours.encode_ordinary(TRAINING_TEXT[0])[:2]
+    assert tokens.token_counts(ours.vocab_size)[70_001] == meta["documents"]["train"]
+    meta["dtype"] = "uint16"  # a meta.json that disagrees with its vocabulary is refused, not misread
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(TinyGPTError, match="says dtype 'uint16' but 70004 ids are stored as uint32"):
+        read_meta(tmp_path / "out")

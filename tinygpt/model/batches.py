@@ -35,6 +35,9 @@ def read_meta(data_dir: str | Path) -> dict:
     vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise TinyGPTError(f"{path} has no positive integer 'vocab_size'; rerun the encode stage")
+    if meta.get("dtype", token_dtype(vocab_size).name) != token_dtype(vocab_size).name:  # uint32 above 65,536 ids
+        raise TinyGPTError(f"{path} says dtype {meta['dtype']!r} but {vocab_size} ids are stored as "
+                           f"{token_dtype(vocab_size).name}; rerun the encode stage")
     return meta
 
 

@@ -12,21 +12,37 @@ whitespace, and they start at whitespace, so the chunk holding the byte before a
 pattern has no look-behind, so the text after a safe point splits as it does inside the whole text. Encoding the
 pieces one by one therefore gives exactly the document's ids. A stretch longer than `piece_bytes` without a
 safe point (no whitespace at all) is read whole.
+
+That is the rule for GPT-2's pattern (tinygpt's own tokenizer). Other pre-tokenizers allow fewer safe points
+(Llama 3's and Qwen2's regexes keep newlines after punctuation, so only a letter or digit may come before the
+whitespace): the functions here take the tokenizer's `safe_before` class, see `safe_point_pattern`; a tokenizer
+with no known safe points (None) gets none, and its documents are read whole.
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import BinaryIO, Iterator, NamedTuple
 
 from tinygpt.common import EOT
+from tinygpt.tokenizer.pipeline import ASCII_SPACE_BYTES as _SPACE, GPT2_SAFE_BEFORE
 
 PIECE_BYTES = 1 << 20
 READ_BYTES = 1 << 22
 SEPARATOR = EOT.encode()
-_SPACE = rb"\t\n\x0b\x0c\r "
-# The byte before a safe point: ASCII and not whitespace (a byte >= 0x80 may end U+00A0, U+3000, ...).
-_SAFE_POINT = re.compile(rb"[^" + _SPACE + rb"\x80-\xff](?=[" + _SPACE + rb"])")
+
+
+@lru_cache(maxsize=None)
+def safe_point_pattern(safe_before: bytes | None = GPT2_SAFE_BEFORE) -> re.Pattern:
+    """The safe points of a tokenizer whose `safe_before` class is given (None: a pattern that never matches)."""
+    if safe_before is None:
+        return re.compile(rb"(?!)")
+    return re.compile(safe_before + rb"(?=[" + _SPACE + rb"])")
+
+
+# GPT-2's: the byte before a safe point is ASCII and not whitespace (a byte >= 0x80 may end U+00A0, U+3000, ...).
+_SAFE_POINT = safe_point_pattern(GPT2_SAFE_BEFORE)
 _SEPARATOR_LINE = b"\n" + SEPARATOR + b"\n"
 _SPLIT = re.compile(re.escape(b"\n" + SEPARATOR) + rb"(?=\n)")  # leaves the line's newline to the next part
 
@@ -38,18 +54,18 @@ class Piece(NamedTuple):
     ends_document: bool  # the last piece of its document (<|endoftext|> follows it)
 
 
-def safe_points(text: bytes) -> list[int]:
+def safe_points(text: bytes, safe: re.Pattern = _SAFE_POINT) -> list[int]:
     """Every safe point of `text`, in order (see the module docstring)."""
-    return [m.end() for m in _SAFE_POINT.finditer(text)]
+    return [m.end() for m in safe.finditer(text)]
 
 
-def last_safe_point(data: bytes | bytearray, start: int, end: int) -> int:
+def last_safe_point(data: bytes | bytearray, start: int, end: int, safe: re.Pattern = _SAFE_POINT) -> int:
     """The largest safe point p of data with start < p <= end, or -1 (end < len(data) is needed to see data[end])."""
     window = 256
     while True:
         lo = max(start, end - window)
         found = -1
-        for match in _SAFE_POINT.finditer(data, lo, end + 1):
+        for match in safe.finditer(data, lo, end + 1):
             found = match.end()
         if found > start:
             return found
@@ -58,13 +74,13 @@ def last_safe_point(data: bytes | bytearray, start: int, end: int) -> int:
         window *= 16
 
 
-def _cuts(data: bytes, piece_bytes: int) -> Iterator[tuple[int, int]]:
+def _cuts(data: bytes, piece_bytes: int, safe: re.Pattern) -> Iterator[tuple[int, int]]:
     """(start, end) of the pieces of a whole document held in memory."""
     start = 0
     while len(data) - start > piece_bytes:
-        cut = last_safe_point(data, start, start + piece_bytes)
+        cut = last_safe_point(data, start, start + piece_bytes, safe)
         if cut < 0:
-            match = _SAFE_POINT.search(data, start + piece_bytes)
+            match = safe.search(data, start + piece_bytes)
             if match is None:
                 break
             cut = match.end()
@@ -128,11 +144,12 @@ class _Reader:
 
 
 def iter_pieces(f: BinaryIO, piece_bytes: int = PIECE_BYTES, limit: int | None = None,
-                digest=None) -> Iterator[Piece]:
+                digest=None, safe: re.Pattern = _SAFE_POINT) -> Iterator[Piece]:
     """The pieces of every document of the corpus file `f` (binary), in order, each at most about piece_bytes.
 
     limit: read only the first `limit` bytes of the file; the document they cut ends there (a partial separator
     line or UTF-8 character at the cut is dropped). digest: a hashlib object that is fed every byte read.
+    safe: the tokenizer's safe points (`safe_point_pattern`; GPT-2's by default).
     """
     reader = _Reader(f, limit, digest)
     document, continued, line_start = 0, False, True
@@ -147,7 +164,7 @@ def iter_pieces(f: BinaryIO, piece_bytes: int = PIECE_BYTES, limit: int | None =
                 for part in _SPLIT.split(bytes(buf[pos - 1:last + len(_SEPARATOR_LINE)]))[:-1]:
                     data = part[1:]  # each part is the newline before it (ending a separator line) + a document
                     if data.strip():
-                        for start, end in _cuts(data, piece_bytes):
+                        for start, end in _cuts(data, piece_bytes, safe):
                             yield Piece(data[start:end], document, offset + start, end == len(data))
                         document += 1
                     offset += len(part) + len(SEPARATOR) + 1
@@ -176,9 +193,9 @@ def iter_pieces(f: BinaryIO, piece_bytes: int = PIECE_BYTES, limit: int | None =
                 yield Piece(data, document, reader.base + pos, True)
             return
         end = min(pos + window, len(buf) - 1)  # (a safe point must see the byte after it)
-        cut = last_safe_point(buf, pos, min(pos + piece_bytes, end))
+        cut = last_safe_point(buf, pos, min(pos + piece_bytes, end), safe)
         if cut < 0:  # none within piece_bytes: the first one after, or else widen the window
-            match = _SAFE_POINT.search(buf, pos + piece_bytes, end + 1)
+            match = safe.search(buf, pos + piece_bytes, end + 1)
             if match is None:
                 window *= 2
                 continue

@@ -61,8 +61,9 @@ class Known:
     space_split_breaker: str = r"\s (?:\s|\Z)"
 
 
-_SPACE = rb"\t\n\x0b\x0c\r "
-_GPT2 = Known("gpt-2", False, rb"[^" + _SPACE + rb"\x80-\xff]")
+ASCII_SPACE_BYTES = rb"\t\n\x0b\x0c\r "
+GPT2_SAFE_BEFORE = rb"[^" + ASCII_SPACE_BYTES + rb"\x80-\xff]"  # any ASCII byte but whitespace
+_GPT2 = Known("gpt-2", False, GPT2_SAFE_BEFORE)
 _LLAMA_SAFE = rb"[A-Za-z0-9]"  # " ?[^\s\p{L}\p{N}]+[\r\n]*" keeps newlines after punctuation: cut after alnum only
 KNOWN: dict[tuple[str | None, tuple[Step, ...]], Known] = {
     (None, (Step("split", GPT2_PATTERN),)): _GPT2,

@@ -15,6 +15,9 @@ A pair whose bytes already form a token (by another split) is skipped, so that e
 string (a Hugging Face vocab maps strings to ids, tiktoken ranks bytes); a safeguard, never seen in practice.
 When the corpus runs out of pairs before vocab_size is reached, training stops early with a warning and the
 tokenizer's vocab_size is smaller than requested.
+
+With a pretrained model (`--from_model`), nothing is learned: the model's own tokenizer.json is checked (it
+must be one tinygpt encodes exactly, see `tinygpt.tokenizer.hf_json`) and written as the stage's output.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import queue
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -402,10 +406,25 @@ def train_bpe_file(corpus: str | os.PathLike, vocab_size: int, threads: int = 1,
     return _tokenizer_from(words, n_merges, vocab_size, show_progress), n_documents
 
 
+def tokenizer_from_model(source: str | os.PathLike, out: str | os.PathLike) -> Tokenizer:
+    """Take a pretrained model's tokenizer instead of learning one: `source` is a Hugging Face model folder
+    (its tokenizer.json is used) or a tokenizer.json file. It is checked to be a tokenizer tinygpt encodes
+    exactly as Hugging Face does (TinyGPTError naming what is unsupported otherwise), then written to `out`."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    path = require_file(path, "tokenizer", "pass a Hugging Face model folder (with tokenizer.json) or the file")
+    tokenizer = Tokenizer.load(path)
+    tokenizer.save(out)
+    return tokenizer
+
+
 def main(argv: Sequence[str] | None = None) -> Tokenizer:
     parser = argparse.ArgumentParser(prog="tinygpt train_bpe", description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", required=True, help="cleaned corpus: documents each followed by a "
-                                                        f"'{EOT}' line")
+    parser.add_argument("--corpus", help=f"cleaned corpus to learn from: documents each followed by a '{EOT}' line")
+    parser.add_argument("--from_model", help="take a pretrained model's tokenizer instead of learning one (--corpus "
+                                             "and --vocab_size are then unused): a Hugging Face model folder or its "
+                                             "tokenizer.json (GPT-2, SmolLM, Llama 3, Qwen2 families)")
     parser.add_argument("--out", required=True, help="tokenizer.json to write (Hugging Face format)")
     parser.add_argument("--vocab_size", type=int, default=4096, help="ids in all, counting 256 bytes and "
                                                                       f"{EOT} (default 4096)")
@@ -416,6 +435,13 @@ def main(argv: Sequence[str] | None = None) -> Tokenizer:
     args = parser.parse_args(argv)
     if args.max_bytes < 0 or args.threads < 0:
         raise TinyGPTError("--max_bytes and --threads must be >= 0")
+    if args.from_model:
+        tokenizer = tokenizer_from_model(args.from_model, args.out)
+        print(f"saved {args.out}: the tokenizer of {args.from_model}, vocab_size {tokenizer.vocab_size}",
+              file=sys.stderr)
+        return tokenizer
+    if not args.corpus:
+        raise TinyGPTError("train_bpe needs --corpus (to learn a tokenizer) or --from_model (to take a model's)")
     tokenizer, n_documents = train_bpe_file(args.corpus, args.vocab_size, capped_threads(args.threads),
                                             args.max_bytes or None)
     tokenizer.save(args.out)
