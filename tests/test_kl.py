@@ -123,3 +123,23 @@ def test_agrees_with_llama_perplexity_kl_divergence(files):
     assert ours.ppl == pytest.approx(reported(theirs, "Mean PPL(Q)"), rel=5e-3)
     assert ours.ppl_reference == pytest.approx(reported(theirs, "Mean PPL(base)"), rel=5e-3)
     assert ours.ppl_ratio == pytest.approx(reported(theirs, "Mean PPL(Q)/PPL(base)"), rel=5e-3)
+
+
+def test_report_rows_name_the_importance_matrix_and_the_figures(files):
+    from tinygpt.export.calibrate import main as imatrix_main
+    from tinygpt.model.kl import quality_rows
+
+    tmp, f16, q4, text = files
+    kl_dir = tmp / "kl"
+    imatrix = tmp / "imatrix.gguf"
+    imatrix_main(["--gguf", str(f16), "--text", str(text), "--out", str(imatrix)])
+    weighted = tmp / "model-q4_k_m-imatrix.gguf"
+    quantize_gguf(f16, weighted, "q4_k_m", threads=1, imatrix=imatrix)
+    for path in (q4, weighted):
+        main(["--gguf", str(path), "--reference", str(f16), "--text", str(text), "--json", str(kl_dir / f"{path.stem}.json")])
+    rows = {row[0]: row for row in quality_rows(tmp, kl_dir)}
+    assert set(rows) == {q4.name, weighted.name}  # the f16 file has no result: no row
+    assert rows[q4.name][1] == "none" and rows[weighted.name][1] == "imatrix.gguf"
+    result = json.loads((kl_dir / "model-q4_k_m.json").read_text())
+    assert rows[q4.name][2:] == (f"{result['mean_kld']:.5f}", f"{result['kld_p99']:.4f}",
+                                 f"{100 * result['same_top']:.2f} %", f"{100 * (result['ppl_ratio'] - 1):+.2f} %")

@@ -26,6 +26,7 @@ from typing import Sequence
 from tinygpt.model.checkpoint import load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, require_file, run_cli
 from tinygpt.model.batches import TokenFile, read_meta, token_dtype
+from tinygpt.model.kl import QUALITY_HEADER, quality_rows
 from tinygpt.weights.gguf_read import read_gguf
 from tinygpt.tokenizer.bpe import Tokenizer
 
@@ -44,14 +45,17 @@ def checkpoint_run(checkpoint: str | Path, runs_dir: str | Path) -> Path:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, in step order: every one has `step` and `train_loss`; evaluations add
-    `val_loss` and `val_bpb`, logging steps `tokens_per_s`."""
+    """The records of a metrics.jsonl, in step order: every one has `step` and, after step 0, `train_loss`;
+    evaluations add `val_loss` and `val_bpb` (step 0's record is the evaluation before training), logging steps
+    `tokens_per_s`."""
     path = require_file(path, "training metrics", "run the train stage first")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
             record = json.loads(line)
-            if not isinstance(record.get("step"), int) or not isinstance(record.get("train_loss"), (int, float)):
+            trained = record.get("step") != 0  # step 0: the validation before the first step, no training loss
+            if not isinstance(record.get("step"), int) or (trained and not isinstance(record.get("train_loss"),
+                                                                                       (int, float))):
                 raise ValueError("no integer 'step' or numeric 'train_loss'")
         except (ValueError, AttributeError) as e:
             raise TinyGPTError(f"{path} line {number} is not a metrics record ({e}); rerun the train stage") from None
@@ -66,8 +70,9 @@ def evaluations(records: list[dict]) -> list[dict]:
 
 
 def best_evaluation(records: list[dict]) -> dict:
-    """The evaluation the final checkpoint comes from: the lowest validation loss (the first one, on a tie)."""
-    evals = evaluations(records)
+    """The evaluation the final checkpoint comes from: the lowest validation loss (the first one, on a tie) after
+    step 0 (the untrained start is no candidate)."""
+    evals = [r for r in evaluations(records) if r["step"] > 0]
     if not evals:
         raise TinyGPTError("the training metrics hold no evaluation; rerun the train stage")
     return min(evals, key=lambda r: r["val_loss"])
@@ -93,6 +98,7 @@ def training_page(records: list[dict], run_config: dict | None = None, evaluatio
                        "(medians of the logged steps).")
     if run_config:
         model, training = run_config.get("model", {}), run_config.get("training", {})
+        summary.append(what_was_trained(model, training))
         summary.append(
             f"Model: {model.get('n_layer')} layers, {model.get('n_head')} heads, {model.get('n_embd')} wide, "
             f"context {model.get('block_size')}, vocabulary {model.get('vocab_size')}; "
@@ -100,12 +106,32 @@ def training_page(records: list[dict], run_config: dict | None = None, evaluatio
             f"{training.get('world_size')} process(es)."
         )
     rows = [
-        (f"{r['step']:,}", f"{r['val_bpb']:.4f}", f"{r['val_loss']:.4f}", f"{r['train_loss']:.4f}",
-         "best" if r is best else "")
+        (f"{r['step']:,}", f"{r['val_bpb']:.4f}", f"{r['val_loss']:.4f}",
+         f"{r['train_loss']:.4f}" if "train_loss" in r else "", "best" if r is best else "untrained" if r["step"] == 0 else "")
         for r in evaluations(records)
     ]
     table = html_table(("step", "validation bits/byte", "validation loss", "train loss", ""), rows)
     return html_page("Training", summary, table)
+
+
+ARCHITECTURES = {
+    "llama": "Llama-shaped: RMSNorm, rotary positions, SwiGLU MLP, no biases",
+    "gpt2": "GPT-2-shaped: LayerNorm, learned positions, GELU MLP",
+}
+OPTIMIZERS = {"adamw": "AdamW", "muon": "Muon for the hidden weight matrices, AdamW for the rest"}
+
+
+def what_was_trained(model: dict, training: dict) -> str:
+    """One sentence from the run's own record (config.json): the architecture and the optimizer."""
+    arch, optimizer = model.get("arch", "gpt2"), training.get("optimizer", "adamw")
+    kv = model.get("n_kv_head")
+    grouped = f", {kv} key/value heads" if arch == "llama" and kv and kv != model.get("n_head") else ""
+    lr = f"peak learning rate {training['lr']:g}" if "lr" in training else ""
+    if optimizer == "muon" and training.get("muon_lr") is not None:
+        lr += f" (Muon {training['muon_lr']:g})"
+    return (f"Architecture: <b>{html.escape(str(arch))}</b> ({ARCHITECTURES.get(arch, 'unknown')}{grouped}); "
+            f"optimizer <b>{html.escape(OPTIMIZERS.get(optimizer, str(optimizer)))}</b>"
+            f"{', ' + lr if lr else ''}, {training.get('max_steps', '?')} steps.")
 
 
 # --- the loss curve ------------------------------------------------------------------------------------------
@@ -139,7 +165,7 @@ class Axis:
 
 def loss_curve_svg(records: list[dict], width: int = 720, height: int = 400) -> str:
     """Training and validation loss against the step, as a standalone SVG."""
-    train = [(r["step"], r["train_loss"]) for r in records]
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in evaluations(records)]
     losses = [loss for _, loss in train + val]
     x_ticks = nice_ticks(0, max(step for step, _ in train), integer=True)
@@ -320,6 +346,7 @@ def write_report(args: argparse.Namespace) -> None:
     bytes_per_token = val_bytes_per_token(Path(args.data_dir) / "val.bin", args.tokenizer, meta["vocab_size"])
     data = data_rows(meta, bytes_per_token, read_json(args.corpus_stats, "corpus statistics", "rerun the clean stage"))
     ggufs = gguf_rows(args.gguf_dir)
+    quality = quality_rows(args.gguf_dir, args.kl_dir) if args.kl_dir else []
     timings = timing_rows(args.benchmarks, args.skip)
 
     write_text(args.loss_svg, loss_curve_svg(records))
@@ -327,7 +354,10 @@ def write_report(args: argparse.Namespace) -> None:
     write_text(args.data, html_page("Tokenizer and corpus", [], html_table(("statistic", "value"), data)))
     write_text(args.gguf, html_page(
         "GGUF files", [f"In {html.escape(str(args.gguf_dir))}; bits per weight count the tensor data only."],
-        html_table(("file", "type", "MiB", "bits per weight", "size of f16"), ggufs)))
+        html_table(("file", "type", "MiB", "bits per weight", "size of f16"), ggufs)
+        + (f"\n<p>Against {html.escape(str(args.gguf_dir))}/model-f16.gguf on the validation tokens, as "
+           "llama-perplexity --kl-divergence measures (docs/gguf.md#kl-divergence):</p>\n"
+           + html_table(QUALITY_HEADER, quality) if quality else "")))
     write_text(args.timings, html_page(
         "Time per rule", [f"From Snakemake's benchmark files in {html.escape(str(args.benchmarks))}, "
                           "in the order the rules finished."],
@@ -346,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     inputs.add_argument("--corpus_stats", required=True, help="corpus.stats.json of the clean stage")
     inputs.add_argument("--gguf_dir", required=True, help="folder with the model-*.gguf files")
     inputs.add_argument("--evaluation", help="JSON of tinygpt evaluate on the validation tokens (optional)")
+    inputs.add_argument("--kl_dir", help="folder of tinygpt evaluate --reference results, model-<type>.json (optional)")
     inputs.add_argument("--benchmarks", required=True, help="folder of Snakemake's benchmark files (<rule>.tsv)")
     inputs.add_argument("--skip", action="append", default=[], metavar="RULE",
                         help="leave this rule's benchmark out of the timings (repeatable)")

@@ -18,8 +18,10 @@ e^-16; we use the exact values, which differ from those by less than 1e-4 nats p
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from tinygpt.common import TinyGPTError, progress
 from tinygpt.model.gpt import GPT
+from tinygpt.weights.gguf_read import read_gguf
 
 
 @dataclass
@@ -111,3 +114,28 @@ def describe(result: KLDivergence) -> str:
         f"Same top p            : {100 * result.same_top:6.3f} %",
         f"over {result.tokens:,} positions: the second half of {result.chunks} chunks of {result.n_ctx} tokens",
     ])
+
+
+def quality_rows(gguf_dir: str | Path, kl_dir: str | Path) -> list[tuple[str, ...]]:
+    """For the report: each model-*.gguf in `gguf_dir` that has a KL result `kl_dir/<file stem>.json` (tinygpt
+    evaluate --reference --json): whether an importance matrix made it (llama-quantize's quantize.imatrix.file
+    key) and its drift from the reference."""
+    rows = []
+    for path in sorted(Path(gguf_dir).glob("model-*.gguf")):
+        result_path = Path(kl_dir) / f"{path.stem}.json"
+        if not result_path.is_file():
+            continue
+        try:
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+            figures = (result["mean_kld"], result["kld_p99"], result["same_top"], result["ppl_ratio"])
+        except (ValueError, KeyError, TypeError):
+            raise TinyGPTError(f"{result_path} is not a result of tinygpt evaluate --reference; delete it and rerun "
+                               "the workflow") from None
+        imatrix = read_gguf(path).get_field("quantize.imatrix.file")
+        mean_kld, kld_p99, same_top, ppl_ratio = figures
+        rows.append((path.name, Path(imatrix.contents()).name if imatrix else "none", f"{mean_kld:.5f}",
+                     f"{kld_p99:.4f}", f"{100 * same_top:.2f} %", f"{100 * (ppl_ratio - 1):+.2f} %"))
+    return rows
+
+
+QUALITY_HEADER = ("file", "importance matrix", "mean KLD", "99% KLD", "same top token", "perplexity vs f16")

@@ -91,3 +91,24 @@ rule quantize:
     shell:
         "python -m tinygpt quantize --input {input.gguf} --out {output.gguf} --type {wildcards.qtype}"
         " {params.args} {params.imatrix} --threads {threads} 2>&1 | tee {log}"
+
+
+rule kl_divergence:
+    input:
+        # how far a quantized file's predictions drift from the float file, on the validation tokens
+        gguf="exports/tinygpt/model-{qtype}.gguf",
+        reference=rules.quantize.input.gguf,
+        val=rules.encode.output.val,
+        code=sources("evaluate"),
+    output:
+        json="reports/kl/model-{qtype}.json",
+    log:
+        "logs/kl_divergence-{qtype}.log",
+    benchmark:
+        "benchmarks/kl_divergence-{qtype}.tsv"
+    threads: 1
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        "python -m tinygpt evaluate --gguf {input.gguf} --reference {input.reference} --tokens {input.val}"
+        " --device cpu --json {output.json} 2>&1 | tee {log}"

@@ -14,6 +14,7 @@ rule report:
         converted=rules.quantize.input.gguf,
         q4_k_m="exports/tinygpt/model-q4_k_m.gguf",
         evaluation=rules.evaluate.output.json,
+        kl="reports/kl/model-q4_k_m.json",
         code=sources("report"),
     output:
         loss=report("reports/loss.svg", category="Training", caption="../report/loss.rst"),
@@ -34,5 +35,5 @@ rule report:
     shell:
         "python -m tinygpt report --checkpoint {input.checkpoint} --runs_dir {params.runs} --data_dir $(dirname {input.meta})"
         " --tokenizer {input.tokenizer} --corpus_stats {input.corpus_stats} --gguf_dir $(dirname {input.q4_k_m})"
-        " --evaluation {input.evaluation} --benchmarks {params.benchmarks} --skip report --loss_svg {output.loss} --training {output.training}"
+        " --evaluation {input.evaluation} --kl_dir $(dirname {input.kl}) --benchmarks {params.benchmarks} --skip report --loss_svg {output.loss} --training {output.training}"
         " --data {output.data} --gguf {output.gguf} --timings {output.timings} 2>&1 | tee {log}"
