@@ -328,5 +328,5 @@ def test_vocabulary_above_65535_gives_uint32_token_files(tmp_path):
     assert tokens.token_counts(ours.vocab_size)[70_001] == meta["documents"]["train"]
     meta["dtype"] = "uint16"  # a meta.json that disagrees with its vocabulary is refused, not misread
     (tmp_path / "out" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    with pytest.raises(TinyGPTError, match="says dtype 'uint16' but 70004 ids are stored as uint32"):
+    with pytest.raises(TinyGPTError, match="says dtype 'uint16' but 70003 ids are stored as uint32"):
         read_meta(tmp_path / "out")
