@@ -330,3 +330,85 @@ def test_vocabulary_above_65535_gives_uint32_token_files(tmp_path):
     (tmp_path / "out" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(TinyGPTError, match="says dtype 'uint16' but 70003 ids are stored as uint32"):
         read_meta(tmp_path / "out")
+
+
+# ---- llama.cpp reads our GGUF tokenizer metadata and tokenizes as we do ---------------------------------------
+
+LLAMA_HELD_OUT = [  # held-out text (not in TRAINING_TEXT), NFC as real text is (llama.cpp does not normalize)
+    "In 2031 the 12,500 visitors paid 7.25 each; call 555-0199 or 0800 123 456.",
+    "Ünïcödé: Ærøskøbing, Ñandú, 東京の夜景, Привет мир, مرحبا, 🙂🚀 and ٣٤٥ ⅷ.",
+    "whitespace    runs\n\n\n   indented\t\ttabs  \r\n\r\n  \n end   ",
+    "quote's 'RE here, they'LL go<|endoftext|> then <|im_start|>user\nhi<|im_end|> and <tool_call> x",
+]
+
+
+def write_vocab_gguf(path, tokenizer: Tokenizer, arch: str) -> None:
+    """A GGUF with a tiny model's metadata and the tokenizer, no tensors: all llama.cpp's vocab-only load reads."""
+    import gguf
+
+    from tinygpt.export.gguf_convert import add_model_metadata, add_tokenizer_metadata
+    from tinygpt.model.gpt import GPTConfig
+
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, arch=arch, n_layer=1, n_head=2, n_embd=16, block_size=32)
+    writer = gguf.GGUFWriter(path, arch=arch)
+    add_model_metadata(writer, config)
+    add_tokenizer_metadata(writer, tokenizer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_tokenizer(path):
+    """(text, add_bos, parse_special) -> ids, by llama-tokenize if built, else llama-cpp-python."""
+    import subprocess
+
+    from llama_tools import find_llama_tool, llama_tool
+
+    if find_llama_tool("llama-tokenize") is None:
+        try:
+            import llama_cpp
+        except ImportError:
+            llama_tool("llama-tokenize")  # skips here, fails under CI
+        model = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        return lambda text, bos, special: model.tokenize(text.encode(), add_bos=bos, special=special)
+
+    def tokenize(text: str, bos: bool, special: bool) -> list[int]:
+        prompt = path.with_suffix(".txt")
+        prompt.write_text(text, encoding="utf-8")
+        command = [str(llama_tool("llama-tokenize")), "-m", str(path), "--file", str(prompt), "--ids",
+                   "--no-escape", "--log-disable"] + ([] if bos else ["--no-bos"]) + (
+                   [] if special else ["--no-parse-special"])
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    return tokenize
+
+
+def test_llama_cpp_tokenizes_held_out_text_to_our_ids(family, tmp_path):
+    name, hf, ours = family
+    path = tmp_path / f"{name}.gguf"
+    write_vocab_gguf(path, ours, {"gpt2": "gpt2", "qwen2": "qwen2"}.get(name, "llama"))
+    tokenize = llama_cpp_tokenizer(path)
+    for text in LLAMA_HELD_OUT + HELD_OUT:
+        assert tokenize(text, True, True) == ours.encode(text, bos=True), (name, text)
+        bos = [ours.bos_id] if ours.bos_id is not None else []
+        assert tokenize(text, True, False) == bos + ours.encode_ordinary(text), (name, text)
+
+
+def test_gguf_refuses_a_pipeline_llama_cpp_does_not_know(tmp_path):
+    import gguf
+
+    from tinygpt.export.gguf_convert import add_tokenizer_metadata
+
+    spec = json.loads(build("llama3").to_str())
+    spec["model"]["ignore_merges"] = False  # llama.cpp's llama-bpe always ignores merges
+    writer = gguf.GGUFWriter(tmp_path / "x.gguf", arch="llama")
+    with pytest.raises(TinyGPTError, match="'llama-bpe' pre-tokenizer has ignore_merges True"):
+        add_tokenizer_metadata(writer, Tokenizer.from_json_str(json.dumps(spec)))
+    spec = json.loads(build("gpt2").to_str())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{N}{1,2}"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    with pytest.raises(TinyGPTError, match="none that llama.cpp implements"):
+        add_tokenizer_metadata(writer, Tokenizer.from_json_str(json.dumps(spec)))

@@ -39,7 +39,7 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q8_0),
 }
 
-TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL = 1, 3
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED = 1, 3, 4, 5  # gguf.TokenType
 
 
 def gguf_tensors(model_dir: Path, config: GPTConfig) -> dict[str, np.ndarray]:
@@ -75,21 +75,34 @@ def encode_tensor(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndar
     return gguf.quants.quantize(np.ascontiguousarray(data), qtype)
 
 
-def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
-    """Byte-level BPE as llama.cpp's `gpt2` tokenizer reads it; arrays hold plain Python values."""
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int | None = None) -> None:
+    """Byte-level BPE as llama.cpp's `gpt2` tokenizer reads it; arrays hold plain Python values.
+
+    `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer for the tokenizer's regex and steps (TinyGPTError when
+    it has none); special tokens are CONTROL, other added tokens USER_DEFINED; the BOS is the post-processor's
+    (added by llama.cpp as by Hugging Face) or else the end-of-text token, not added. A model whose embedding has
+    more rows than the tokenizer has ids (n_vocab, Qwen2's) gets UNUSED [PAD<id>] tokens, as convert_hf_to_gguf
+    writes them.
+    """
     control = set(tokenizer.special_tokens.values())
-    types = [TOKEN_TYPE_CONTROL if i in control else TOKEN_TYPE_NORMAL for i in range(tokenizer.vocab_size)]
+    user = set(tokenizer.added_tokens.values()) - control
+    types = [TOKEN_TYPE_CONTROL if i in control else TOKEN_TYPE_USER_DEFINED if i in user else TOKEN_TYPE_NORMAL
+             for i in range(tokenizer.vocab_size)]
+    tokens = tokenizer.token_strings()
+    padding = range(tokenizer.vocab_size, n_vocab or tokenizer.vocab_size)
+    tokens += [f"[PAD{i}]" for i in padding]
+    types += [TOKEN_TYPE_UNUSED] * len(padding)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_key_value(gguf.Keys.Tokenizer.LIST, tokenizer.token_strings(), gguf.GGUFValueType.ARRAY,
+    writer.add_tokenizer_pre(tokenizer.gguf_pre)
+    writer.add_key_value(gguf.Keys.Tokenizer.LIST, tokens, gguf.GGUFValueType.ARRAY,
                          sub_type=gguf.GGUFValueType.STRING)  # fmt: skip
     writer.add_key_value(gguf.Keys.Tokenizer.TOKEN_TYPE, types, gguf.GGUFValueType.ARRAY,
                          sub_type=gguf.GGUFValueType.INT32)  # fmt: skip
     writer.add_key_value(gguf.Keys.Tokenizer.MERGES, tokenizer.merge_strings(), gguf.GGUFValueType.ARRAY,
                          sub_type=gguf.GGUFValueType.STRING)  # fmt: skip
-    writer.add_bos_token_id(int(tokenizer.eot_id))
+    writer.add_bos_token_id(int(tokenizer.eot_id if tokenizer.bos_id is None else tokenizer.bos_id))
     writer.add_eos_token_id(int(tokenizer.eot_id))
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(tokenizer.bos_id is not None)
 
 
 def add_model_metadata(writer: gguf.GGUFWriter, config: GPTConfig) -> None:
