@@ -225,8 +225,9 @@ def main() -> None:
     parser.add_argument("--mb", type=float, nargs="+", default=[25, 50], help="corpus sizes in MB (25 50 100 200)")
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=usable_cpus())
-    parser.add_argument("--split", default="auto", help="clean --split (auto: documents end at <|endoftext|> if the "
-                                                          "sources contain one, as site-packages do, else blank lines)")
+    parser.add_argument("--split", default="auto", help="clean --split (auto: documents end at <|endoftext|>, as "
+                                                          "the joined site-packages sources have; a text without one "
+                                                          "is one document)")
     parser.add_argument("--work_dir", help="keep the files here (default: a temporary folder)")
     parser.add_argument("--peer", choices=["hf", "tiktoken"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)

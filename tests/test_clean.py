@@ -30,7 +30,7 @@ def reference_clean(raw: bytes, split: str) -> tuple[bytes, dict]:
     for ch in "\x0b\x0c\x85\u2028":
         text = text.replace(ch, "\n")
     if split == "auto":
-        split = "eot" if EOT in raw.decode("utf-8", "replace") else "blank_line"
+        split = "eot"
     pieces = text.split(EOT)
     if split == "eot":
         docs = pieces
@@ -134,11 +134,55 @@ def test_crlf_and_separators_cut_by_block_boundaries(tmp_path, monkeypatch, bloc
     assert stats["control_characters_dropped"] == 1 and stats["split"] == "eot"
 
 
-def test_auto_split_uses_blank_lines_when_there_is_no_separator(tmp_path):
+def test_auto_split_keeps_a_text_without_separators_as_one_document(tmp_path):
+    """A book or notes given as one file keep their paragraph breaks (issue 19: blank_line erased every one);
+    blank_line, chosen, still makes each paragraph a document."""
     raw = write(tmp_path, "one\ntwo\n\n\nthree\n \t\nfour")
     stats = clean_corpus(raw, tmp_path / "clean.txt")
+    assert stats["split"] == "eot" and stats["documents_out"] == 1
+    assert list(iter_documents(tmp_path / "clean.txt")) == ["one\ntwo\n\nthree\n\nfour"]
+    stats = clean_corpus(raw, tmp_path / "clean.txt", split="blank_line")
     assert stats["split"] == "blank_line"
     assert list(iter_documents(tmp_path / "clean.txt")) == ["one\ntwo", "three", "four"]
+
+
+def test_one_huge_document_is_cleaned_in_bounded_memory(tmp_path, monkeypatch):
+    """A document 64 blocks long is normalised piece by piece: peak memory stays a few blocks (a block is held
+    in several forms at once: bytes, decoded, normalised), and the output is the whole-file reference's, NFC,
+    stripped lines and collapsed blank lines included."""
+    import tracemalloc
+
+    block = 1 << 14
+    monkeypatch.setattr(clean, "BLOCK", block)
+    paragraph = "  Cafe\u0301 au lait,\tnaïve Zoë\u0308 — 東京 e\u0301 \n  second line   \n\n \n\n"
+    text = "\n\n " + paragraph * (64 * block // len(paragraph.encode())) + "x" * 3 * block + " y\n \n"
+    raw = write(tmp_path, text)
+    expected, expected_stats = reference_clean(raw.read_bytes(), "auto")
+    assert expected_stats["documents_out"] == 1 and len(expected) > 60 * block
+    del text
+    tracemalloc.start()
+    try:
+        stats = clean_corpus(raw, tmp_path / "clean.txt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "clean.txt").read_bytes() == expected
+    assert {k: stats[k] for k in expected_stats} == expected_stats
+    assert peak < 32 * block, f"peak {peak:,} bytes for a {len(expected):,}-byte document"
+
+
+@pytest.mark.parametrize("cap", ["max_bytes", "max_lines"])
+def test_a_document_exactly_on_the_cap_is_kept_one_past_it_is_not(tmp_path, cap):
+    docs = ["first doc\nline two", "second\n\nparagraph", "third"]
+    raw = write(tmp_path, "".join(d + f"\n{EOT}\n" for d in docs))
+    sizes = {"max_bytes": [len(d.encode()) + len(f"\n{EOT}\n") for d in docs],
+             "max_lines": [d.count("\n") + 2 for d in docs]}[cap]
+    exact = sizes[0] + sizes[1]
+    for limit, kept in ((exact, 2), (exact - 1, 1), (exact + sizes[2] - 1, 2), (exact + sizes[2], 3)):
+        stats = clean_corpus(raw, tmp_path / "clean.txt", **{cap: limit})
+        assert list(iter_documents(tmp_path / "clean.txt")) == docs[:kept], limit
+        assert stats["truncated"] == (kept < 3)
+        assert stats[{"max_bytes": "bytes_out", "max_lines": "lines_out"}[cap]] == sum(sizes[:kept])
 
 
 def test_a_few_invalid_bytes_are_replaced_counted_and_reported(tmp_path, capsys):
@@ -211,8 +255,26 @@ def test_latin1_text_is_refused_with_the_conversion_to_run(tmp_path, capsys):
     # converted as the message says, the same text cleans without a word about encodings
     write(tmp_path, raw.read_bytes().decode("latin-1").encode())
     stats = clean_corpus(raw, tmp_path / "clean.txt")
-    assert stats["replaced_characters"] == 0 and stats["documents_out"] == 1 and stats["duplicates"] == 12
+    assert stats["replaced_characters"] == 0 and stats["documents_out"] == 1  # one text, paragraphs intact
     assert "UTF-8" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["auto", "blank_line"])
+@pytest.mark.parametrize("cap", [None, ["--max_bytes", "200"], ["--max_lines", "5"]])
+def test_a_cap_does_not_let_latin1_through(tmp_path, capsys, cap, split):
+    """Issue 19: with a cap, reading stopped before the 1% rule was checked (after 64 KiB or at the end of the
+    file), so this 676-byte Latin-1 file was cleaned with U+FFFD in it and exit status 0."""
+    data = "".join(f"Le café {i} était très bon, à côté.\nThe cat sat on the mat number {i} today.\n\n"
+                   for i in range(20))
+    data = data.encode("latin-1")[:675] + b"\n"
+    invalid = sum(byte >= 0x80 for byte in data)
+    assert len(data) == 676 and 0.07 < invalid / len(data) < 0.09
+    raw = write(tmp_path, data)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--input", str(raw), "--out", str(tmp_path / "clean.txt"), "--split", split, *(cap or [])])
+    assert exit_info.value.code == 1
+    assert f"error: {raw} is not UTF-8 text: {invalid} of its 676 bytes are invalid" in capsys.readouterr().err
+    assert not (tmp_path / "clean.txt").exists()
 
 
 def test_input_that_cleans_to_nothing_is_an_error(tmp_path):

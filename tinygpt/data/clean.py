@@ -2,8 +2,9 @@
 
 `tinygpt clean --input data/raw/corpus.txt --out data/clean/corpus.txt --stats data/clean/corpus.stats.json`
 
-What cleaning does, in order, streaming block by block (memory holds one block, one document, and an 8-byte
-hash per unique document):
+What cleaning does, in order, streaming block by block (memory holds about two blocks and an 8-byte hash per
+unique document, whatever the document sizes: a document longer than a block goes to the output in pieces, and is
+cut back off the output if it turns out empty, a duplicate or over a cap):
   1. Reject binary input: a NUL byte anywhere.
   2. Decode UTF-8 (a leading BOM is dropped); each invalid byte becomes U+FFFD and is counted
      (`replaced_characters` in the stats). Text that is not UTF-8 is never cleaned silently: over 1% invalid
@@ -16,13 +17,17 @@ hash per unique document):
      Kept on purpose: ZWJ (joins emoji sequences like the family emoji) and ZWNJ (shapes Persian and Indic
      words), the LRM/RLM/ALM marks (needed to render mixed-direction text), and emoji tag characters (flags).
   4. Newlines become "\\n": CRLF, CR, VT, FF, NEL and U+2028 (U+2029, a paragraph separator, becomes a blank line).
-  5. Split into documents: `eot` at every `<|endoftext|>`; `blank_line` at blank lines (and at any
-     `<|endoftext|>`, so no document contains one); `auto` is `eot` if the input contains `<|endoftext|>`, else
-     `blank_line`.
+  5. Split into documents: `eot` at every `<|endoftext|>`, so a text without one (a book, a play, notes) is one
+     document with its paragraphs intact; `blank_line` at blank lines (and at any `<|endoftext|>`, so no document
+     contains one), for a file that is a list of short texts one paragraph each. `auto` (the default) is `eot`.
   6. Per document: Unicode NFC, strip, collapse runs of blank lines to one; drop empty documents and exact
-     duplicates (by hash).
+     duplicates (by hash). A long document is normalised piece by piece, cut only where a run of whitespace
+     starts after other text (else between two ASCII characters that are not whitespace): NFC, stripping and
+     collapsing give there exactly what they give on the whole document.
   7. Write each document followed by "\\n<|endoftext|>\\n", stopping before a document that would pass
-     --max_lines or --max_bytes (counted on the output, separator lines included).
+     --max_lines or --max_bytes (counted on the output, separator lines included; a document that ends exactly
+     on the cap is kept). The UTF-8 check of step 2 then runs on all that was read, so a cap never lets text in
+     another encoding through.
 """
 
 from __future__ import annotations
@@ -62,17 +67,11 @@ _JUNK = re.compile(
 _UNICODE_BREAKS = re.compile("[\x0b\x0c\x85\u2028]")
 _BLANK_LINES = re.compile(r"\n\s*\n")  # two or more newlines with only whitespace between
 _BLANK_LINE_SPLIT = re.compile(r"\n(?:[^\S\n]*\n)+|" + re.escape(EOT))
-
-
-def _contains(path: Path, needle: bytes) -> bool:
-    """Whether the file contains `needle`, reading block by block (stops at the first hit)."""
-    window = b""
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            window = window[max(0, len(window) - len(needle) + 1) :] + block  # keep what could start a match
-            if needle in window:
-                return True
-    return False
+_EOT_SPLIT = re.compile(re.escape(EOT))
+# Where a long document may be cut (see step 6): before a run of whitespace that follows other text, else between
+# two ASCII characters that are not whitespace (neither composes with the other under NFC).
+_CUT_AT_SPACE = re.compile(r"\S(?=\s)")
+_CUT_IN_ASCII = re.compile(r"[!-~](?=[!-~])")
 
 
 def _first_invalid_byte(path: Path) -> tuple[int, int]:
@@ -151,26 +150,107 @@ def _text_blocks(path: Path, stats: dict) -> Iterator[str]:
                 return
 
 
-def _split(blocks: Iterator[str], split: str) -> Iterator[str]:
-    """Raw documents (not yet stripped) from text blocks; a separator cut by a block boundary is rejoined."""
-    pattern = _BLANK_LINE_SPLIT if split == "blank_line" else None
-    pending = ""
+def _split(blocks: Iterator[str], split: str) -> Iterator[tuple[str, bool]]:
+    """Documents from text blocks, as (text, ends its document) pieces (not yet stripped): all but the last
+    document of a block come whole, and of the last the part that cannot begin a separator; a separator cut by
+    a block boundary is rejoined."""
+    pattern = _BLANK_LINE_SPLIT if split == "blank_line" else _EOT_SPLIT
+    pending, started = "", False  # started: a piece of the pending document was yielded
     for text in blocks:
-        pending += text
-        parts = pattern.split(pending) if pattern else pending.split(EOT)
-        pending = parts.pop()
-        yield from parts
-    if pending.strip():  # text after the last separator; whitespace there is not an empty document
-        yield pending
+        *documents, pending = pattern.split(pending + text)
+        for document in documents:
+            yield document, True
+        started = started and not documents
+        # hold back what could begin a separator: trailing whitespace (a blank line) or a cut <|endoftext|>
+        keep = min(len(pending.rstrip()), len(pending) - len(EOT) + 1)
+        if keep > 0:
+            yield pending[:keep], False
+            pending, started = pending[keep:], True
+    if started or pending.strip():  # text after the last separator; whitespace there is not an empty document
+        yield pending, True
 
 
 def _normalize(doc: str) -> str:
     if not doc.isascii():
         doc = unicodedata.normalize("NFC", doc)
-    doc = doc.strip()
     if "\n" in doc:
         doc = _BLANK_LINES.sub("\n\n", doc)
     return doc
+
+
+def _last_cut(text: str) -> int:
+    """The last point where a document may be cut (see step 6), or 0 if there is none."""
+    for pattern in (_CUT_AT_SPACE, _CUT_IN_ASCII):
+        window = 256
+        while True:
+            lo = max(0, len(text) - window)
+            found = [m.end() for m in pattern.finditer(text, lo)]
+            if found and found[-1] > lo:
+                return found[-1]
+            if lo == 0:
+                break
+            window *= 16
+    return 0
+
+
+class _DocumentNormalizer:
+    """Step 6 on a document that arrives in pieces: NFC, strip, collapse blank lines, piece by piece."""
+
+    def __init__(self) -> None:
+        self.held, self.started = "", False
+
+    def feed(self, text: str, last: bool) -> str:
+        text = self.held + text
+        if last:
+            self.held = ""
+            return self._normalize(text.rstrip())
+        cut = _last_cut(text)
+        self.held = text[cut:]
+        return self._normalize(text[:cut])
+
+    def _normalize(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return _normalize(text)
+
+
+class _Document:
+    """A document on its way to the output, normalized as its pieces arrive: its bytes are held in memory until
+    they pass a block, then written as they come (`spilled`); its hash, size and line count grow with each piece."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset  # where it starts in the output
+        self.normalizer = _DocumentNormalizer()
+        self.hash = hashlib.blake2b(digest_size=8)
+        self.held: list[bytes] = []
+        self.held_bytes = self.size = self.lines = 0
+        self.spilled, self.key = False, 0
+
+    def add(self, text: str, last: bool) -> None:
+        text = self.normalizer.feed(text, last)
+        if text:
+            data = text.encode()
+            self.hash.update(data)
+            self.held.append(data)
+            self.held_bytes += len(data)
+            self.size += len(data)
+            self.lines += text.count("\n")
+
+    def spill(self, f) -> None:
+        f.write(b"".join(self.held))
+        self.held, self.held_bytes, self.spilled = [], 0, True
+
+    def kept(self, seen: set[int], counts: dict) -> bool:
+        """Whether the finished document is kept: not empty and not a duplicate (each counted in `counts`)."""
+        if not self.size:
+            counts["empty"] += 1
+            return False
+        self.key = int.from_bytes(self.hash.digest(), "little")
+        if self.key in seen:
+            counts["duplicates"] += 1
+            return False
+        return True
 
 
 def clean_corpus(
@@ -191,48 +271,54 @@ def clean_corpus(
     for flag, cap in (("--max_lines", max_lines), ("--max_bytes", max_bytes)):
         if cap is not None and cap <= 0:
             raise TinyGPTError(f"{flag} {cap} must be a positive number (or left out for no cap)")
-    if split == "auto":
-        split = "eot" if _contains(input_path, EOT.encode()) else "blank_line"
+    split = "eot" if split == "auto" else split
 
     counts = dict(documents_in=0, documents_out=0, duplicates=0, empty=0, bytes_in=0, bytes_out=0, lines_out=0,
                   replaced_characters=0, control_characters_dropped=0)
     seen: set[int] = set()
     truncated = False
     doc_end = DOC_END.encode()
+
+    def over_cap(size: int, lines: int) -> bool:
+        return (max_bytes is not None and counts["bytes_out"] + size > max_bytes) or (
+            max_lines is not None and counts["lines_out"] + lines > max_lines)
+
     with atomic_open(out, "wb") as f:
-        pending: list[bytes] = []
-        pending_bytes = 0
-        for doc in _split(_text_blocks(input_path, counts), split):
-            counts["documents_in"] += 1
-            doc = _normalize(doc)
-            if not doc:
-                counts["empty"] += 1
+        document = None  # the document being read
+        for text, ends in _split(_text_blocks(input_path, counts), split):
+            if document is None:
+                counts["documents_in"] += 1
+                document = _Document(counts["bytes_out"])
+            document.add(text, ends)
+            if document.spilled or document.held_bytes >= BLOCK:
+                document.spill(f)  # a long document goes to the output in pieces, to be cut back off if need be
+            if not ends:
                 continue
-            data = doc.encode()
-            key = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-            if key in seen:
-                counts["duplicates"] += 1
-                continue
-            size, lines = len(data) + len(doc_end), doc.count("\n") + 2
-            if (max_bytes is not None and counts["bytes_out"] + size > max_bytes) or (
-                max_lines is not None and counts["lines_out"] + lines > max_lines
-            ):
+            kept = document.kept(seen, counts)
+            if kept and over_cap(document.size + len(doc_end), document.lines + 2):
                 truncated = True
-                break
-            seen.add(key)
-            pending += (data, doc_end)
-            pending_bytes += size
-            counts["documents_out"] += 1
-            counts["bytes_out"] += size
-            counts["lines_out"] += lines
-            if pending_bytes >= BLOCK:
-                f.write(b"".join(pending))
-                pending, pending_bytes = [], 0
-        f.write(b"".join(pending))
+            if truncated or not kept:
+                if document.spilled:
+                    f.seek(document.offset)
+                    f.truncate()
+                if truncated:
+                    break
+            else:
+                seen.add(document.key)
+                document.spill(f)
+                f.write(doc_end)
+                counts["documents_out"] += 1
+                counts["bytes_out"] += document.size + len(doc_end)
+                counts["lines_out"] += document.lines + 2
+            document = None
+        if truncated:  # the cap stopped reading: the UTF-8 rule still holds for what was read
+            _check_utf8(input_path, counts["replaced_characters"], counts["bytes_in"],
+                        whole=counts["bytes_in"] == input_path.stat().st_size)
         if not counts["documents_out"]:
             if truncated:
+                hint = " or --split blank_line to cut a text without <|endoftext|> at its blank lines" * (split == "eot")
                 raise TinyGPTError(f"the first document of {input_path} is already over --max_bytes/--max_lines; "
-                                   "raise the cap")
+                                   f"raise the cap{hint}")
             raise TinyGPTError(f"{input_path} cleans to nothing ({counts['documents_in']} documents, all empty or "
                                "duplicates); check that it is the right file")
 
@@ -275,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the clean corpus to write")
     parser.add_argument("--stats", default=None, help="where to write the cleaning statistics (JSON)")
     parser.add_argument("--split", choices=SPLITS, default="auto",
-                        help="where documents end: at <|endoftext|>, at blank lines, or auto (<|endoftext|> if the "
-                             "input has any, else blank lines; the default)")
+                        help="where documents end: at <|endoftext|> (a text without one is one document, its "
+                             "paragraphs intact), at blank lines too, or auto (the default: the same as eot)")
     parser.add_argument("--max_lines", type=int, default=None, help="stop before the output passes this many lines (whole documents)")
     parser.add_argument("--max_bytes", type=int, default=None, help="stop before the output passes this many bytes (whole documents)")
     args = parser.parse_args(argv)

@@ -5,8 +5,8 @@ and folders skipped) or a glob (its matches sorted; a matched folder counts as i
 
 How each file is read is told by its name, `<stem>.<format>[.<compression>]`, unless a format is forced:
   text     anything else (.txt, .md, no suffix, ...): the bytes as they are. `<|endoftext|>` in a text file ends a
-           document (it is our corpus format); a text file without one is one document when it is joined
-           with other files, and split at blank lines by `tinygpt clean` when it is the only one.
+           document (it is our corpus format); a text file without one is one document, paragraphs intact
+           (`tinygpt clean --split blank_line` cuts it at blank lines instead).
   jsonl    .jsonl, .ndjson, .json: one JSON object per line, the document in a string field (`text` unless
            told); blank lines are skipped.
   parquet  .parquet: one document per row of a string column (`text` unless told), read a batch of rows at a
