@@ -1,7 +1,9 @@
-"""Make the golden files that tests/test_quants.py and tests/test_quantize.py compare against llama.cpp.
+"""Make the golden files that tests/test_quants.py, test_quantize.py and test_imatrix_quants.py compare against
+llama.cpp.
 
     pip install llama-cpp-python      # a source build; see docs/gguf.md#build-flags for build flags
-    python tools/make_golden.py       # writes tests/data/quant_vectors.npz and tests/data/quantize_golden.json
+    tools/build_llama_tools.sh        # llama-quantize, for the importance-matrix files
+    python tools/make_golden.py [--parts vectors files imatrix]
 
 Not run by the tests (they need no llama.cpp); run it again after changing the test models below, and commit
 what it writes. It produces:
@@ -11,9 +13,15 @@ what it writes. It produces:
   the bytes of ggml's own `ggml_quantize_chunk` (the function llama-quantize calls) on them.
 - quantize_golden.json: for each test model below and each file type, the sha256 of the whole file
   llama.cpp's `llama_model_quantize` writes, and each tensor's type and sha256.
+- quantize_golden_imatrix.json: the same with an importance matrix. Kernel level: for each importance vector of
+  `importance_vector` and each block type, a short hash of each edge-case row as `ggml_quantize_chunk` quantizes
+  it with those weights. File level: for each test model, the importance-matrix file `write_test_imatrix`
+  makes, and per file type the whole file and each quantized tensor as `llama-quantize --imatrix imatrix.gguf`
+  writes them (the file name is recorded in the output, so it is always that relative name).
 
-The test models are rebuilt bit for bit by `write_test_model`, which the tests import: their weights come from
-an integer hash, so no random number generator version or libm can change them.
+The test models (and importance matrices) are rebuilt bit for bit by `write_test_model` (`write_test_imatrix`),
+which the tests import: their values come from an integer hash, so no random number generator version or libm
+can change them.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import argparse
 import ctypes
 import glob
 import hashlib
+import importlib.util
 import json
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,10 +41,16 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, TokenType
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "tests" / "data"
 FTYPES = {"q4_0": 2, "q8_0": 7, "q5_0": 8, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 QT = GGMLQuantizationType
 VECTOR_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+# the types whose bytes an importance matrix changes (Q8_0 ignores it; Q4_1 appears only with one)
+IMATRIX_VECTOR_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+IMATRIX_KINDS = ["spread", "sparse", "extreme"]
+IMATRIX_FILE = "imatrix.gguf"  # llama-quantize records the name it was given: always this one, relative
+IMATRIX_DATASET, IMATRIX_CHUNKS, IMATRIX_CHUNK_SIZE = "tinygpt-golden", 3, 64
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,10 @@ TEST_MODELS = [
     # llama, rows of 96 and 320: every K-quant falls back; untied output and token_embd; 6 layers -> 2 and 5
     TestModel("llama96", n_embd=96, n_head=6, n_layer=6, n_ff=320, n_vocab=257, n_ctx=32,
               float_type=QT.F32, tied=False, arch="llama", n_kv_head=2),
+    # llama, 8 layers of rows of 64 and 192: with an importance matrix, q4_0/q5_0 give layer 0's ffn_down
+    # Q4_1/Q5_1 (n_layer/8 = 1); a tied token_embd of rows of 64 becomes Q8_0
+    TestModel("llama64", n_embd=64, n_head=4, n_layer=8, n_ff=192, n_vocab=260, n_ctx=32,
+              float_type=QT.F16, tied=True, arch="llama", n_kv_head=2),
 ]
 
 
@@ -224,6 +244,58 @@ def write_llama_tensors(spec: TestModel, matrix, vector) -> None:
     vector("output_norm.weight", C, 1.0)
 
 
+# --------------------------------------------------------------------------------------- importance matrices
+
+def importance_vector(kind: str, n: int, seed: int = 0) -> np.ndarray:
+    """Per-column importance (mean squared activations) of a few kinds: `spread` over 7 orders of magnitude,
+    `sparse` (a third of the columns exactly 0, as for channels a calibration text never drives), `extreme`
+    (1e-30 to 1e6, with runs of zeros across whole blocks)."""
+    u = hash_uniform(7000 + 31 * seed + IMATRIX_KINDS.index(kind), n)
+    if kind == "spread":
+        v = np.exp((u - 0.5) * 16.0)
+    elif kind == "sparse":
+        v = np.where(u < 1 / 3, 0.0, np.exp((u - 0.5) * 6.0))
+    else:
+        v = np.where(u < 0.5, 1e-30, 1e6) * u
+        v[: min(n, 64)] = 0.0  # a whole 32-block (and in rows of 256, two K-quant sub-blocks) weighs nothing
+    return v.astype(np.float32)
+
+
+def imatrix_entries(model_path: str | Path) -> dict[str, np.ndarray]:
+    """The importance of each input column for the tensors llama-imatrix covers: the blocks' 2-D weights, and
+    output.weight (which it covers when asked, with --process-output). Kinds rotate over the tensors."""
+    entries = {}
+    matrices = [t for t in GGUFReader(model_path).tensors if len(t.shape) == 2 and t.shape[1] > 1]
+    for i, t in enumerate(sorted(matrices, key=lambda t: t.name)):
+        if t.name.startswith("blk.") or t.name == "output.weight":
+            entries[t.name] = importance_vector(IMATRIX_KINDS[i % len(IMATRIX_KINDS)], int(t.shape[0]), seed=i)
+    return entries
+
+
+def write_test_imatrix(entries: dict[str, np.ndarray], path: str | Path) -> None:
+    """An importance-matrix file in llama-imatrix's GGUF layout (general.type imatrix, the imatrix.* keys,
+    `<name>.in_sum2` and `<name>.counts` per tensor), each mean square stored as a sum over the chunks' tokens."""
+    n_tokens = np.float32(IMATRIX_CHUNKS * IMATRIX_CHUNK_SIZE)
+    w = GGUFWriter(str(path), arch="")
+    w.kv_data[0].pop("general.architecture", None)  # an importance matrix has no architecture
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", [IMATRIX_DATASET])
+    w.add_uint32("imatrix.chunk_count", IMATRIX_CHUNKS)
+    w.add_uint32("imatrix.chunk_size", IMATRIX_CHUNK_SIZE)
+    for name in sorted(entries):
+        w.add_tensor(name + ".in_sum2", (entries[name] * n_tokens).astype(np.float32))
+        w.add_tensor(name + ".counts", np.array([n_tokens], np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def row_digests(rows: np.ndarray) -> list[str]:
+    """A short sha256 of each row's bytes (enough to tell which row differs)."""
+    return [hashlib.sha256(r.tobytes()).hexdigest()[:16] for r in rows]
+
+
 def tensor_digests(path: str | Path) -> dict[str, list[str]]:
     """name -> [type name, sha256 of the tensor's bytes] for every tensor of a GGUF."""
     return {t.name: [t.tensor_type.name, hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()]
@@ -236,8 +308,9 @@ def file_sha256(path: str | Path) -> str:
 
 # --------------------------------------------------------------------------------------- llama.cpp side
 
-def ggml_quantize_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """ggml's own quantizer (ggml_quantize_chunk, no importance matrix) from llama-cpp-python's libggml-base."""
+def ggml_quantize_rows(x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml's own quantizer (ggml_quantize_chunk, with the per-column importance if given) from
+    llama-cpp-python's libggml-base."""
     import llama_cpp
 
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
@@ -248,7 +321,9 @@ def ggml_quantize_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray
     x = np.ascontiguousarray(x, dtype=np.float32)
     block, size = GGML_QUANT_SIZES[qtype]
     out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
-    lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+                            None if qw is None else qw.ctypes.data)
     return out
 
 
@@ -264,19 +339,63 @@ def llama_quantize_file(src: str | Path, dst: str | Path, file_type: str, pure: 
         raise RuntimeError(f"llama_model_quantize failed on {src} ({file_type})")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out_dir", default=str(DATA_DIR))
-    args = parser.parse_args(argv)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def llama_quantize_tool() -> Path:
+    """llama-quantize, found as the tests find it (tests/llama_tools.py)."""
+    spec = importlib.util.spec_from_file_location("llama_tools", ROOT / "tests" / "llama_tools.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tool = module.find_llama_tool("llama-quantize")
+    if tool is None:
+        raise SystemExit("llama-quantize not found: run tools/build_llama_tools.sh and set LLAMA_CPP_BIN")
+    return tool
 
+
+def llama_quantize_imatrix(tool: Path, folder: Path, src: str, dst: str, file_type: str) -> None:
+    """`llama-quantize --imatrix imatrix.gguf src dst TYPE`, run in `folder` (which holds all three files)."""
+    done = subprocess.run([str(tool), "--imatrix", IMATRIX_FILE, src, dst, file_type.upper(), "1"],
+                          cwd=folder, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-quantize failed on {src} ({file_type}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def make_vectors(out_dir: Path) -> None:
     x = edge_case_rows()
     vectors = {"input": x}
     for qtype in VECTOR_TYPES:
         vectors[qtype.name] = ggml_quantize_rows(x, qtype)
     np.savez_compressed(out_dir / "quant_vectors.npz", **vectors)
 
+
+def make_imatrix_golden(out_dir: Path) -> None:
+    import llama_cpp
+
+    tool = llama_quantize_tool()
+    x = edge_case_rows()
+    golden: dict = {"llama_cpp_python": llama_cpp.__version__, "vectors": {}, "models": {}}
+    for kind in IMATRIX_KINDS:
+        qw = importance_vector(kind, x.shape[1])
+        golden["vectors"][kind] = {t.name: row_digests(ggml_quantize_rows(x, t, qw)) for t in IMATRIX_VECTOR_TYPES}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for spec in TEST_MODELS:
+            src = folder / f"{spec.name}.gguf"
+            write_test_model(spec, src)
+            write_test_imatrix(imatrix_entries(src), folder / IMATRIX_FILE)
+            entry = {"input_sha256": file_sha256(src), "imatrix_sha256": file_sha256(folder / IMATRIX_FILE),
+                     "types": {}}
+            for file_type in FTYPES:
+                llama_quantize_imatrix(tool, folder, src.name, "out.gguf", file_type)
+                digests = tensor_digests(folder / "out.gguf")
+                entry["types"][file_type] = {
+                    "file_sha256": file_sha256(folder / "out.gguf"),
+                    "tensors": {n: f"{t}:{h[:16]}" for n, (t, h) in digests.items() if t not in ("F32", "F16")}}
+                print(f"{spec.name} {file_type} imatrix: {entry['types'][file_type]['file_sha256'][:16]}",
+                      file=sys.stderr)
+            golden["models"][spec.name] = entry
+    (out_dir / "quantize_golden_imatrix.json").write_text(json.dumps(golden, indent=0) + "\n")
+
+
+def make_file_golden(out_dir: Path) -> None:
     import llama_cpp
 
     golden: dict = {"llama_cpp_python": llama_cpp.__version__, "models": {}}
@@ -292,6 +411,22 @@ def main(argv=None) -> None:
                 print(f"{spec.name} {file_type}: {file_sha256(dst)[:16]}", file=sys.stderr)
             golden["models"][spec.name] = entry
     (out_dir / "quantize_golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out_dir", default=str(DATA_DIR))
+    parser.add_argument("--parts", nargs="+", choices=["vectors", "files", "imatrix"],
+                        default=["vectors", "files", "imatrix"])
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "vectors" in args.parts:
+        make_vectors(out_dir)
+    if "files" in args.parts:
+        make_file_golden(out_dir)
+    if "imatrix" in args.parts:
+        make_imatrix_golden(out_dir)
 
 
 if __name__ == "__main__":

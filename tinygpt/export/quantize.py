@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli
-from tinygpt.weights.gguf_read import read_gguf
+from tinygpt.export.gguf_raw import RawTensor, encode_value, read_raw_gguf, write_raw_gguf
 from tinygpt.export.imatrix import load_imatrix, read_imatrix
 from tinygpt.export.quants import quantize
 
@@ -136,43 +136,18 @@ def _fallback(qtype: GGMLQuantizationType, row_length: int) -> GGMLQuantizationT
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def _field_value(field) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
-    """(value, type, array item type) of a metadata field, strings kept as raw bytes so they copy exactly."""
-    vtype = field.types[0]
-    if vtype == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]), vtype, None
-    if vtype != GGUFValueType.ARRAY:
-        return field.parts[field.data[0]].tolist()[0], vtype, None
-    sub = field.types[-1]
-    if len(field.types) != 2:
-        raise TinyGPTError(f"metadata key {field.name} is a nested array, which tinygpt.export.quantize does not copy")
-    if sub == GGUFValueType.STRING:
-        return [bytes(field.parts[i]) for i in field.data], vtype, sub
-    return [v for i in field.data for v in field.parts[i].tolist()], vtype, sub
+def _as_float32(t: RawTensor) -> np.ndarray:
+    """A float tensor as float32 in its numpy shape; BF16 widened exactly."""
+    if t.type == QT.BF16:
+        flat = (t.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        flat = t.data.view(np.float16 if t.type == QT.F16 else np.float32).astype(np.float32)
+    return flat.reshape(t.shape)
 
 
-def _numpy_shape(t) -> tuple[int, ...]:
-    return tuple(int(n) for n in reversed(t.shape))
-
-
-def _as_float32(t) -> np.ndarray:
-    """A float tensor of the reader as float32 in its numpy shape; BF16 widened exactly."""
-    flat = np.asarray(t.data).reshape(-1)
-    if t.tensor_type == QT.BF16:
-        flat = (flat.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return flat.astype(np.float32).reshape(_numpy_shape(t))
-
-
-def _raw_bytes(t) -> np.ndarray:
-    """A tensor's stored bytes, shaped (*numpy shape[:-1], bytes per row) so GGUFWriter restores shape and type."""
-    block, size = GGML_QUANT_SIZES[t.tensor_type]
-    shape = _numpy_shape(t)
-    return np.asarray(t.data).reshape(-1).view(np.uint8).reshape(*shape[:-1], shape[-1] // block * size)
-
-
-def _convert(t, qtype: GGMLQuantizationType, threads: int, importance: np.ndarray | None) -> np.ndarray:
-    if t.tensor_type not in FLOAT_TYPES:
-        raise TinyGPTError(f"tensor {t.name} is already {t.tensor_type.name} and would need {qtype.name}; "
+def _convert(t: RawTensor, qtype: GGMLQuantizationType, threads: int, importance: np.ndarray | None) -> np.ndarray:
+    if t.type not in FLOAT_TYPES:
+        raise TinyGPTError(f"tensor {t.name} is already {t.type.name} and would need {qtype.name}; "
                            "quantize from the f16 (or f32/bf16) GGUF instead")
     values = _as_float32(t)
     if qtype == QT.F16:
@@ -257,52 +232,40 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
     threads = capped_threads(threads)
     importance, imatrix_info = _importance_values(imatrix, imatrix_info)
 
-    reader = read_gguf(input_path, "pass the f16 GGUF written by tinygpt gguf_convert")
-    fields = {f.name: f for f in reader.fields.values()}
-    arch_field = fields.get("general.architecture")
-    if arch_field is None:
+    model = read_raw_gguf(input_path, "pass the f16 GGUF written by tinygpt gguf_convert")
+    arch = model.value("general.architecture")
+    if arch is None:
         raise TinyGPTError(f"{input_path} has no general.architecture key; it is not a model GGUF")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8", "replace")
-    by_name = {t.name: t for t in reader.tensors}
-    infos = [TensorInfo(n, by_name[n].tensor_type, tuple(int(x) for x in by_name[n].shape))
-             for n in llama_order(list(by_name))]
-    block_count = fields.get(f"{arch}.block_count")
+    by_name = {t.name: t for t in model.tensors}
+    infos = [TensorInfo(n, by_name[n].type, by_name[n].ne) for n in llama_order(list(by_name))]
+    block_count = model.value(f"{arch}.block_count")
     if block_count is None:
         raise TinyGPTError(f"{input_path} lacks the key {arch}.block_count, which llama.cpp needs as well")
-    plan = plan_tensor_types(infos, file_type, int(block_count.parts[block_count.data[0]][0]), pure,
-                             has_imatrix=importance is not None)
+    plan = plan_tensor_types(infos, file_type, int(block_count), pure, has_imatrix=importance is not None)
 
     # llama.cpp copies the input's keys, then sets its own; setting a key removes it and appends it at the end
-    metadata = {name: _field_value(field) for name, field in fields.items()
-                if not name.startswith("GGUF.") and name != "general.architecture"}  # header pseudo-fields
+    metadata = dict(model.metadata)
     new_keys = [("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32),
                 ("general.file_type", FILE_TYPES[file_type].ftype, GGUFValueType.UINT32)]
     if imatrix_info is not None and importance is not None:
         new_keys += imatrix_info.metadata(len(importance))
     for name, value, vtype in new_keys:
         metadata.pop(name, None)
-        metadata[name] = (value, vtype, None)
+        metadata[name] = encode_value(value, vtype)
     for name in ("split.no", "split.count", "split.tensors.count"):  # one output file, as llama-quantize writes
         metadata.pop(name, None)
 
-    with atomic_path(out_path) as tmp:
-        writer = GGUFWriter(tmp, arch)
-        for name, (value, vtype, sub) in metadata.items():
-            if name == "general.alignment":
-                writer.data_alignment = int(value)
-            writer.add_key_value(name, value, vtype, sub)
+    bar = progress(total=len(infos), desc=f"quantize {file_type}", unit="tensor")
 
-        for info in progress(infos, desc=f"quantize {file_type}", unit="tensor"):
-            t, qtype = by_name[info.name], plan[info.name]
-            if qtype == t.tensor_type:
-                data = _raw_bytes(t)
-            else:
-                data = _convert(t, qtype, threads, _tensor_importance(importance, info))
-            writer.add_tensor(info.name, data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    def tensor_bytes(i: int):
+        info, qtype = infos[i], plan[infos[i].name]
+        t = by_name[info.name]
+        bar.update()
+        return t.data if qtype == t.type else _convert(t, qtype, threads, _tensor_importance(importance, info))
+
+    with atomic_path(out_path) as tmp:
+        write_raw_gguf(tmp, metadata, [(i.name, i.ne, plan[i.name]) for i in infos], tensor_bytes)
+    bar.close()
     return plan
 
 

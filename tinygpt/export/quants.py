@@ -215,82 +215,128 @@ def quantize_q5_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------- searches
 
+def _levels(x: np.ndarray, offset: np.ndarray | None, iscale: np.ndarray, lo: float, hi: float,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """clamp(nearest_int(iscale * (x - offset)), lo, hi) per column (offset None: iscale * x), as float32."""
+    if offset is None:
+        out = np.multiply(x, iscale, out=out)
+    else:
+        out = np.subtract(x, offset, out=out)
+        np.multiply(out, iscale, out=out)
+    np.rint(out, out=out)
+    return np.clip(out, lo, hi, out=out)
+
+
+def _weighted_error(L: np.ndarray, scale: np.ndarray, offset: np.ndarray, x: np.ndarray, w: np.ndarray,
+                    buf: np.ndarray) -> np.ndarray:
+    """sum(w * (scale*L + offset - x)^2) per column, in C's order, through the scratch buffer `buf`."""
+    np.multiply(L, scale, out=buf)
+    buf += offset
+    buf -= x
+    buf *= buf
+    buf *= w
+    return _seq_sum(buf)
+
+
 def _make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml's make_qkx2_quants, and make_qkx3_quants (the same search when given weights), on each column of
     x (n, columns): a weighted least-squares fit of a scale and a min, tried at nstep+1 grid sizes.
 
     Returns (L as float32 (n, columns), scale, the_min) where a value is approximated by scale*L - the_min.
+    Each trial's L is a function of (iscale, min), so only those are kept for the best trial and L is rebuilt
+    once at the end: the search itself never writes a full-size array but its scratch buffers.
     """
+    fnmax = F32(nmax)
     lo = _first_extreme(x, np.argmin)
     lo = np.where(lo > 0, F32(0), lo)
     hi = x.max(axis=0)
     flat = hi <= lo  # all values equal (and <= 0): L = 0, scale 0
+    t, u, wl = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
-    fnmax = F32(nmax)
+    sum_x = _seq_sum(np.multiply(w, x, out=u))
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = fnmax / np.where(flat, F32(1), hi - lo)
         scale = F32(1) / iscale
-        L = np.clip(_nearest_int(iscale * (x - lo)), 0, fnmax)
-        diff = scale * L + lo - x
-        best = _seq_sum(w * (diff * diff))
+        best = _weighted_error(_levels(x, lo, iscale, 0, fnmax, out=t), scale, lo, x, w, u)
+        L_iscale, L_lo = iscale, lo  # what made the best L
 
         for step in range(nstep + 1):
             # `lo` is the best min so far: the C loop reads the updated value in later trials.
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (hi - lo)
-            Laux = np.clip(_nearest_int(iscale * (x - lo)), 0, fnmax)
-            wl = w * Laux
+            Laux = _levels(x, lo, iscale, 0, fnmax, out=t)
+            np.multiply(w, Laux, out=wl)
             sum_l = _seq_sum(wl)
-            sum_l2 = _seq_sum(wl * Laux)
-            sum_xl = _seq_sum(wl * x)
+            sum_l2 = _seq_sum(np.multiply(wl, Laux, out=u))
+            sum_xl = _seq_sum(np.multiply(wl, x, out=u))
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clamp = this_min > 0
             this_min = np.where(clamp, F32(0), this_min)
             this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
-            diff = this_scale * Laux + this_min - x
-            cur = _seq_sum(w * (diff * diff))
+            cur = _weighted_error(Laux, this_scale, this_min, x, w, u)
             better = (D > 0) & (cur < best) & ~flat
-            L = np.where(better, Laux, L)
+            L_iscale = np.where(better, iscale, L_iscale)
+            L_lo = np.where(better, lo, L_lo)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
+        L = _levels(x, L_lo, L_iscale, 0, fnmax, out=t)
 
-    L = np.where(flat, F32(0), L)
-    scale = np.where(flat, F32(0), scale)
-    return L, scale, -lo
+    if flat.any():
+        L[:, flat] = 0
+    return L, np.where(flat, F32(0), scale), -lo
+
+
+def _signed_peak(x: np.ndarray) -> np.ndarray:
+    """The signed value of the first largest magnitude in each column of x (n, columns), as C's strict `>`
+    scan keeps it (0 for an all-zero column)."""
+    ax = np.abs(x)
+    amax = np.maximum.reduce(ax, axis=0)
+    peak = np.zeros(x.shape[1], F32)
+    for i in range(x.shape[0] - 1, -1, -1):  # backwards: the first row reaching the maximum wins
+        peak = np.where(ax[i] == amax, x[i], peak)
+    return peak
 
 
 def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(n, nmax, rmse_type=1) with weights w on each column of x (n, columns): (L + nmax as
-    float32, scale). The reference Q6_K passes w = x^2 (what C computes when given no weights)."""
+    float32, scale). The reference Q6_K passes w = x^2 (what C computes when given no weights).
+    As in _make_qkx_quants, only the best trial's iscale is kept and L rebuilt from it at the end."""
     fnmax = F32(nmax)
-    peak = x[np.abs(x).argmax(axis=0), np.arange(x.shape[1])]  # signed value of the first largest magnitude
+    peak = _signed_peak(x)
     zero = np.abs(peak) < GROUP_MAX_EPS
     peak = np.where(zero, F32(1), peak)
     wx = w * x
+    t, u = np.empty_like(x), np.empty_like(x)
 
     def trial(iscale: np.ndarray):
-        l = np.clip(_nearest_int(iscale * x), -fnmax, fnmax - 1)
-        return l, _seq_sum(wx * l), _seq_sum(w * l * l)
+        l = _levels(x, None, iscale, -fnmax, fnmax - 1, out=t)
+        sumlx = _seq_sum(np.multiply(wx, l, out=u))
+        np.multiply(w, l, out=u)
+        return sumlx, _seq_sum(np.multiply(u, l, out=u))
 
-    l, sumlx, suml2 = trial(-fnmax / peak)
+    iscale = -fnmax / peak
+    sumlx, suml2 = trial(iscale)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
-        L = l
+        L_iscale = iscale
         for step in range(-9, 10):
             if step == 0:
                 continue
-            l, sumlx, suml2 = trial(-(fnmax + F32(0.1) * F32(step)) / peak)
+            iscale = -(fnmax + F32(0.1) * F32(step)) / peak
+            sumlx, suml2 = trial(iscale)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better, l, L)
+            L_iscale = np.where(better, iscale, L_iscale)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    L = np.where(zero, F32(0), L + fnmax)  # an all-zero sub-block keeps L = 0, not the offset nmax
+    L = _levels(x, None, L_iscale, -fnmax, fnmax - 1, out=t)
+    L += fnmax
+    if zero.any():
+        L[:, zero] = 0  # an all-zero sub-block keeps L = 0, not the offset nmax
     return L, np.where(zero, F32(0), scale)
 
 

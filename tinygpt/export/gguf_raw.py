@@ -1,0 +1,185 @@
+"""GGUF files as the quantizer needs them: metadata kept as raw bytes, tensors as memory-mapped bytes, and a
+writer that streams tensors out one at a time in llama.cpp's layout.
+
+gguf-py's reader decodes every metadata value into Python objects (a vocabulary of 50k tokens is 50k small
+arrays), which costs as much as quantizing a small model to Q8_0; the quantize stage only copies those values.
+So this reader walks the metadata once, keeping each value's encoded bytes, and decodes only what is asked.
+The layout (docs/gguf.md#file-layout) is: magic, version 3, tensor and key counts, the keys, the tensor infos
+(name, dimensions in ggml order, type, offset into the data), padding to the alignment, then each tensor's data
+padded to the alignment.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from tinygpt.common import TinyGPTError, require_file
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+# encoded size of the fixed-size value types
+_FIXED = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
+          GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
+          GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+_FORMAT = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+           GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
+           GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    name: str
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
+    type: GGMLQuantizationType
+    data: np.ndarray  # the stored bytes (uint8, memory-mapped)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The numpy shape (reverse of ggml's)."""
+        return tuple(reversed(self.ne))
+
+
+@dataclass
+class RawGGUF:
+    metadata: dict[str, bytes]  # key -> encoded value (type tag included), in file order
+    tensors: list[RawTensor]
+
+    def value(self, key: str):
+        """The decoded value of a scalar or string key (None when absent)."""
+        raw = self.metadata.get(key)
+        if raw is None:
+            return None
+        vtype = GGUFValueType(struct.unpack_from("<I", raw)[0])
+        if vtype == GGUFValueType.STRING:
+            return raw[12:].decode("utf-8", "replace")
+        if vtype in _FORMAT:
+            return struct.unpack_from(_FORMAT[vtype], raw, 4)[0]
+        raise TinyGPTError(f"metadata key {key} is an array, not a single value")
+
+
+def encode_value(value, vtype: GGUFValueType) -> bytes:
+    """A scalar or string value as GGUF encodes it, type tag first."""
+    if vtype == GGUFValueType.STRING:
+        data = value if isinstance(value, bytes) else str(value).encode()
+        return struct.pack("<IQ", vtype, len(data)) + data
+    return struct.pack("<I", vtype) + struct.pack(_FORMAT[vtype], value)
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str):
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> bytes:
+        (n,) = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"a string of {n} bytes runs past the end of the file")
+        self.pos += n
+        return bytes(self.buf[self.pos - n:self.pos])
+
+    def skip_value(self, vtype: int) -> None:
+        vtype = GGUFValueType(vtype)
+        if vtype == GGUFValueType.STRING:
+            (n,) = self.take("<Q")
+            self.pos += n
+        elif vtype == GGUFValueType.ARRAY:
+            sub, count = self.take("<IQ")
+            sub = GGUFValueType(sub)
+            if sub in _FIXED:
+                self.pos += _FIXED[sub] * count
+            else:
+                for _ in range(count):
+                    self.skip_value(sub)
+        else:
+            self.pos += _FIXED[vtype]
+        if self.pos > len(self.buf):
+            raise ValueError("a metadata value runs past the end of the file")
+
+
+def read_raw_gguf(path: str | os.PathLike, hint: str) -> RawGGUF:
+    """The metadata (raw) and tensors (memory-mapped) of a GGUF file; a broken file is one TinyGPTError."""
+    path = require_file(path, "GGUF file", "create it with tinygpt gguf_convert")
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    try:
+        cur = _Cursor(memoryview(data))
+        magic, version = cur.take("<4sI")
+        if magic != MAGIC or version not in (2, 3):
+            raise ValueError(f"magic {magic!r}, version {version}: not a GGUF version 2 or 3 file")
+        n_tensors, n_kv = cur.take("<QQ")
+        metadata: dict[str, bytes] = {}
+        for _ in range(n_kv):
+            key = cur.string().decode("utf-8")
+            start = cur.pos
+            (vtype,) = cur.take("<I")
+            cur.skip_value(vtype)
+            metadata[key] = bytes(cur.buf[start:cur.pos])
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string().decode("utf-8")
+            (n_dims,) = cur.take("<I")
+            ne = cur.take(f"<{n_dims}Q")
+            qtype, offset = cur.take("<IQ")
+            infos.append((name, tuple(int(n) for n in ne), GGMLQuantizationType(qtype), offset))
+        raw = RawGGUF(metadata, [])
+        alignment = raw.value("general.alignment") or DEFAULT_ALIGNMENT
+        start = -(-cur.pos // alignment) * alignment
+        for name, ne, qtype, offset in infos:
+            nbytes = tensor_nbytes(ne, qtype)
+            if start + offset + nbytes > len(data):
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            raw.tensors.append(RawTensor(name, ne, qtype, data[start + offset:start + offset + nbytes]))
+        return raw
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error) as e:
+        raise TinyGPTError(
+            f"{path} is not a readable GGUF file: truncated or of another format ({type(e).__name__}: {e}); {hint}"
+        ) from None
+
+
+def tensor_nbytes(ne: Iterable[int], qtype: GGMLQuantizationType) -> int:
+    ne = tuple(ne)
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
+    return rows * (ne[0] // block) * size
+
+
+def write_raw_gguf(path: Path, metadata: dict[str, bytes], tensors: list[tuple[str, tuple[int, ...],
+                   GGMLQuantizationType]], tensor_bytes: Callable[[int], np.ndarray | bytes]) -> None:
+    """Write a GGUF file: `metadata` (encoded values, in order), then the tensor infos of `tensors` (name, ne,
+    type), then tensor i's bytes as `tensor_bytes(i)` returns them, called in order, one at a time."""
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in metadata:
+        alignment = RawGGUF(metadata, []).value("general.alignment")
+    pad = lambda n: -(-n // alignment) * alignment  # noqa: E731
+    head = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(metadata))]
+    for key, value in metadata.items():
+        name = key.encode()
+        head += [struct.pack("<Q", len(name)), name, value]
+    offset = 0
+    sizes = []
+    for name, ne, qtype in tensors:
+        encoded = name.encode()
+        head += [struct.pack("<Q", len(encoded)), encoded, struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, qtype, offset)]
+        sizes.append(tensor_nbytes(ne, qtype))
+        offset += pad(sizes[-1])
+    header = b"".join(head)
+    with open(path, "wb") as f:
+        f.write(header + bytes(pad(len(header)) - len(header)))
+        for i, size in enumerate(sizes):
+            data = tensor_bytes(i)
+            view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if isinstance(data, np.ndarray) \
+                else memoryview(data)
+            if view.nbytes != size:
+                raise ValueError(f"tensor {tensors[i][0]}: {view.nbytes} bytes for the {size} its type and shape need")
+            f.write(view)
+            f.write(bytes(pad(size) - size))
