@@ -164,6 +164,44 @@ def test_q4_k_m_is_byte_identical_to_llama_quantize(family):
     assert (tmp / "ours-q4_k_m.gguf").read_bytes() == (tmp / "llama-q4_k_m.gguf").read_bytes()
 
 
+GGUF_PRE = {"gpt2": "gpt-2", "smollm": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}
+
+
+@pytest.mark.parametrize("name", list(GGUF_PRE))
+def test_gguf_with_a_family_vocabulary_encodes_like_hf_tokenizers(tmp_path, name):
+    """A GGUF file whose tokenizer metadata is a family's own (its id order, its pre-tokenizer name, control
+    and user-defined tokens, Llama 3's BOS), written as llama.cpp's converter writes it: our reader's tokenizer
+    gives the ids Hugging Face's `tokenizers` gives."""
+    import gguf
+    from test_hf_tokenizers import EOT_OF, HELD_OUT, TRAINING_TEXT, build, hf_ids
+
+    from tinygpt.weights.gguf_read import gguf_tokenizer, read_gguf
+
+    hf = build(name)
+    added = {a["id"]: a for a in json.loads(hf.to_str())["added_tokens"]}
+    by_id = {i: t for t, i in hf.get_vocab(with_added_tokens=True).items()}
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", arch="llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(GGUF_PRE[name])
+    writer.add_token_list([by_id[i] for i in range(len(by_id))])
+    writer.add_token_types([1 if i not in added else 3 if added[i]["special"] else 4 for i in range(len(by_id))])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(hf.token_to_id(EOT_OF[name]))
+    if name == "llama3":
+        writer.add_bos_token_id(hf.token_to_id("<|begin_of_text|>"))
+    writer.add_add_bos_token(name == "llama3")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = gguf_tokenizer(read_gguf(tmp_path / "vocab.gguf"))
+    assert ours.eot_id == hf.token_to_id(EOT_OF[name]) and ours.gguf_pre == GGUF_PRE[name]
+    for text in HELD_OUT + TRAINING_TEXT:
+        assert ours.encode(text) == hf_ids(hf, text), text
+        assert ours.encode(text, bos=True) == hf_ids(hf, text, bos=True), text
+
+
 def test_other_architectures_and_sentencepiece_are_refused(tmp_path):
     folder = save_folder(hf_model("smollm2"), tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())

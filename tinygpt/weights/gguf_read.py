@@ -8,6 +8,7 @@ measure what quantization costs (perplexity of f16 vs q4_k_m) without llama.cpp.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from tinygpt.common import TinyGPTError, require_file
 from tinygpt.model.gpt import ARCHS, GPT, GPTConfig, llama3_freq_factors
 from tinygpt.tokenizer.bpe import Tokenizer
+from tinygpt.tokenizer.pipeline import LLAMA3_PATTERN, QWEN2_PATTERN
 from tinygpt.weights.names import ROPE_FREQS, by, config_dims, lm_head_name, shape_of, tensor_names
 
 SUPPORTED = ("tinygpt reads GGUF files of architecture gpt2, llama (SmolLM, SmolLM2, Llama 3.x) or qwen2 with a "
@@ -136,7 +138,64 @@ def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
     if not 0 <= eos < len(tokens):
         raise TinyGPTError(f"GGUF file {reader.data.filename} has eos_token_id {eos} outside its {len(tokens)} tokens")
-    return Tokenizer.from_token_strings(tokens, _field(reader, "tokenizer.ggml.merges"), eot_token=tokens[eos])
+    merges = _field(reader, "tokenizer.ggml.merges")
+    try:  # tinygpt's own id layout (what train_bpe makes): rebuilt as it was trained
+        return Tokenizer.from_token_strings(tokens, merges, eot_token=tokens[eos])
+    except TinyGPTError:  # a family's own vocabulary order: through the tokenizer.json it came from
+        return Tokenizer.from_json_str(gguf_tokenizer_json(reader), source=f"GGUF file {reader.data.filename}",
+                                       eot_token=tokens[eos])
+
+
+def _byte_level(use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _split_then_bytes(pattern: str) -> dict:
+    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    return {"type": "Sequence", "pretokenizers": [split, _byte_level(False)]}
+
+
+# tokenizer.ggml.pre -> (normalizer, pre-tokenizer) of that family's tokenizer.json
+PRE_TOKENIZERS = {
+    "gpt-2": (None, _byte_level(True)),
+    "smollm": (None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                              _byte_level(True)]}),
+    "llama-bpe": (None, _split_then_bytes(LLAMA3_PATTERN)),
+    "qwen2": ({"type": "NFC"}, _split_then_bytes(QWEN2_PATTERN)),
+}
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+
+
+def gguf_tokenizer_json(reader: gguf.GGUFReader) -> str:
+    """The Hugging Face tokenizer.json that llama.cpp's converter turned into the file's `tokenizer.ggml.*`
+    metadata: vocabulary and merges, the pre-tokenizer that `tokenizer.ggml.pre` names, control tokens as special
+    added tokens (user-defined ones as plain added tokens), and the BOS that `add_bos_token` asks for."""
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise TinyGPTError(f"GGUF file {reader.data.filename} has tokenizer.ggml.pre {pre!r}; tinygpt reads "
+                           f"{', '.join(PRE_TOKENIZERS)}. {SUPPORTED}")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+    vocab, added = {}, []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind == TOKEN_NORMAL:
+            vocab[token] = i
+        else:  # control, user-defined, and the converter's unused padding entries
+            added.append({"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": kind != TOKEN_USER_DEFINED})
+    normalizer, pre_tokenizer = PRE_TOKENIZERS[pre]
+    post = None
+    if _field(reader, "tokenizer.ggml.add_bos_token", False):
+        bos = tokens[int(_field(reader, "tokenizer.ggml.bos_token_id"))]
+        post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [], "special_tokens": {}}
+    ignore_merges = pre == "llama-bpe"  # Llama 3's tokenizer.json sets it; llama.cpp's llama-bpe follows it
+    spec = {"version": "1.0", "added_tokens": added, "normalizer": normalizer, "pre_tokenizer": pre_tokenizer,
+            "post_processor": post, "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "ignore_merges": ignore_merges, "vocab": vocab,
+                      "merges": list(_field(reader, "tokenizer.ggml.merges"))}}
+    return json.dumps(spec, ensure_ascii=False)
 
 
 def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str, torch.Tensor]:
