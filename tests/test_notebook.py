@@ -3,10 +3,13 @@ tests: every cell but the Colab-only ones (Drive, GPU) must run, build the quant
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 nbformat = pytest.importorskip("nbformat")
@@ -81,3 +84,36 @@ def test_a_failing_command_fails_its_cell(executed):
     assert "stage output" in output_text(failing)  # streamed before the failure
     assert failure.ename == subprocess.CalledProcessError.__name__
     assert "returned non-zero exit status 3" in failure.evalue
+
+
+def test_every_cell_has_an_id():
+    """nbformat 4.5 wants one on every cell (a missing one is a warning today, an error in a later nbformat)."""
+    raw = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    assert raw["nbformat"] == 4 and raw["nbformat_minor"] >= 5
+    ids = [cell.get("id") for cell in raw["cells"]]
+    assert all(ids) and len(set(ids)) == len(ids), ids
+
+
+def test_the_drive_cell_merges_by_step_instead_of_copying_over(tmp_path, monkeypatch):
+    """The Drive cell run as Colab runs it (google.colab faked): a younger local run does not replace Drive's."""
+    import sys
+    import types
+
+    from test_colab import RUN, fake_run
+
+    mount = types.ModuleType("google.colab.drive")
+    mount.mount = lambda path: None
+    colab = types.ModuleType("google.colab")
+    colab.drive = mount
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.drive", mount)
+    checkout, drive = tmp_path / "tinygpt", tmp_path / "MyDrive" / "tinygpt"
+    fake_run(checkout, 10)
+    fake_run(drive, 30)
+    cell = next(c for c in code_cells(nbformat.read(NOTEBOOK, as_version=4)) if c.source.startswith("# colab-only: drive"))
+    source = cell.source.replace('"/content/drive/MyDrive/tinygpt"', repr(str(drive)))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the checkout first
+    exec(compile(source, "drive-cell", "exec"), {"sys": sys, "Path": Path, "checkout": checkout})
+    assert (checkout / "checkpoints").is_symlink() and (checkout / "exports").is_symlink()
+    assert torch.load(drive / "checkpoints" / RUN / "last.pt", weights_only=True)["step"] == 30
