@@ -1,6 +1,7 @@
 """Benchmark: the data stages at scale on varied real text, each against a peer measured in the same run.
 
     python bench/bench_data_scale.py [--mb 25 50 100 200] [--vocab_size 8192] [--threads N] [--split auto]
+        [--families llama3 qwen2 smollm gpt2 --family_vocab 128256 --repeats 2]
 
 The corpus: the .py files of this Python's site-packages (sorted paths, files under 2 MB), concatenated until
 --mb megabytes; the next tenth of that size is held out to measure compression. Each stage runs as its own child
@@ -13,6 +14,12 @@ all its worker processes, so forked workers count once. Peers, in the same kind 
              Compression: bytes per token of both tokenizers on the held-out text.
   encode     tiktoken's encode_ordinary on one thread, built on our merges, over the same documents (read in the
              same pieces; no files written). Its token count must equal ours.
+  families   (--families) the encode stage with an imported model's tokenizer: our merges learned again with
+             --family_vocab ids (128,256: Llama 3's size), written as each family's tokenizer.json (its normalizer,
+             pre-tokenizer regex, special tokens, BOS, ignore_merges), beside tiktoken built on the same ranks with
+             the family's regex. The two run alternately, --repeats times each; the best time of each is shown.
+             tiktoken has no Digits step nor NFC: for SmolLM it gets one regex that isolates digits (so a few
+             whitespace pieces before digits differ), for Qwen2 the text is taken as it is (the sources are NFC).
 The last lines extrapolate time and memory linearly from the two largest sizes to a 2 GB corpus, against 8 GB RAM.
 """
 
@@ -135,16 +142,104 @@ def peer_hf(corpus: Path, vocab_size: int, out: Path) -> None:
     hf.save(str(out))
 
 
-def peer_tiktoken(corpus: Path, tokenizer: Path) -> None:
+def peer_tiktoken(corpus: Path, tokenizer: Path, family: str | None = None) -> None:
+    """tiktoken on our ranks with GPT-2's regex, or with `family`'s (see family_pattern)."""
     import tiktoken
 
     from tinygpt.tokenizer.bpe import GPT2_PATTERN, Tokenizer
     tok = Tokenizer.load(tokenizer)
     ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
-    enc = tiktoken.Encoding("tinygpt-bench", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    pattern = GPT2_PATTERN if family is None else family_pattern(family)
+    enc = tiktoken.Encoding("tinygpt-bench", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     ends: list[bool] = []
     n_tokens = sum(len(enc.encode_ordinary(text)) for text in text_pieces(corpus, ends))
     print(n_tokens, sum(ends))
+
+
+# ---- imported models' tokenizers (--families) -------------------------------------------------------------------
+
+# tiktoken's pattern per family; SmolLM's Digits step is folded into one regex (see the module docstring).
+SMOLLM_TIKTOKEN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+FAMILY_SPECIALS = {"gpt2": ["<|endoftext|>"], "smollm": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                   "llama3": ["<|begin_of_text|>", "<|end_of_text|>"], "qwen2": ["<|endoftext|>", "<|im_start|>",
+                                                                               "<|im_end|>"]}
+
+
+def family_pattern(family: str) -> str:
+    from tinygpt.tokenizer.pipeline import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN
+    return {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_TIKTOKEN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}[family]
+
+
+def family_json(tokenizer: Path, family: str, out: Path) -> None:
+    """Our merges as `family`'s tokenizer.json, configured as that family ships it."""
+    from tinygpt.tokenizer.bpe import Tokenizer
+    from tinygpt.tokenizer.pipeline import LLAMA3_PATTERN, QWEN2_PATTERN
+
+    spec = json.loads(Tokenizer.load(tokenizer).to_json_str())
+    n = len(spec["model"]["vocab"])
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    spec["added_tokens"] = [{"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in enumerate(FAMILY_SPECIALS[family])]
+    if family == "gpt2":
+        spec["pre_tokenizer"] = {**byte_level, "use_regex": True}
+    elif family == "smollm":
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, {**byte_level, "use_regex": True}]}
+    else:
+        pattern = LLAMA3_PATTERN if family == "llama3" else QWEN2_PATTERN
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}, byte_level]}
+    spec["normalizer"] = {"type": "NFC"} if family == "qwen2" else None
+    spec["model"]["ignore_merges"] = family == "llama3"
+    spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    if family == "llama3":
+        bos = "<|begin_of_text|>"
+        spec["post_processor"] = {"type": "Sequence", "processors": [spec["post_processor"], {
+            "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                                     {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [n], "tokens": [bos]}}}]}
+    out.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+
+
+def run_families(clean: Path, work: Path, args) -> dict:
+    """Encode with each family's tokenizer beside tiktoken, alternately; the best of --repeats runs of each."""
+    py = [sys.executable, "-m", "tinygpt"]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    big = work / "family_merges.json"
+    threads = ["--threads", str(args.threads)]
+    run_measured(py + ["train_bpe", "--corpus", str(clean), "--out", str(big), "--vocab_size",
+                       str(args.family_vocab)] + threads)
+    results = {}
+    for family in args.families:
+        tok = work / f"{family}.json"
+        family_json(big, family, tok)
+        ours, peer = [], []
+        for _ in range(args.repeats):
+            ours.append(run_measured(py + ["encode", "--corpus", str(clean), "--tokenizer", str(tok), "--out_dir",
+                                           str(work / f"{family}_tokens")] + threads))
+            peer.append(run_measured(me + ["--peer", "tiktoken", "--family", family, "--corpus", str(clean),
+                                           "--tokenizer", str(big)]))
+        meta = json.loads((work / f"{family}_tokens" / "meta.json").read_text())
+        tiktoken_tokens, n_documents = map(int, peer[0][2].split())
+        per_document = 2 if family == "llama3" else 1  # <|begin_of_text|> and the end-of-text token
+        results[family] = (min(ours), min(peer), tiktoken_tokens + per_document * n_documents,
+                           meta["tokens"]["train"] + meta["tokens"]["val"], meta["vocab_size"])
+    return results
+
+
+def report_families(row: dict, args) -> None:
+    print(f"\n{row['mb']:g} MB, imported tokenizers (our merges, {args.family_vocab:,} ids), encode with "
+          f"{args.threads} threads vs tiktoken 1 thread, best of {args.repeats} alternating runs each:")
+    for family, (ours, peer, expected, count, vocab) in row["families"].items():
+        s, m, _, cpu = ours
+        ts, tm, _, tt_cpu = peer
+        mb_s, tt_mb_s = row["clean_bytes"] / MB / s, row["clean_bytes"] / MB / ts
+        check = "= tiktoken's" if count == expected else f"differ from tiktoken's by {count - expected:+,}"
+        print(f"  {family:7} vocab {vocab:,}: {s:6.1f} s {m:6.0f} MB | tiktoken {ts:6.1f} s {tm:6.0f} MB | "
+              f"{mb_s:.2f} vs {tt_mb_s:.2f} MB/s = {mb_s / tt_mb_s:.2f}x tiktoken; CPU s {cpu:.1f} vs {tt_cpu:.1f}; "
+              f"{count:,} tokens {check}")
 
 
 # ---- one size ----------------------------------------------------------------------------------------------------
@@ -179,6 +274,8 @@ def run_size(n_mb: float, paths: list[Path], work: Path, args) -> dict:
     text = held_out.read_text(encoding="utf-8")
     row["bpt"] = (bytes_per_token(tok, text), bytes_per_token(hf_tok, text))
     row["clean_bytes"] = clean.stat().st_size
+    if args.families:
+        row["families"] = run_families(clean, work, args)
     return row
 
 
@@ -208,6 +305,9 @@ def report(rows: list[dict], args) -> None:
               f"{m / tm:7.2f} | {mb_s:.2f} vs {tt_mb_s:.2f} MB/s = {mb_s / tt_mb_s:.2f}x tiktoken; CPU s {cpu:.1f} vs "
               f"{tt_cpu:.1f} ({tt_cpu / cpu:.2f}x per core); {r['documents']:,} documents, {ours_count:,} tokens "
               f"{check} + one <|endoftext|> each")
+    for r in rows:
+        if "families" in r:
+            report_families(r, args)
     if len(rows) >= 2:
         a, b = sorted(rows, key=lambda r: r["mb"])[-2:]
         print(f"\nextrapolated linearly from {a['mb']:g} and {b['mb']:g} MB to a {TWO_GB_MB / 1000:g} GB corpus "
@@ -229,7 +329,13 @@ def main() -> None:
                                                           "the joined site-packages sources have; a text without one "
                                                           "is one document)")
     parser.add_argument("--work_dir", help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--families", nargs="*", default=[], choices=sorted(FAMILY_SPECIALS),
+                        help="also encode with these families' tokenizers (see the module docstring)")
+    parser.add_argument("--family_vocab", type=int, default=128_256, help="ids of the families' tokenizers "
+                                                                           "(default 128,256: Llama 3's)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of ours and tiktoken per family")
     parser.add_argument("--peer", choices=["hf", "tiktoken"], help=argparse.SUPPRESS)
+    parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -237,7 +343,7 @@ def main() -> None:
     if args.peer == "hf":
         return peer_hf(Path(args.corpus), args.vocab_size, Path(args.out))
     if args.peer == "tiktoken":
-        return peer_tiktoken(Path(args.corpus), Path(args.tokenizer))
+        return peer_tiktoken(Path(args.corpus), Path(args.tokenizer), args.family)
     paths = python_sources()
     total = sum(p.stat().st_size for p in paths) / MB
     print(f"{len(paths)} .py files under 2 MB in site-packages, {total:.0f} MB; sizes {args.mb} MB")

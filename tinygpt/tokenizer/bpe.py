@@ -220,9 +220,9 @@ class Tokenizer:
         self._strip = bool(lstrip or rstrip)
         fast_gpt2 = pipeline == _OWN_PIPELINE
         self._pretokenize = pretokenize if fast_gpt2 else pipeline.pretokenize
-        # Splitting at spaces (see encode_ordinary) is proven for GPT-2's regex and property-tested for the
-        # other known pipelines.
-        self._space_split = pipeline.known is not None and pipeline.normalizer is None
+        # Splitting (normalized) text at spaces (see _encode_normalized) is proven for GPT-2's regex and
+        # property-tested for the other known pipelines, each with its breaker.
+        self._space_split = pipeline.known is not None
         self._breaker = (_SPACE_SPLIT_BREAKER if fast_gpt2 or not self._space_split
                          else regex.compile(pipeline.known.space_split_breaker))
         self._chunk_cache = _BoundedCache(self._encode_chunk)
