@@ -17,7 +17,8 @@ from tinygpt.tokenizer.bpe import Tokenizer
 from tinygpt.tokenizer.pipeline import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, Splitter
 
 tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (AddedToken, Regex, decoders, models, normalizers, pre_tokenizers,  # noqa: E402
+                        processors, trainers)
 
 FAMILIES = ("gpt2", "smollm", "llama3", "qwen2")
 TRAINING_TEXT = [
@@ -136,8 +137,9 @@ def test_equals_hf_on_tricky_text(family, text):
     assert_same_ids(family, text)
 
 
-# Characters assigned in Python's Unicode (14.0): `regex` knows a newer Unicode than `tokenizers`' regex engine,
-# so characters assigned since may count as letters for one and not the other (docs/formats.md#tokenizers).
+# Characters assigned in Python's Unicode (14.0): `regex` knows a newer Unicode than `tokenizers`' regex
+# engine, so characters assigned since may count as letters for one and not the other
+# (docs/formats.md#other-families-tokenizers).
 assigned_text = st.text(st.characters(exclude_categories=("Cn", "Cs")))
 
 
@@ -166,6 +168,11 @@ def test_re_translation_matches_regex_on_every_bmp_character(pattern):
         assert splitter.bmp.findall(text) == regex.findall(pattern, text)
 
 
+def space_split_pieces(tok: Tokenizer, text: str) -> list[str]:
+    words = text.split(" ")
+    return tok.pipeline.pretokenize(words[0]) + [p for w in words[1:] for p in tok.pipeline.pretokenize(" " + w)]
+
+
 @settings(max_examples=300, deadline=None)
 @given(text=tricky_text)
 def test_space_split_rule(family, text):
@@ -174,8 +181,7 @@ def test_space_split_rule(family, text):
     name, hf, ours = family
     if ours._space_split and not ours._breaker.search(text):
         words = text.split(" ")
-        pieces = ours.pipeline.pretokenize(words[0]) + [p for w in words[1:] for p in ours.pipeline.pretokenize(" " + w)]
-        assert pieces == ours.pipeline.pretokenize(text)
+        assert space_split_pieces(ours, text) == ours.pipeline.pretokenize(text)
 
 
 @pytest.mark.parametrize("text", ["a\n  b", "x\t \t", "a  12", "  1"])
@@ -185,10 +191,7 @@ def test_space_split_breaker_is_needed(text):
     for name in FAMILIES:
         ours = Tokenizer.from_json_str(build(name).to_str())
         if ours._space_split and ours._breaker.search(text):
-            words = text.split(" ")
-            pieces = ours.pipeline.pretokenize(words[0]) + [p for w in words[1:]
-                                                             for p in ours.pipeline.pretokenize(" " + w)]
-            wrong += pieces != ours.pipeline.pretokenize(text)
+            wrong += space_split_pieces(ours, text) != ours.pipeline.pretokenize(text)
     assert wrong
 
 
