@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from test_train import metrics, run_dirs, write_token_dir
 from test_workflow import PIPELINE, ROOT, copy_project, edit_config, jobs_that_would_run, snakemake
 from tinygpt.common import TinyGPTError
 from tinygpt.config import check_config, load_schema
+from tinygpt.export.hf import export_hf
 from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.model.start import RECIPES
 from tinygpt.model.train import main
@@ -72,6 +74,14 @@ def test_tokens_of_another_tokenizer_are_a_clear_error(base, tmp_path):
 # --- the config check, before any job -----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def base_folder(base, tmp_path_factory) -> Path:
+    """The tiny llama as a Hugging Face folder: what the pipeline starts from."""
+    out = tmp_path_factory.mktemp("hf") / "model"
+    export_hf(base, out)
+    return out
+
+
 def config_with(base: Path | str, **sections) -> dict:
     config = copy.deepcopy(CONFIG)
     config["train"]["init_from"] = str(base)
@@ -87,17 +97,19 @@ def config_with(base: Path | str, **sections) -> dict:
     ({"model": {"block_size": 64}}, "model.block_size 64 is beyond the context of train.init_from .* \\(16 tokens\\)"),
     ({"train_bpe": {"vocab_size": 500}}, "train_bpe.vocab_size 500 contradicts train.init_from"),
 ])
-def test_config_contradicting_the_source_stops_before_any_job(base, sections, message):
+def test_config_contradicting_the_source_stops_before_any_job(base_folder, sections, message):
     with pytest.raises(TinyGPTError, match=message):
-        check_config(config_with(base, **sections), SCHEMA)
+        check_config(config_with(base_folder, **sections), SCHEMA)
 
 
-def test_config_with_a_starting_model_takes_the_fine_tuning_recipe(base):
-    checked = check_config(config_with(base, model={"block_size": 8, "n_layer": 2}), SCHEMA)
+def test_config_with_a_starting_model_takes_the_fine_tuning_recipe(base_folder):
+    checked = check_config(config_with(base_folder, model={"block_size": 8, "n_layer": 2}), SCHEMA)
     assert {k: checked["train"][k] for k in RECIPES["finetune"]} == RECIPES["finetune"]
 
 
-def test_config_with_a_missing_source_or_lora_from_scratch_stops(tmp_path):
+def test_config_with_a_missing_source_a_file_or_lora_from_scratch_stops(base, tmp_path):
+    with pytest.raises(TinyGPTError, match="is not a folder; .* `tinygpt export --checkpoint FILE --out_dir DIR`"):
+        check_config(config_with(base), SCHEMA)
     with pytest.raises(TinyGPTError, match="train.init_from .*missing.pt does not exist"):
         check_config(config_with(tmp_path / "missing.pt"), SCHEMA)
     with pytest.raises(TinyGPTError, match="train.lora.rank is set but train.init_from is scratch"):
@@ -108,17 +120,16 @@ def test_config_with_a_missing_source_or_lora_from_scratch_stops(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_changed_source_reruns_what_depends_on_it(base, tmp_path):
+def test_a_changed_source_reruns_what_depends_on_it(base_folder, tmp_path):
     """Outputs made up to date by `snakemake --touch` (nothing runs); then a newer source makes exactly the
     stages that read it stale: the tokenizer step (it takes the model's tokenizer), encode, train and after."""
     workdir = copy_project(tmp_path)
-    (workdir / "models").mkdir()
-    source = workdir / "models/start.pt"
-    source.write_bytes(base.read_bytes())
+    shutil.copytree(base_folder, workdir / "models/start")
+    source = workdir / "models/start/model.safetensors"
     for key in ("n_layer", "n_head", "n_embd", "block_size"):  # the shape is the source's now
         edit_config(workdir, "model", key, None)
     edit_config(workdir, "train_bpe", "vocab_size", SCHEMA["properties"]["train_bpe"]["properties"]["vocab_size"]["default"])
-    edit_config(workdir, "train", "init_from", "models/start.pt")
+    edit_config(workdir, "train", "init_from", "models/start")
     outputs = ["data/raw/builtin.txt", "data/clean/corpus.txt", "data/clean/corpus.stats.json",
                "data/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/val.bin", "data/tokens/meta.json",
                "checkpoints/best.pt", *(f"exports/tinygpt/{f}" for f in (

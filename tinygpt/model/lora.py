@@ -23,6 +23,7 @@ TARGET_LAYERS = {
               "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.proj"},
     "gpt2": {"q": "attn.qkv", "k": "attn.qkv", "v": "attn.qkv", "o": "attn.proj", "up": "mlp.fc", "down": "mlp.proj"},
 }  # fmt: skip
+TARGET_LAYERS["qwen2"] = TARGET_LAYERS["llama"]  # llama's layers, its q, k, v with biases
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 

@@ -70,27 +70,24 @@ class Start:
 
 
 def read_start(init_from: str) -> Start:
-    """Read the starting model. tinygpt checkpoints are read here; other sources by tinygpt.weights's reader."""
-    sha256 = source_sha256(init_from)
-    path = Path(init_from)
-    if path.is_file() and path.suffix == ".pt":
-        from tinygpt.model.checkpoint import checked_model_state, load_checkpoint
+    """Read the starting model (tinygpt.weights's reader: any of the formats it knows)."""
+    from tinygpt.weights.read import read_model
 
-        ckpt = load_checkpoint(path)
-        config, state = checked_model_state(ckpt, path)
-        return Start(config, state, ckpt["tokenizer_json"], sha256, "tinygpt")
-    try:
-        from tinygpt.weights import read_model
-    except ImportError:  # the readers of other formats are not part of this version
-        raise TinyGPTError(f"train.init_from {init_from}: only tinygpt checkpoints (.pt) can be read by this "
-                           "version") from None
-    config, state, tokenizer_json, kind = read_model(path)
-    return Start(config, state, tokenizer_json, sha256, kind)
+    config, state, tokenizer_json, kind = read_model(init_from)
+    return Start(config, state, tokenizer_json, source_sha256(init_from), kind)
 
 
 def source_shape(init_from: str) -> dict:
-    """The source's GPTConfig fields, for the config check (reads the whole model only where no cheaper way
-    exists)."""
+    """The source's GPTConfig fields, for the config check: a Hugging Face folder's from its config.json alone,
+    other sources by reading them."""
     from dataclasses import asdict
 
-    return asdict(read_start(init_from).config)
+    path = Path(init_from)
+    source_files(init_from)  # one clear error for a missing source
+    if path.is_dir():
+        from tinygpt.weights.hf_read import read_hf_config
+
+        return asdict(read_hf_config(path))
+    from tinygpt.weights.read import read_model
+
+    return asdict(read_model(path)[0])
