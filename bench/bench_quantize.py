@@ -1,26 +1,32 @@
-"""Quantization speed per million parameters, against gguf-py and llama.cpp; optionally the perplexity it costs.
+"""Quantization speed per million parameters, against llama-quantize in the same run; optionally the perplexity it costs.
 
-    python bench/bench_quantize.py [--layers 8 --embd 512 --vocab 4096] [--types q4_k_m q8_0 ...] [--threads N]
-    python bench/bench_quantize.py --arch gpt2 llama --types q4_k_m     # both architectures, same run
+    python bench/bench_quantize.py                                   # gpt2 and llama, every type, with and without imatrix
+    python bench/bench_quantize.py --arch llama --types q4_k_m --repeat 5 --threads 2
     python bench/bench_quantize.py --gguf-f16 exports/tinygpt/model-f16.gguf \\
         --gguf-q exports/tinygpt/model-q4_k_m.gguf --val-bin data/tokens/val.bin     # quality (trained model)
 
 Speed: a random model of the small preset's shape (8 layers x 512, vocab 4096; ~25M parameters) is written as
-an f16 GGUF, then quantized to each type by `tinygpt.export.quantize.quantize_gguf` (the whole stage: read, quantize,
-write). Peers measured in the same run: gguf-py's Q8_0 quantizer (the only type of ours it has: gguf.quants.quantize
-on the same 2-D tensors, against our Q8_0 kernel on the same tensors), and, when llama-cpp-python is installed,
-llama.cpp's llama_model_quantize on the same file with the same thread count (also checked byte for byte).
+an f16 GGUF, with an importance matrix for it (tools/make_golden.py's synthetic one: the values do not change the
+work), then quantized to each type, without and with the importance matrix, by
+`tinygpt.export.quantize.quantize_gguf` (the whole stage: read, quantize, write; in this process, so without
+Python's start-up) and by the `llama-quantize` program (tools/build_llama_tools.sh; found as the tests find it)
+with the same thread count. The two alternate (ours, theirs, ours, theirs, ...) and each reports its best of
+`--repeat` runs: on a machine shared with other work the best run is the least disturbed one. Wall time is the
+headline; CPU time (ours: this process; theirs: the child's user + system time) is printed beside it, as it
+suffers less from other processes. Every pair of files is compared byte for byte.
+Also printed: gguf-py's Q8_0 quantizer against ours on the same tensors (the only type of ours it has).
 Quality: perplexity of the validation tokens under the f16 and the quantized GGUF, both read by tinygpt.weights.gguf_read.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import importlib.util
 import math
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,16 +36,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))  # llama_tools: where the llama.cpp programs are
 os.environ.setdefault("TINYGPT_NO_PROGRESS", "1")
 
 import gguf  # noqa: E402
 
+from llama_tools import find_llama_tool  # noqa: E402
+from tinygpt.common import capped_threads  # noqa: E402
 from tinygpt.export.quantize import FILE_TYPES, quantize_gguf  # noqa: E402
 from tinygpt.export.quants import quantize  # noqa: E402
 
+IMATRIX = "imatrix.gguf"
+
 
 def load_make_golden():
-    """tools/make_golden.py builds the same kind of gpt2 GGUF the tests use."""
+    """tools/make_golden.py builds the same kind of GGUF (and importance matrix) the tests use."""
     spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tools" / "make_golden.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -51,34 +62,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def timed(fn, repeat: int) -> float:
-    """Best wall time of `repeat` runs (the least disturbed by the other work on a shared machine)."""
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def llama_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
-    import llama_cpp
+def run_ours(folder: Path, file_type: str, threads: int, imatrix: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of one quantize_gguf run, in `folder` (the importance matrix by its relative name)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    quantize_gguf(folder / "model-f16.gguf", folder / "ours.gguf", file_type, threads,
+                  imatrix=IMATRIX if imatrix else None)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError("llama_model_quantize failed")
 
-
-def quiet_llama_logs() -> bool:
-    try:
-        import llama_cpp
-    except ImportError:
-        return False
-    callback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda *a: None)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    quiet_llama_logs.keep = callback  # the C side holds a pointer to it
-    return True
+def run_theirs(tool: Path, folder: Path, file_type: str, threads: int, imatrix: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of one llama-quantize run on the same file."""
+    cmd = [str(tool)] + (["--imatrix", IMATRIX] if imatrix else []) + \
+        ["model-f16.gguf", "llama.gguf", file_type.upper(), str(threads)]
+    wall, cpu = time.perf_counter(), child_cpu()
+    done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"llama-quantize failed: {done.stderr[-2000:]}")
+    return time.perf_counter() - wall, child_cpu() - cpu
 
 
 def bench_speed(args, arch: str) -> None:
@@ -88,15 +93,19 @@ def bench_speed(args, arch: str) -> None:
     spec = make_golden.TestModel("bench", n_embd=args.embd, n_head=8, n_layer=args.layers, n_ff=n_ff,
                                  n_vocab=args.vocab, n_ctx=args.ctx, float_type=gguf.GGMLQuantizationType.F16,
                                  tied=True, arch=arch)
-    have_llama = quiet_llama_logs()
+    tool = find_llama_tool("llama-quantize")
+    cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "model-f16.gguf"
+        folder = Path(tmp)
+        src = folder / "model-f16.gguf"
         make_golden.write_test_model(spec, src)
+        make_golden.write_test_imatrix(make_golden.imatrix_entries(src), folder / IMATRIX)
+        os.chdir(folder)  # quantize_gguf records the importance matrix's name as given, like llama-quantize
         reader = gguf.GGUFReader(src)
         n_params = sum(int(t.n_elements) for t in reader.tensors)
         mparams = n_params / 1e6
         print(f"model: {arch}, {args.layers} layers x {args.embd}, vocab {args.vocab}: {mparams:.1f}M parameters; "
-              f"threads {args.threads}; best of {args.repeat}")
+              f"threads {args.threads}; best of {args.repeat}, alternating; peer: {tool or 'none found'}")
 
         # kernel level, one thread each: Q8_0 on every 2-D tensor, ours against gguf-py's numpy quantizer
         q8 = gguf.GGMLQuantizationType.Q8_0
@@ -107,21 +116,37 @@ def bench_speed(args, arch: str) -> None:
         print(f"Q8_0 kernel on {mat_m:.1f}M weights, 1 thread: tinygpt {ours / mat_m * 1e3:.1f} ms/M, "
               f"gguf-py {peer / mat_m * 1e3:.1f} ms/M (tinygpt takes {ours / peer:.2f}x gguf-py's time)")
 
-        print(f"{'type':8} {'tinygpt s':>10} {'ms/Mparam':>10} {'llama.cpp s':>12} {'ms/Mparam':>10} "
-              f"{'ours/llama':>10}  identical")
-        for file_type in args.types:
-            out = Path(tmp) / f"model-{file_type}.gguf"
-            ours = timed(lambda: quantize_gguf(src, out, file_type, args.threads), args.repeat)
-            row = f"{file_type:8} {ours:10.3f} {ours / mparams * 1e3:10.1f}"
-            if have_llama:
-                ref = Path(tmp) / f"llama-{file_type}.gguf"
-                theirs = timed(lambda: llama_quantize(src, ref, FILE_TYPES[file_type].ftype, args.threads),
-                               args.repeat)
-                same = "yes" if sha256(out) == sha256(ref) else "NO"
-                row += f" {theirs:12.3f} {theirs / mparams * 1e3:10.1f} {ours / theirs:10.2f}  {same}"
-            else:
-                row += "   (llama-cpp-python not installed: no llama.cpp peer)"
-            print(row)
+        print(f"{'type':8} {'imatrix':7} {'tinygpt s':>9} {'llama s':>8} {'ratio':>6}   {'CPU: ours s':>11} "
+              f"{'theirs s':>8} {'ratio':>6}  identical")
+        try:
+            for file_type in args.types:
+                for imatrix in args.imatrix:
+                    ours, theirs = [math.inf, math.inf], [math.inf, math.inf]
+                    for _ in range(args.repeat):
+                        ours = [min(a, b) for a, b in zip(ours, run_ours(folder, file_type, args.threads, imatrix))]
+                        if tool:
+                            theirs = [min(a, b) for a, b in zip(theirs, run_theirs(tool, folder, file_type,
+                                                                                   args.threads, imatrix))]
+                    row = f"{file_type:8} {'yes' if imatrix else 'no':7} {ours[0]:9.3f}"
+                    if tool:
+                        same = "yes" if sha256(folder / "ours.gguf") == sha256(folder / "llama.gguf") else "NO"
+                        row += (f" {theirs[0]:8.3f} {ours[0] / theirs[0]:6.2f}   {ours[1]:11.3f} {theirs[1]:8.3f} "
+                                f"{ours[1] / theirs[1]:6.2f}  {same}")
+                    else:
+                        row += "   (llama-quantize not found: run tools/build_llama_tools.sh)"
+                    print(row, flush=True)
+        finally:
+            os.chdir(cwd)
+
+
+def timed(fn, repeat: int) -> float:
+    """Best wall time of `repeat` runs (the least disturbed by the other work on a shared machine)."""
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def perplexity(path: Path, tokens: np.ndarray, max_windows: int) -> float:
@@ -155,15 +180,17 @@ def bench_quality(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", nargs="+", default=["gpt2"], choices=["gpt2", "llama"],
+    parser.add_argument("--arch", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"],
                         help="architectures of the random model, each timed in turn")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--embd", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--types", nargs="+", default=list(FILE_TYPES), choices=list(FILE_TYPES))
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--imatrix", nargs="+", default=["no", "yes"], choices=["no", "yes"],
+                        help="without and/or with an importance matrix")
+    parser.add_argument("--threads", type=int, default=capped_threads(None), help="default: the usable CPUs")
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--gguf-f16", dest="gguf_f16", help="f16 GGUF of a trained model (quality part)")
     parser.add_argument("--gguf-q", dest="gguf_q", help="the same model quantized (quality part)")
     parser.add_argument("--val-bin", dest="val_bin", help="validation tokens (data/tokens/val.bin)")
@@ -171,6 +198,7 @@ def main() -> None:
     parser.add_argument("--val-windows", dest="val_windows", type=int, default=200)
     parser.add_argument("--skip-speed", dest="skip_speed", action="store_true")
     args = parser.parse_args()
+    args.imatrix = [choice == "yes" for choice in args.imatrix]
     if not args.skip_speed:
         for arch in args.arch:
             bench_speed(args, arch)

@@ -375,6 +375,7 @@ def _make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
         suml2 = _seq_sum(w * lf * lf)
         L = l & 0xFF  # what C keeps in its uint8 array
         for _ in range(5):  # C stops after a pass without change: a further pass would change nothing either
+            changed = False
             for i in range(n):
                 Li = L[i].astype(F32)
                 slx = sumlx - wx[i] * Li
@@ -385,9 +386,13 @@ def _make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
                 sl2_new = sl2 + w[i] * nl * nl
                 take = ((slx > 0) & (sl2 > 0) & (new_l != L[i])
                         & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
-                L[i] = np.where(take, new_l & 0xFF, L[i])
-                sumlx = np.where(take, slx_new, sumlx)
-                suml2 = np.where(take, sl2_new, suml2)
+                if take.any():
+                    changed = True
+                    L[i] = np.where(take, new_l & 0xFF, L[i])
+                    sumlx = np.where(take, slx_new, sumlx)
+                    suml2 = np.where(take, sl2_new, suml2)
+            if not changed:  # so no block can change in a later pass either
+                break
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L = np.where(zero, 0, L).astype(np.uint8)
     return L, np.where(zero, F32(0), scale).astype(F32)
@@ -582,6 +587,9 @@ def _quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, threads: int, 
     n_per_row = data.shape[-1]
     rows = np.ascontiguousarray(data, dtype=F32).reshape(-1, n_per_row)
     rows_per_chunk = max(1, CHUNK_VALUES // n_per_row)
+    if threads > 1:  # at least one chunk per thread, and chunks of even size, so that no thread idles at the end
+        n_chunks = -(-max(-(-len(rows) // rows_per_chunk), threads) // threads) * threads
+        rows_per_chunk = max(1, -(-len(rows) // n_chunks))
     chunks = [rows[i:i + rows_per_chunk] for i in range(0, len(rows), rows_per_chunk)]
     fn = QUANTIZERS[qtype]
     if threads > 1 and len(chunks) > 1:
