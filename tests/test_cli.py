@@ -39,3 +39,12 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path):
     assert result.stderr.startswith("error: ") and "missing.txt" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "c.txt").exists()
+
+
+@pytest.mark.parametrize("name", sorted(name for name in COMMANDS if "_" in name))
+def test_hyphenated_command_names_run_the_same_stage(name):
+    """`tinygpt gguf-convert` is `tinygpt gguf_convert`: through `python -m tinygpt`, as a user types it."""
+    result = subprocess.run([sys.executable, "-m", "tinygpt", name.replace("_", "-"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: tinygpt {name}")

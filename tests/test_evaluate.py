@@ -67,6 +67,24 @@ def test_cli_scores_text_and_token_files_of_a_checkpoint_alike(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["bits_per_byte"] == from_text.bits_per_byte
 
 
+def test_evaluation_is_fp32_by_default_and_records_its_dtype(tmp_path, monkeypatch):
+    """The default does not depend on the machine: fp32 even where `auto` would choose bf16 (faked here), and the
+    JSON says which dtype computed it."""
+    from tinygpt.model import hardware
+
+    monkeypatch.setattr(hardware, "cpu_bf16_is_faster", lambda: True)  # a CPU where auto takes bf16
+    tokenizer = tiny_tokenizer()
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", random_gpt(tokenizer, block_size=32, std=0.1), tokenizer)
+    (tmp_path / "held_out.txt").write_text("\n".join(corpus(2)), encoding="utf-8")
+    args = ["--checkpoint", str(checkpoint), "--text", str(tmp_path / "held_out.txt"), "--device", "cpu"]
+    default = main([*args, "--json", str(tmp_path / "default.json")])
+    fp32, bf16 = main([*args, "--amp", "off"]), main([*args, "--amp", "auto", "--json", str(tmp_path / "bf16.json")])
+    assert default == fp32 and default.dtype == "float32" and bf16.dtype == "bfloat16"
+    assert bf16.bits_per_byte != fp32.bits_per_byte
+    assert json.loads((tmp_path / "default.json").read_text())["dtype"] == "float32"
+    assert json.loads((tmp_path / "bf16.json").read_text())["dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_an_export_folder_and_a_gguf_file_score_as_their_checkpoint(tmp_path, arch):
     from tinygpt.export.gguf_convert import convert_to_gguf

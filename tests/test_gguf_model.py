@@ -10,6 +10,7 @@ from builders import PARITY_TEXTS, random_gpt, save_tiny_checkpoint, tiny_tokeni
 
 from tinygpt.common import TinyGPTError
 from tinygpt.export.hf import export_hf
+from tinygpt.export import quantize
 from tinygpt.export.gguf_convert import convert_to_gguf
 from tinygpt.weights.gguf_read import load_gguf
 from tinygpt.model.gpt import GPT
@@ -87,7 +88,6 @@ def test_q8_0_file_is_close(files, kind):
 
 @pytest.mark.parametrize("kind", ["wide", "llama_wide"])
 def test_q4_k_m_file_loads_with_k_quant_types(files, tmp_path, kind):
-    quantize = pytest.importorskip("tinygpt.export.quantize")
     models, tokenizer, paths = files
     out = tmp_path / "wide-q4_k_m.gguf"
     quantize.quantize_gguf(paths[kind, "f16"], out, "q4_k_m", threads=1)
@@ -117,3 +117,20 @@ def test_bad_files_are_one_clear_error(files, tmp_path):
             load_gguf(path)
     with pytest.raises(TinyGPTError, match="GGUF file not found"):
         load_gguf(tmp_path / "missing.gguf")
+
+
+def test_quantize_threads_never_exceed_the_usable_cpus(files, tmp_path, monkeypatch):
+    """--threads 8 (or none) on a process allowed one CPU quantizes with one thread, not eight."""
+    import os
+
+    _, _, paths = files
+    seen, convert = [], quantize._convert
+    monkeypatch.setattr(quantize, "_convert", lambda t, qtype, threads, imp: seen.append(threads) or convert(t, qtype, threads, imp))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    for i, asked in enumerate((8, None)):
+        quantize.quantize_gguf(paths["narrow", "f16"], tmp_path / f"q{i}.gguf", "q8_0", threads=asked)
+    assert seen and set(seen) == {1}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    seen.clear()
+    quantize.quantize_gguf(paths["narrow", "f16"], tmp_path / "q2.gguf", "q8_0", threads=2)
+    assert set(seen) == {2}

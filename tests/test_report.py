@@ -76,6 +76,24 @@ def test_training_page_lists_every_evaluation_and_marks_the_best():
     assert "2 layers, 2 heads, 64 wide, context 32, vocabulary 300" in page
 
 
+def test_step_0_is_shown_untrained_and_never_the_best_and_the_page_says_what_was_trained(tmp_path):
+    start = {"step": 0, "val_loss": 3.0, "val_bpb": 1.5}  # lower than any later one: still not the final checkpoint
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [start, *METRICS]))
+    records = report.read_metrics(path)
+    assert records[0] == start and report.best_evaluation(records)["step"] == 40
+    for arch, optimizer, expected in [("llama", "muon", "<b>llama</b> (Llama-shaped"),
+                                      ("gpt2", "adamw", "<b>gpt2</b> (GPT-2-shaped")]:
+        config = {"model": {**RUN_CONFIG["model"], "arch": arch},
+                  "training": {**RUN_CONFIG["training"], "optimizer": optimizer, "lr": 0.002, "max_steps": 50}}
+        page = report.training_page(records, config)
+        assert f"Architecture: {expected}" in page and "peak learning rate 0.002, 50 steps" in page
+        assert f"optimizer <b>{report.OPTIMIZERS[optimizer]}</b>" in page
+    header, *rows = table_rows(page)
+    assert rows[0] == ["0", "1.5000", "3.0000", "", "untrained"] and rows[2][-1] == "best"
+    assert len(report.loss_curve_svg(records).split('class="train"')) == 2  # the train curve starts at step 10
+
+
 def test_the_reported_run_is_the_one_the_checkpoint_names(tmp_path):
     write_run(tmp_path, "aaaa", METRICS)
     ours = write_run(tmp_path, "bbbb", METRICS[:2])  # not the newest: the checkpoint decides, not the clock

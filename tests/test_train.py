@@ -168,8 +168,9 @@ def subprocess_env() -> dict:
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path, optimizer):
+    # amp pinned: `auto` measures at each start, and two runs under load could choose differently
     settings = ["--max_steps", "200", "--ckpt_interval", "7", "--eval_interval", "40", "--threads", "1", "--dropout", "0.1",
-                "--optimizer", optimizer]
+                "--optimizer", optimizer, "--amp", "off"]
     command = [sys.executable, "-m", "tinygpt.model.train"]
     env = subprocess_env()
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -214,7 +215,9 @@ def test_changed_setting_starts_a_fresh_run_and_same_command_resumes(data_dir, t
     assert config["fingerprint"] == run_dir.name and config["training"]["max_steps"] == 4
     assert config["model"]["n_embd"] == 32 and config["data"]["train_tokens"] > 0
     lines = metrics(run_dir)
-    assert [m["step"] for m in lines] == [2, 4] and all(math.isfinite(m["val_bpb"]) for m in lines)
+    assert [m["step"] for m in lines] == [0, 2, 4] and all(math.isfinite(m["val_bpb"]) for m in lines)
+    assert "step 0: validation" in first and "train_loss" not in lines[0]  # where the run starts from
+    lines = lines[1:]
     peaks = [m["flops_per_s"] / m["mfu"] for m in lines]  # KeyError if a logged step lacks them
     assert max(peaks) == pytest.approx(min(peaks)) and all(0 < m["mfu"] < 2 for m in lines), \
         "MFU: achieved FLOP/s over one measured peak"
@@ -236,7 +239,7 @@ def test_final_checkpoint_is_the_best_model_without_training_state(data_dir, tmp
     assert set(final) == {"model", "model_config", "tokenizer_json", "step", "val_loss", "run"}
     [run_dir] = run_dirs(tmp_path)
     best = load_checkpoint(run_dir / "best.pt")
-    assert final["step"] == best["step"] and final["val_loss"] == min(m["val_loss"] for m in metrics(run_dir))
+    assert final["step"] == best["step"] and final["val_loss"] == min(m["val_loss"] for m in metrics(run_dir)[1:])
     assert all(torch.equal(final["model"][k], best["model"][k]) for k in best["model"])
     assert final["tokenizer_json"] == (data_dir / "tokenizer.json").read_text()
     assert {"optimizers", "scaler", "sampler", "rng", "best_val_loss"} <= set(best)
@@ -254,10 +257,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data_dir
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "tinygpt.model.train", *pair], env=env, check=True, capture_output=True)
     one, two = metrics(run_dirs(tmp_path / "single")[0]), metrics(run_dirs(tmp_path / "ddp")[0])
-    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]
-    assert [m["train_loss"] for m in two] == pytest.approx([m["train_loss"] for m in one], rel=1e-5)
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [0, 1, 2, 3, 4, 5, 6]
+    assert [m.get("train_loss") for m in two[1:]] == pytest.approx([m.get("train_loss") for m in one[1:]], rel=1e-5)
     val_one, val_two = ([m["val_loss"] for m in run if "val_loss" in m] for run in (one, two))
-    assert len(val_one) == 2 and val_two == pytest.approx(val_one, rel=1e-5)
+    assert len(val_one) == 3 and val_two == pytest.approx(val_one, rel=1e-5)
 
 
 # --- bad input ------------------------------------------------------------------------------------------
@@ -352,42 +355,47 @@ def test_a_resumed_run_keeps_what_amp_auto_chose(data_dir, tmp_path, monkeypatch
 def test_nan_validation_loss_stops_with_the_divergence_error(data_dir, tmp_path, monkeypatch):
     forward = GPT.forward
 
-    def poisoned_eval(self, idx, targets=None, **kw):
+    trained = []
+
+    def poisoned_eval(self, idx, targets=None, **kw):  # validation after the first step (step 0's is fine)
         logits, loss = forward(self, idx, targets, **kw)
-        return logits, (loss if self.training else loss * float("nan"))
+        trained.append(self.training)
+        return logits, (loss if self.training or not any(trained) else loss * float("nan"))
 
     monkeypatch.setattr(GPT, "forward", poisoned_eval)
     with pytest.raises(TinyGPTError, match=r"validation loss is nan at step 4; stopped"):
         main(train_args(data_dir, tmp_path, "--max_steps", "8", "--eval_interval", "4"))
 
 
-def test_a_kill_at_a_checkpoint_write_loses_no_metrics_line(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dies_at", [4, 2])
+def test_a_kill_at_a_checkpoint_write_loses_no_metrics_line(data_dir, tmp_path, monkeypatch, dies_at):
     """The step's metrics line is written before last.pt: dying while the checkpoint is written leaves the
-    line (a resumed run trims what it repeats), never a checkpoint past a lost line."""
+    line (a resumed run trims what it repeats), never a checkpoint past a lost line. Dying at the first last.pt
+    (step 2), the next start is a fresh one: it logs step 0's validation once, not twice."""
     from tinygpt.model import train as train_module
 
     real_save = train_module.save_checkpoint
 
-    def dies_at_step_4(path, state):
-        if state["step"] == 4 and path.name == "last.pt":
+    def dies(path, state):
+        if state["step"] == dies_at and path.name == "last.pt":
             raise KeyboardInterrupt  # stands for SIGKILL in the middle of the write
         real_save(path, state)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", dies_at_step_4)
+    monkeypatch.setattr(train_module, "save_checkpoint", dies)
     args = train_args(data_dir, tmp_path, "--max_steps", "6", "--ckpt_interval", "2", "--log_interval", "1",
                       "--eval_interval", "100")
     with pytest.raises(KeyboardInterrupt):
         main(args)
     [run_dir] = run_dirs(tmp_path)
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics(run_dir)] == list(range(dies_at + 1))
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    main(args)  # resumes from step 2
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    main(args)  # resumes from step 2, or starts afresh
+    assert [m["step"] for m in metrics(run_dir)] == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_a_stop_signal_saves_the_step_and_the_same_command_resumes_to_the_same_weights(data_dir, tmp_path):
     """SIGUSR1 (SLURM's --signal) or SIGTERM: last.pt at the next step boundary, exit 75, then an exact resume."""
-    settings = ["--max_steps", "60", "--ckpt_interval", "50", "--eval_interval", "30", "--threads", "1"]
+    settings = ["--max_steps", "60", "--ckpt_interval", "50", "--eval_interval", "30", "--threads", "1", "--amp", "off"]
     command = [sys.executable, "-m", "tinygpt", "train"]
     env = subprocess_env()
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
@@ -468,3 +476,146 @@ def test_bad_flag_values_are_clear_errors(data_dir, tmp_path):
         main(train_args(data_dir, tmp_path, "--lr", "0.01", "--min_lr", "0.1"))
     with pytest.raises(TinyGPTError, match="--batch_size=0 must be at least 1"):
         main(train_args(data_dir, tmp_path, "--batch_size", "0"))
+
+
+# --- precision, processes and numbers that depend on the machine ----------------------------------------
+
+
+def test_a_resumed_run_whose_precision_this_device_lacks_stops_with_a_clear_message(data_dir, tmp_path, monkeypatch):
+    """A run that `--amp auto` began in fp16 on an older GPU, resumed on a CPU: a clear stop, no CPU fp16 with a
+    gradient scaler, no silent new run folder, nothing in the run folder changed."""
+    from tinygpt.model import hardware
+
+    monkeypatch.setattr(hardware, "cpu_bf16_is_faster", lambda: False)
+    args = train_args(data_dir, tmp_path, "--max_steps", "2", "--eval_interval", "2", "--amp", "auto")
+    main(args)
+    [run_dir] = run_dirs(tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "amp_chosen": "fp16"}))  # as chosen on a T4
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(TinyGPTError, match=rf"run folder {run_dir} computes in fp16 .*but on cpu fp16 \(with a "
+                                           r"gradient scaler\) needs a CUDA device; resume it on .*--amp off"):
+        main(args)
+    assert run_dirs(tmp_path) == [run_dir]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_which_precisions_a_device_can_compute_in(monkeypatch):
+    from tinygpt.model.hardware import amp_unsupported
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert amp_unsupported(None, cpu) is None and amp_unsupported(torch.bfloat16, cpu) is None
+    assert "needs a CUDA device" in amp_unsupported(torch.float16, cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100 or a T4
+    assert amp_unsupported(torch.bfloat16, gpu) == "this GPU has no bf16"
+    assert amp_unsupported(torch.float16, gpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_unsupported(torch.bfloat16, gpu) is None
+
+
+def test_torchrun_processes_share_the_usable_cpus(data_dir, tmp_path, monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 and LOCAL_WORLD_SIZE; each of N CPU processes takes 1/N of the CPUs."""
+    from tinygpt.model.hardware import threads_per_process
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [threads_per_process(n, 4) for n in (0, 1, 2, 3, 8)] == [2, 1, 2, 2, 2]
+    assert threads_per_process(0, 1) == 8 and threads_per_process(0, 16) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one process of four on this machine (RANK etc. unset: no DDP)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        main(train_args(data_dir, tmp_path, "--max_steps", "1", "--threads", "0", "--amp", "off"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("remeasured", [1e15, 1e3])
+def test_mfu_stays_at_or_below_one_when_the_first_peak_measured_low(data_dir, tmp_path, monkeypatch, remeasured):
+    """The start's matmul peak measured under load (1 kFLOP/s here): the peak is measured again once the model
+    seems to beat it, and never taken below what the model reached."""
+    from tinygpt.model import flops
+
+    readings = []
+
+    def peak(dtype, device, n=None, repeats=3):
+        readings.append(1e3 if not readings else remeasured)
+        return readings[-1]
+
+    monkeypatch.setattr(flops, "matmul_peak", peak)
+    main(train_args(data_dir, tmp_path, "--max_steps", "4", "--log_interval", "2", "--amp", "off"))
+    logged = [m for m in metrics(run_dirs(tmp_path)[0]) if "mfu" in m]
+    assert len(logged) == 2 and all(0 < m["mfu"] <= 1 for m in logged)
+    assert len(readings) == 2  # at the start, then once more: when the model first seemed to beat it
+    if remeasured > 1e3:
+        assert logged[0]["mfu"] == pytest.approx(logged[0]["flops_per_s"] / remeasured)
+
+
+def test_gradient_accumulation_trains_like_the_whole_batch_at_once(data_dir, tmp_path, monkeypatch):
+    """grad_accum k with batch b reads the same sequences as batch k*b in one micro-step (one sampler stream), so in
+    fp32 the two runs agree to rounding (~1e-7). The gradient norm before clipping is compared too: AdamW and
+    clipping forgive a gradient k times too large (a missing 1/k), so the weights alone would not show it."""
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recorded_clip(parameters, max_norm, *args, **kwargs):
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        norms.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
+    common = ["--max_steps", "6", "--eval_interval", "100", "--log_interval", "1", "--amp", "off", "--threads", "1"]
+    whole = train_args(data_dir, tmp_path / "whole", *common)
+    whole[whole.index("--batch_size") + 1] = "4"
+    main(whole)
+    accumulated = train_args(data_dir, tmp_path / "accum", *common, "--grad_accum", "2")
+    accumulated[accumulated.index("--batch_size") + 1] = "2"
+    main(accumulated)
+    assert len(norms) == 12 and norms[6:] == pytest.approx(norms[:6], rel=1e-5)
+    one, two = (metrics(run_dirs(tmp_path / name)[0]) for name in ("whole", "accum"))
+    assert [m.get("train_loss") for m in two[1:]] == pytest.approx([m.get("train_loss") for m in one[1:]], rel=1e-5)
+    a, b = (load_checkpoint(run_dirs(tmp_path / name)[0] / "last.pt")["model"] for name in ("whole", "accum"))
+    difference = math.sqrt(sum(float((a[k] - b[k]).square().sum()) for k in a))
+    assert difference < 1e-5 * math.sqrt(sum(float(a[k].square().sum()) for k in a))
+
+
+# Runs `tinygpt train` under torchrun with what differs between machines faked per rank: the CPU's measured bf16
+# speed (rank 0: faster, the others: not), and run folders that are local to each rank ("RANK_DIR" in a flag
+# becomes rank0, rank1, ...), as on nodes without a shared file system. Each rank writes the dtype it trains in.
+RANK_LOCAL_LAUNCHER = """
+import os, sys
+from pathlib import Path
+from tinygpt.model import hardware, train
+
+rank = int(os.environ["RANK"])
+hardware.cpu_bf16_is_faster = lambda: rank == 0
+choose = train.Trainer._choose_amp
+
+def recorded(self):
+    dtype = choose(self)
+    Path(sys.argv[1], f"amp-rank{rank}.txt").write_text(str(dtype))
+    return dtype
+
+train.Trainer._choose_amp = recorded
+train.run_cli(train.main, [arg.replace("RANK_DIR", f"rank{rank}") for arg in sys.argv[2:]])
+"""
+
+
+def test_ranks_take_rank_0s_precision_and_stop_when_they_disagree_about_resuming(data_dir, tmp_path):
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(RANK_LOCAL_LAUNCHER)
+    args = train_args(data_dir, tmp_path, "--max_steps", "2", "--eval_interval", "2", "--amp", "auto", "--threads", "1")
+    args[args.index("--runs_dir") + 1] = str(tmp_path / "RANK_DIR")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+               str(tmp_path), *args]
+    first = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # rank 1 measured bf16 as slower, but computes in what rank 0 chose
+    assert [(tmp_path / f"amp-rank{r}.txt").read_text() for r in (0, 1)] == ["torch.bfloat16"] * 2
+    # only rank 0 writes last.pt: in rank-local folders rank 0 would resume and rank 1 start afresh
+    [run_dir] = [p for p in (tmp_path / "rank0").iterdir() if p.is_dir()]
+    assert (run_dir / "last.pt").exists() and not list((tmp_path / "rank1").glob("*/last.pt"))
+    again = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    # each rank says it (its own folder), none hangs in a collective
+    assert again.stderr.count("error: the processes disagree about resuming run") == 2, again.stderr[-3000:]
+    assert "(rank 0: step 2, rank 1: no last.pt)" in again.stderr

@@ -55,3 +55,14 @@ def module_sources(module: str) -> tuple[Path, ...]:
         seen.add(name)
         todo.extend(_imported_modules(module_file(name)))
     return tuple(sorted(module_file(m) for m in seen))
+
+
+ENTRY_POINT = "tinygpt.__main__"  # every rule runs `python -m tinygpt <command>`: this file, then cli.py's dispatch
+
+
+@cache
+def stage_sources(module: str) -> tuple[Path, ...]:
+    """The files a rule running `python -m tinygpt <command>` executes: the entry point and the command table
+    that dispatches to the stage (cli.py imports stages by name, so no import links them), then `module` and
+    everything it imports."""
+    return tuple(sorted(set(module_sources(ENTRY_POINT)) | set(module_sources(module))))

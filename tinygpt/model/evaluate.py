@@ -40,6 +40,7 @@ class Evaluation:
     bytes: int  # bytes of text they stand for
     block_size: int
     stride: int
+    dtype: str = "float32"  # what the model computed in: float32 unless --amp asked for less
 
 
 def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:
@@ -91,7 +92,8 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, token_bytes: np.ndarray, str
     if n_bytes == 0:
         raise TinyGPTError("the scored tokens stand for no text (only separators); give a file with text")
     return Evaluation(bits_per_byte=nats / math.log(2) / n_bytes, loss=nats / scored, tokens=scored,
-                      bytes=n_bytes, block_size=block, stride=stride)
+                      bytes=n_bytes, block_size=block, stride=stride,
+                      dtype=str(amp_dtype or torch.float32).removeprefix("torch."))
 
 
 def text_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -132,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> Evaluation | KLDivergence:
     parser.add_argument("--stride", type=int, default=None, help="window step; default block_size // 2")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                        help="mixed precision as in training (auto: bf16 where fast); off: exact fp32")
+    # fp32 by default: the same number on every machine (auto would pick bf16 on some and fp32 on others)
+    parser.add_argument("--amp", default="off", choices=AMP_CHOICES,
+                        help="off: fp32, the same number on every machine; auto, bf16, fp16: faster, less exact "
+                             "(the result records the dtype)")
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--reference", help="a float GGUF (model-f16.gguf): report the model's KL divergence "
                         "from it, top-1 agreement and perplexity ratio, as llama-perplexity --kl-divergence")
@@ -144,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> Evaluation | KLDivergence:
     result = evaluate_tokens(model, read_tokens(args, tokenizer), text_lengths(tokenizer), args.stride,
                              args.batch_size, args.amp)
     print(f"{result.bits_per_byte:.4f} bits per byte ({result.loss:.4f} nats per token) over {result.tokens:,} "
-          f"tokens, {result.bytes:,} bytes of text; context up to {result.block_size}, stride {result.stride}",
+          f"tokens, {result.bytes:,} bytes of text; context up to {result.block_size}, stride {result.stride}, "
+          f"{result.dtype}",
           file=sys.stderr)
     if args.json:
         with atomic_open(args.json, "w", encoding="utf-8") as f:

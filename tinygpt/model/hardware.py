@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tinygpt.common import TinyGPTError
+from tinygpt.common import TinyGPTError, usable_cpus
 from tinygpt.model.flops import matmul_peak
 
 
@@ -50,6 +50,29 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_bf16_is_faster() else None
 
 
+def amp_unsupported(dtype: torch.dtype | None, device: torch.device) -> str | None:
+    """Why `device` cannot compute in autocast `dtype`, or None where it can. A run folder records its dtype,
+    and a run resumed on another machine must compute as it began or not at all."""
+    if dtype is torch.float16 and device.type != "cuda":
+        return "fp16 (with a gradient scaler) needs a CUDA device"
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16"
+    if dtype is torch.bfloat16 and device.type == "mps":
+        try:
+            torch.ones(1, dtype=torch.bfloat16, device=device)
+        except (RuntimeError, TypeError):
+            return "MPS has no bf16 before macOS 14"
+    return None
+
+
+def threads_per_process(requested: int | None, local_processes: int) -> int:
+    """Threads for each of `local_processes` processes on this machine (torchrun's LOCAL_WORLD_SIZE): the usable
+    CPUs shared among them, `requested` (0 or None: the whole share) never more than the share. torchrun's
+    OMP_NUM_THREADS=1 would leave all but N CPUs idle; one process's full count each would oversubscribe N-fold."""
+    share = max(1, usable_cpus() // max(1, local_processes))
+    return max(1, min(requested or share, share))
+
+
 @dataclass(frozen=True)
 class Ranks:
     """Where this process sits in a (possibly one-process) data-parallel run started by torchrun."""
@@ -57,10 +80,12 @@ class Ranks:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes on this machine
 
     @classmethod
     def from_env(cls) -> "Ranks":
-        return cls(*(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
+        return cls(*(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1),
+                                                            ("LOCAL_WORLD_SIZE", 1))))
 
     @property
     def distributed(self) -> bool:

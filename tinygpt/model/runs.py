@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from tinygpt.common import TinyGPTError, atomic_open
@@ -56,6 +57,14 @@ def trim_metrics(path: Path, last_step: int) -> None:
             continue
     with atomic_open(path, "w") as f:
         f.write("".join(f"{line}\n" for line in kept))
+
+
+def last_logged(path: Path, key: str) -> float:
+    """The latest value of `key` in metrics.jsonl (nan when none): a resumed run's progress bar starts with it."""
+    values = [math.nan]
+    if path.exists():
+        values += [record[key] for record in map(json.loads, path.read_text().splitlines()) if key in record]
+    return values[-1]
 
 
 # metrics.jsonl key -> TensorBoard tag (flops_per_s stays in the JSON only: mfu says it better)

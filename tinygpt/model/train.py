@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +53,7 @@ RUN_NEUTRAL = ("data_dir", "tokenizer", "out", "runs_dir", "ckpt_interval", "log
 # Clusters ask a job to stop with these (SLURM's --signal, preemption, time limits): save, then exit.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable; not a failure of the run
+STOPPED_FILE = "TINYGPT_STOPPED_FILE"  # environment: a file to create when stopped so (the SLURM launcher requeues)
 
 
 @dataclass
@@ -535,8 +537,13 @@ def train(cfg: TrainConfig) -> Path:
     try:
         trainer = Trainer(cfg, ranks, device)
         trainer.resume_or_start()
-        with stop_on_signals(trainer), trainer.metrics:
-            trainer.run()
+        try:
+            with stop_on_signals(trainer), trainer.metrics:
+                trainer.run()
+        except TrainingStopped:
+            if os.environ.get(STOPPED_FILE):  # torchrun turns exit 75 into 1: say it through a file
+                Path(os.environ[STOPPED_FILE]).touch()
+            raise
         return trainer.write_final() if ranks.is_main else Path(cfg.out)
     finally:
         if ranks.distributed:

@@ -10,7 +10,7 @@ from snakemake.settings.types import DeploymentMethod
 from tinygpt.cli import COMMANDS
 from tinygpt.data.formats import matching_files
 from tinygpt.model.start import is_scratch, source_files
-from tinygpt.sources import module_sources
+from tinygpt.sources import stage_sources
 
 ROOT = Path(workflow.basedir)  # the folder holding the Snakefile, config.yaml and tinygpt/
 
@@ -33,7 +33,7 @@ def sources(command):
     """The source files a stage runs (its module and every package module it imports, derived from the
     imports): editing one reruns that stage and what follows, nothing upstream. Relative to the working
     directory, so that a copied or moved project keeps its Snakemake records."""
-    return [os.path.relpath(path) for path in module_sources(COMMANDS[command][0])]
+    return [os.path.relpath(path) for path in stage_sources(COMMANDS[command][0])]
 
 
 def flags(settings, skip=()):
@@ -131,8 +131,25 @@ def train_launcher(settings):
         elsewhere = '"$@"'
     wait = " --wait=300" if nodes > 1 else ""
     step = f"srun --nodes={nodes} --ntasks-per-node=1{wait} bash -c 'trap \"\" USR1; exec \"$@\"' train \"$@\""
-    return (f"train_step() {{ if {IN_SLURM_ALLOCATION}; then {step}; else {elsewhere}; fi; }}; "
+    return (f"train_step() {{ if {IN_SLURM_ALLOCATION}; then {requeue_when_stopped(step)}; else {elsewhere}; fi; }}; "
             f"train_step {one_node}")
+
+
+MAX_REQUEUES = 20  # stops for a time limit or preemption that one training job may resume from
+
+
+def requeue_when_stopped(step):
+    """`step`, then: when training stopped on request (SIGUSR1 before the time limit, SIGTERM at preemption), it
+    saved last.pt and created $TINYGPT_STOPPED_FILE (torchrun would turn its exit 75 into 1); the job puts itself
+    back in the queue (`scontrol requeue`, the profile's --requeue allows it), keeping its job id, so that Snakemake
+    waits for it and the next start resumes. Any other failure (divergence, a bad setting, a missing file) fails the
+    job once, with its message: Snakemake retries no rule. SLURM_RESTART_COUNT caps the requeues."""
+    stopped = '"$TINYGPT_STOPPED_FILE"'
+    return (f'export TINYGPT_STOPPED_FILE="$PWD/.snakemake/train-stopped-$SLURM_JOB_ID"; rm -f {stopped}; '
+            f"rc=0; {step} || rc=$?; "
+            f'if [ -e {stopped} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_REQUEUES} ]; then rm -f {stopped}; '
+            f'echo "training stopped on request: requeueing job $SLURM_JOB_ID, its next start resumes" >&2; '
+            f'scontrol requeue "$SLURM_JOB_ID" && sleep 300; fi; return $rc')
 
 
 def train_flags(model, train):
