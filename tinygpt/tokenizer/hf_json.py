@@ -16,7 +16,7 @@ import json
 from typing import TYPE_CHECKING
 
 from tinygpt.common import EOT, TinyGPTError
-from tinygpt.tokenizer.pipeline import GPT2_PATTERN, SENTENCEPIECE, SUPPORTED, pipeline_from_spec, token_string_to_bytes
+from tinygpt.tokenizer.pipeline import GPT2_PATTERN, SENTENCEPIECE, SUPPORTED, pipeline_from_spec, token_strings_to_bytes
 
 if TYPE_CHECKING:
     from tinygpt.tokenizer.bpe import Tokenizer
@@ -107,8 +107,8 @@ def parse_tokenizer_json(cls: type[Tokenizer], text: str, source: str, eot_token
     if sorted(by_id) != list(range(n)):
         raise TinyGPTError(f"{source}: token ids are not contiguous from 0 (vocab and added_tokens); "
                            f"use the tokenizer.json that came with the model")
-    token_bytes = [by_id[i].encode("utf-8") if i in added_by_id else token_string_to_bytes(by_id[i])
-                   for i in range(n)]
+    ordinary = token_strings_to_bytes([by_id[i] for i in range(n) if i not in added_by_id])[::-1]
+    token_bytes = [by_id[i].encode("utf-8") if i in added_by_id else ordinary.pop() for i in range(n)]
     pairs, merged = [], []
     for rank, (left, right) in enumerate(merges):
         a, b, new = vocab.get(left), vocab.get(right), vocab.get(left + right)

@@ -106,6 +106,17 @@ def token_string_to_bytes(token: str) -> bytes:
                            "only byte-level BPE tokenizers are supported") from None
 
 
+_TO_LATIN1 = {ord(c): chr(b) for c, b in UNICODE_TO_BYTE.items()}
+
+
+def token_strings_to_bytes(tokens: list[str]) -> list[bytes]:
+    """token_string_to_bytes of many tokens at once (a 128k vocabulary in a fraction of the time)."""
+    outside = set("".join(tokens)) - UNICODE_TO_BYTE.keys()
+    if outside:
+        token_string_to_bytes(next(t for t in tokens if not outside.isdisjoint(t)))  # raises, naming it
+    return [t.translate(_TO_LATIN1).encode("latin-1") for t in tokens]
+
+
 # ---- regexes through `re` -----------------------------------------------------------------------------------
 
 def _class_ranges(prop: str, text: str) -> str:
