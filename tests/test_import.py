@@ -96,7 +96,7 @@ def family(request, tmp_path_factory):
     config, state, tokenizer_json, kind = read_model(folder)
     ckpt = save_tiny_checkpoint(tmp / "model.pt", ours(config, state), tiny_tokenizer())
     export = export_hf(ckpt, tmp / "export")
-    gguf = {t: convert_to_gguf(export, tmp / f"model-{t}.gguf", t) for t in ("f32", "f16")}
+    gguf = {t: convert_to_gguf(export, tmp / f"model-{t}.gguf", t) for t in ("f32", "f16", "bf16", "q8_0")}
     return dict(name=request.param, hf=model, folder=folder, config=config, state=state, kind=kind,
                 tokenizer_json=tokenizer_json, export=export, gguf=gguf, tmp=tmp)
 
@@ -134,10 +134,15 @@ def test_gguf_reads_back_equal(family):
     config, state, tokenizer_json, kind = read_model(family["gguf"]["f32"])
     assert kind == "gguf" and config == family["config"]  # rope_scaling and MLP width included
     assert all(torch.equal(state[n], t.float()) for n, t in family["state"].items())
-    config16, state16, _, _ = read_model(family["gguf"]["f16"])
-    assert config16 == config
-    np.testing.assert_allclose(logits_of(ours(config16, state16), IDS), logits_of(family["hf"], IDS),
-                               rtol=0, atol=0.02 * np.abs(logits_of(family["hf"], IDS)).max())
+    expected = logits_of(family["hf"], IDS)
+    for outtype, tolerance in (("f16", 0.02), ("bf16", 0.05), ("q8_0", 0.1)):
+        config_q, state_q, _, _ = read_model(family["gguf"][outtype])
+        assert config_q == config, outtype
+        if outtype == "bf16":  # kept as stored: half the memory, the values exactly the rounded weights
+            weight = state_q["blocks.0.mlp.up.weight" if config.arch != "gpt2" else "blocks.0.mlp.fc.weight"]
+            assert weight.dtype == torch.bfloat16
+        np.testing.assert_allclose(logits_of(ours(config_q, state_q), IDS), expected, rtol=0,
+                                   atol=tolerance * np.abs(expected).max(), err_msg=outtype)
 
 
 def test_llama_cpp_greedy_text_equals_ours_from_f16(family):
@@ -153,6 +158,22 @@ def test_llama_cpp_greedy_text_equals_ours_from_f16(family):
                      threads=1) == text
 
 
+def test_decoding_a_long_context_model_caches_only_the_positions_it_fills(family, monkeypatch):
+    """Imported contexts run to 16k here (128k for Llama 3.2): sampling must not allocate a cache that long."""
+    model, sizes = ours(family["config"], family["state"]), []
+    new_kv_cache = type(model).new_kv_cache
+
+    def spy(self, *args, **kwargs):
+        cache = new_kv_cache(self, *args, **kwargs)
+        sizes.append(cache.keys[0].shape[2])
+        return cache
+
+    monkeypatch.setattr(type(model), "new_kv_cache", spy)
+    with_cache = list(generate(model, IDS[:5], 7, temperature=0.0))
+    assert sizes == [12] and family["config"].block_size >= 256
+    assert with_cache == list(generate(model, IDS[:5], 7, temperature=0.0, use_cache=False))
+
+
 def test_q4_k_m_is_byte_identical_to_llama_quantize(family):
     from tinygpt.export.quantize import quantize_gguf
 
@@ -162,6 +183,20 @@ def test_q4_k_m_is_byte_identical_to_llama_quantize(family):
     subprocess.run([str(tool), str(src), str(tmp / "llama-q4_k_m.gguf"), "Q4_K_M", "1"], check=True,
                    capture_output=True)
     assert (tmp / "ours-q4_k_m.gguf").read_bytes() == (tmp / "llama-q4_k_m.gguf").read_bytes()
+
+
+def test_a_llama3_scaling_of_other_settings_reads_back_from_its_rope_freqs(tmp_path):
+    """llama.cpp keeps only the divisors (rope_freqs.weight): settings other than Llama 3's own are fitted back."""
+    from builders import random_gpt
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+    model = random_gpt(tiny_tokenizer(), n_embd=128, arch="llama", rope_theta=500000.0, rope_scaling=scaling,
+                       block_size=1024)
+    export = export_hf(save_tiny_checkpoint(tmp_path / "m.pt", model, tiny_tokenizer()), tmp_path / "export")
+    config, state, _, _ = read_model(convert_to_gguf(export, tmp_path / "m.gguf", "f32"))
+    assert config == model.config
+    np.testing.assert_allclose(logits_of(ours(config, state), IDS), logits_of(model, IDS), rtol=0, atol=1e-5)
 
 
 GGUF_PRE = {"gpt2": "gpt-2", "smollm": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}

@@ -124,13 +124,17 @@ def config_from_preset(preset: str, vocab_size: int, **overrides) -> GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, preallocated per layer as (B, n_kv_head, block_size, head_dim).
+    """Keys and values of the positions seen so far, preallocated per layer as (B, n_kv_head, capacity, head_dim):
+    capacity is block_size, or fewer positions when the caller knows it needs fewer (imported models have
+    contexts of 32k-128k tokens, whose full cache would not fit a laptop).
 
     Each layer writes its new keys/values at `length`; `GPT.forward` advances `length` once all layers ran.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype,
+                 capacity: int | None = None) -> None:
+        capacity = config.block_size if capacity is None else min(capacity, config.block_size)
+        shape = (batch_size, config.n_kv_head, capacity, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.block_size = config.block_size
@@ -379,10 +383,11 @@ class GPT(nn.Module):
             return logits, loss
         return self.lm_head(x[:, -1:] if last_only else x), None
 
-    def new_kv_cache(self, batch_size: int = 1) -> KVCache:
-        """An empty cache on the model's device, in its parameter dtype."""
+    def new_kv_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
+        """An empty cache on the model's device, in its parameter dtype, for `capacity` positions (default and
+        at most block_size)."""
         weight = self.tok_emb.weight
-        return KVCache(self.config, batch_size, weight.device, weight.dtype)
+        return KVCache(self.config, batch_size, weight.device, weight.dtype, capacity)
 
     def _lookup_params(self) -> int:
         """Weights used by lookup rather than matmul: the position embedding, and an untied token embedding."""

@@ -97,7 +97,8 @@ def _decode(
     block_size = model.config.block_size
     keep = max(1, block_size // 2)  # tokens left in the window after it slides
     device = model.tok_emb.weight.device
-    cache = model.new_kv_cache() if use_cache else None
+    # positions this call can fill: the window and every new token but the last (at most block_size)
+    cache = model.new_kv_cache(capacity=len(window) + max_new_tokens) if use_cache else None
     pending = window  # tokens the model has not seen yet: without a cache, always the whole window
     for _ in range(max_new_tokens):
         idx = torch.tensor([pending], dtype=torch.long, device=device)

@@ -9,6 +9,7 @@ measure what quantization costs (perplexity of f16 vs q4_k_m) without llama.cpp.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tinygpt.common import TinyGPTError, require_file
 from tinygpt.model.gpt import ARCHS, GPT, GPTConfig, llama3_freq_factors
 from tinygpt.tokenizer.bpe import Tokenizer
 from tinygpt.tokenizer.pipeline import LLAMA3_PATTERN, QWEN2_PATTERN
+from tinygpt.weights.gguf_file import GGUFFile
 from tinygpt.weights.names import ROPE_FREQS, by, config_dims, lm_head_name, shape_of, tensor_names
 
 SUPPORTED = ("tinygpt reads GGUF files of architecture gpt2, llama (SmolLM, SmolLM2, Llama 3.x) or qwen2 with a "
@@ -40,13 +42,29 @@ def read_gguf(path: str | Path, hint: str = "re-create it with tinygpt gguf_conv
         ) from None
 
 
+def open_gguf(path: str | Path, hint: str = SUPPORTED) -> GGUFFile:
+    """The file's metadata and memory-mapped tensors, read in a fraction of a second even with a 150k-token
+    vocabulary (gguf.GGUFReader takes minutes there); a damaged or foreign file is one clear TinyGPTError."""
+    path = require_file(path, "GGUF file", "create it with tinygpt gguf_convert")
+    try:
+        return GGUFFile(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OSError) as e:
+        raise TinyGPTError(
+            f"{path} is not a readable GGUF file: truncated or of another format ({type(e).__name__}: {e}); {hint}"
+        ) from None
+
+
+def _filename(reader: gguf.GGUFReader | GGUFFile) -> str:
+    return reader.filename if isinstance(reader, GGUFFile) else reader.data.filename
+
+
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.get_field(key)
     if field is None:
         if default is not None:
             return default
         raise TinyGPTError(
-            f"GGUF file {reader.data.filename} has no metadata key {key!r}; {SUPPORTED}"
+            f"GGUF file {_filename(reader)} has no metadata key {key!r}; {SUPPORTED}"
         )
     return field.contents()
 
@@ -60,7 +78,7 @@ def gguf_config(reader: gguf.GGUFReader) -> GPTConfig:
     """The GPTConfig described by the file's `<arch>.*` metadata (and its rope_freqs.weight, Llama 3.1's scaling)."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
-        raise TinyGPTError(f"GGUF file {reader.data.filename} has architecture {arch!r}; {SUPPORTED}")
+        raise TinyGPTError(f"GGUF file {_filename(reader)} has architecture {arch!r}; {SUPPORTED}")
     n_embd = int(_field(reader, f"{arch}.embedding_length"))
     n_head = int(_field(reader, f"{arch}.attention.head_count"))
     settings = dict(
@@ -81,10 +99,10 @@ def gguf_config(reader: gguf.GGUFReader) -> GPTConfig:
         settings["rope_theta"] = _f32(_field(reader, f"{arch}.rope.freq_base", 10000.0))
         rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", n_embd // n_head))
         if rope_dims != n_embd // n_head:
-            raise TinyGPTError(f"GGUF file {reader.data.filename} rotates {rope_dims} of each head's "
+            raise TinyGPTError(f"GGUF file {_filename(reader)} rotates {rope_dims} of each head's "
                                f"{n_embd // n_head} values; tinygpt's {arch} rotates them all")
         if reader.get_field(f"{arch}.rope.scaling.type") is not None:
-            raise TinyGPTError(f"GGUF file {reader.data.filename} scales its RoPE "
+            raise TinyGPTError(f"GGUF file {_filename(reader)} scales its RoPE "
                                f"({arch}.rope.scaling.type); tinygpt runs plain RoPE and Llama 3.1's rope_freqs")
     config = GPTConfig(**settings)
     n_ff = int(_field(reader, f"{arch}.feed_forward_length"))
@@ -93,7 +111,7 @@ def gguf_config(reader: gguf.GGUFReader) -> GPTConfig:
     freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if freqs is not None:
         config.rope_scaling = rope_scaling_from_factors(np.array(freqs.data, dtype=np.float32), config,
-                                                        reader.data.filename)
+                                                        _filename(reader))
     return config
 
 
@@ -119,7 +137,7 @@ def rope_scaling_from_factors(factors: np.ndarray, config: GPTConfig, source: st
         k = -intercept
         if k > 0:
             candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-                               "high_freq_factor": float(np.float32(1 + 1 / k)),
+                               "high_freq_factor": float(f"{1 + 1 / k:.6g}"),  # fitted from f32 values
                                "original_max_position_embeddings": round(float(slope / k))})
     for scaling in candidates:
         if torch.allclose(llama3_freq_factors(inv_freq, scaling), torch.from_numpy(factors), rtol=1e-5):
@@ -133,16 +151,16 @@ def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         kind = " (SentencePiece)" if model == "llama" else ""
-        raise TinyGPTError(f"GGUF file {reader.data.filename} has tokenizer model {model!r}{kind}; {SUPPORTED}")
+        raise TinyGPTError(f"GGUF file {_filename(reader)} has tokenizer model {model!r}{kind}; {SUPPORTED}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
     if not 0 <= eos < len(tokens):
-        raise TinyGPTError(f"GGUF file {reader.data.filename} has eos_token_id {eos} outside its {len(tokens)} tokens")
+        raise TinyGPTError(f"GGUF file {_filename(reader)} has eos_token_id {eos} outside its {len(tokens)} tokens")
     merges = _field(reader, "tokenizer.ggml.merges")
     try:  # tinygpt's own id layout (what train_bpe makes): rebuilt as it was trained
         return Tokenizer.from_token_strings(tokens, merges, eot_token=tokens[eos])
     except TinyGPTError:  # a family's own vocabulary order: through the tokenizer.json it came from
-        return Tokenizer.from_json_str(gguf_tokenizer_json(reader), source=f"GGUF file {reader.data.filename}",
+        return Tokenizer.from_json_str(gguf_tokenizer_json(reader), source=f"GGUF file {_filename(reader)}",
                                        eot_token=tokens[eos])
 
 
@@ -172,7 +190,7 @@ def gguf_tokenizer_json(reader: gguf.GGUFReader) -> str:
     added tokens (user-defined ones as plain added tokens), and the BOS that `add_bos_token` asks for."""
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
-        raise TinyGPTError(f"GGUF file {reader.data.filename} has tokenizer.ggml.pre {pre!r}; tinygpt reads "
+        raise TinyGPTError(f"GGUF file {_filename(reader)} has tokenizer.ggml.pre {pre!r}; tinygpt reads "
                            f"{', '.join(PRE_TOKENIZERS)}. {SUPPORTED}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
@@ -208,7 +226,7 @@ def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str,
         if t.name == ROPE_FREQS and config.rope_scaling is not None:
             continue  # read into config.rope_scaling; our model computes it
         if t.name not in names:
-            raise TinyGPTError(f"GGUF file {reader.data.filename} has tensor {t.name!r}, which is not part of a "
+            raise TinyGPTError(f"GGUF file {_filename(reader)} has tensor {t.name!r}, which is not part of a "
                                f"tinygpt {config.arch} model")
         try:
             values = _stored_values(t)
@@ -222,7 +240,7 @@ def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str,
         name = names[t.name]
         expected = shape_of(name, dims)
         if tuple(reversed(shape)) != expected:
-            raise TinyGPTError(f"GGUF file {reader.data.filename}: tensor {t.name} has shape "
+            raise TinyGPTError(f"GGUF file {_filename(reader)}: tensor {t.name} has shape "
                                f"{tuple(reversed(shape))}, the metadata needs {expected}")
         # a copy: the file's memory map is read-only, and training writes into these tensors (load_state_dict
         # with assign=True keeps them)
@@ -232,7 +250,7 @@ def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str,
         tensors[name.ours] = name.gguf_to_ours(values, dims).contiguous()
     missing = [n.gguf for n in names.values() if n.ours not in tensors]
     if missing:
-        raise TinyGPTError(f"GGUF file {reader.data.filename} lacks {', '.join(missing[:3])}; {SUPPORTED}")
+        raise TinyGPTError(f"GGUF file {_filename(reader)} lacks {', '.join(missing[:3])}; {SUPPORTED}")
     return tensors
 
 
@@ -256,14 +274,14 @@ def _model_parts(reader: gguf.GGUFReader) -> tuple[GPTConfig, dict[str, torch.Te
 
 def read_gguf_model(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str]:
     """(config, state dict under our names, tokenizer.json text) of a GGUF file."""
-    config, state, tokenizer = _model_parts(read_gguf(path, hint=SUPPORTED))
+    config, state, tokenizer = _model_parts(open_gguf(path))
     return config, state, tokenizer.to_json_str()
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """Our GPT (eval mode, float32, on `device`) and Tokenizer from a gpt2, llama or qwen2 GGUF file, weights
     dequantized."""
-    config, state, tokenizer = _model_parts(read_gguf(path))
+    config, state, tokenizer = _model_parts(open_gguf(path, hint="re-create it with tinygpt gguf_convert"))
     model = GPT(config)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer
