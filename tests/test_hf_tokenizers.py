@@ -415,3 +415,14 @@ def test_gguf_refuses_a_pipeline_llama_cpp_does_not_know(tmp_path):
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
     with pytest.raises(TinyGPTError, match="none that llama.cpp implements"):
         add_tokenizer_metadata(writer, Tokenizer.from_json_str(json.dumps(spec)))
+
+
+def test_sampling_prompts_start_with_the_beginning_token(family, monkeypatch):
+    """As HF's encode and llama.cpp do: a Llama 3 prompt starts with <|begin_of_text|>, others with the text."""
+    from tinygpt.model import sample as sample_module
+
+    name, hf, ours = family
+    seen = []
+    monkeypatch.setattr(sample_module, "generate", lambda model, ids, *args, **kwargs: seen.append(ids) or iter(()))
+    list(sample_module.complete(None, ours, "Once upon a time", 5))
+    assert seen == [hf_ids(hf, "Once upon a time", bos=True)]

@@ -138,7 +138,7 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
 
     `sampling` takes generate's temperature, top_k, top_p, generator and use_cache.
     """
-    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    prompt_ids = tokenizer.encode(prompt, bos=True) or [tokenizer.eot_id]  # BOS: as llama.cpp and HF add it
     return text_pieces(tokenizer, generate(model, prompt_ids, max_new_tokens, eot_id=tokenizer.eot_id, **sampling))
 
 
