@@ -432,8 +432,9 @@ class Trainer:
         cfg, main = self.cfg, self.ranks.is_main
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.ranks.world_size * self.window
         flops_per_token = self.model.estimate_flops_per_token()
-        # MFU: achieved model FLOP/s over what this device's matmuls reach in the training dtype, all processes
-        peak = MatmulPeak(self.amp_dtype or torch.float32, self.device, self.ranks.world_size)
+        # MFU: achieved model FLOP/s over what this device's matmuls reach in the training dtype, all processes;
+        # measured by rank 0 alone, which logs it (the others would only slow its measurement down)
+        peak = MatmulPeak(self.amp_dtype or torch.float32, self.device, self.ranks.world_size) if main else None
         if main:
             print(f"model: {self.model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per "
                   f"token (forward + backward); {tokens_per_step} tokens per step on {self.ranks.world_size} "
@@ -457,7 +458,7 @@ class Trainer:
                     tokens_per_s = tokens_per_step * window_steps / window_time
                     lr = self.optimizers[0].param_groups[0]["lr"]
                     flops_per_s = tokens_per_s * flops_per_token
-                    mfu = peak.mfu(flops_per_s) if main else math.nan  # (main alone may measure again)
+                    mfu = peak.mfu(flops_per_s) if peak else math.nan
                     record = {"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s,
                               "flops_per_s": flops_per_s, "mfu": mfu}
                     if len(self.optimizers) > 1:
