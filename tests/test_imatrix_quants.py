@@ -179,3 +179,32 @@ def test_bad_importance_matrices_are_one_clear_error(model_dir, tmp_path):
     quantize_gguf(src, tmp_path / "out.gguf", "q4_0", imatrix=dict(entries, **{"token_embd.weight": np.ones(3)}))
     with pytest.raises(TinyGPTError, match="importance-matrix file not found"):
         quantize_gguf(src, tmp_path / "out2.gguf", "q4_0", imatrix=tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_real_llama_imatrix_file_gives_llama_quantizes_bytes(tmp_path, monkeypatch, arch):
+    """An importance matrix as llama-imatrix measures it on text (not a synthetic one), on a model whose rows fit
+    the K-quants: our file equals llama-quantize's for the K-quant mixes and a legacy type."""
+    from builders import corpus, random_gpt, save_tiny_checkpoint, tiny_tokenizer
+
+    from tinygpt.export.gguf_convert import convert_to_gguf
+    from tinygpt.export.hf import export_hf
+
+    imatrix_tool, quantize_tool = llama_tool("llama-imatrix"), llama_tool("llama-quantize")
+    extra = {} if arch == "gpt2" else dict(arch="llama", n_kv_head=2)
+    model = random_gpt(tiny_tokenizer(), n_embd=256, n_layer=2, block_size=32, std=0.1, tie_embeddings=False, **extra)
+    export_hf(save_tiny_checkpoint(tmp_path / "model.pt", model, tiny_tokenizer()), tmp_path / "hf")
+    convert_to_gguf(tmp_path / "hf", tmp_path / "model-f16.gguf", "f16")
+    (tmp_path / "text.txt").write_text(" ".join(corpus(4)), encoding="utf-8")
+    done = subprocess.run([str(imatrix_tool), "-m", "model-f16.gguf", "-f", "text.txt", "-o", IMATRIX, "-c", "32",
+                           "-b", "32", "--no-ppl", "-t", "1", "--process-output"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    for file_type in ("q4_k_m", "q6_k", "q4_0"):
+        done = subprocess.run([str(quantize_tool), "--imatrix", IMATRIX, "model-f16.gguf", "llama.gguf",
+                               file_type.upper(), "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        quantize_gguf("model-f16.gguf", "ours.gguf", file_type, imatrix=IMATRIX)
+        assert make_golden.file_sha256(tmp_path / "ours.gguf") == make_golden.file_sha256(tmp_path / "llama.gguf"), \
+            file_type
