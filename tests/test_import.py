@@ -119,6 +119,21 @@ def test_sharded_folder_reads_the_same(family):
         assert torch.equal(tensor, family["state"][name]), name
 
 
+def test_gpt2_as_the_hub_stores_it_reads_the_same(tmp_path):
+    """openai-community/gpt2's model.safetensors: names without the `transformer.` prefix, and the causal-mask
+    buffers `h.N.attn.bias` of the original checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_folder(hf_model("gpt2"), tmp_path / "gpt2")
+    stored = load_file(folder / "model.safetensors")
+    hub = {name.removeprefix("transformer."): t for name, t in stored.items()}
+    hub |= {f"h.{i}.attn.bias": torch.ones(1, 1, 256, 256).tril() for i in range(2)}
+    save_file(hub, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    state = read_model(folder)[1]
+    as_saved = read_model(save_folder(hf_model("gpt2"), tmp_path / "as_saved"))[1]  # the same seed: the same weights
+    assert state.keys() == as_saved.keys() and all(torch.equal(state[n], t) for n, t in as_saved.items())
+
+
 def test_export_loads_in_transformers_with_equal_logits(family):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(family["export"], output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -24,6 +24,10 @@ HF_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwe
 SUPPORTED = ("tinygpt reads GPT2LMHeadModel, LlamaForCausalLM (SmolLM, SmolLM2, Llama 3.x) and Qwen2ForCausalLM "
              "folders with safetensors weights and a byte-level BPE tokenizer.json")
 INDEX = "model.safetensors.index.json"
+# The base model's prefix, which checkpoints saved from the base class leave out (the GPT-2 on the Hub stores
+# `h.0.attn.c_attn.weight`, not `transformer.h.0...`), and GPT-2's causal-mask buffers that old checkpoints hold.
+BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "qwen2": "model."}
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
 def _load_json(path: Path, hint: str) -> Any:
@@ -135,12 +139,18 @@ def weight_files(model_dir: str | Path) -> dict[str, Path]:
 def hf_tensors(model_dir: str | Path, config: GPTConfig) -> Iterator[tuple[TensorName, torch.Tensor]]:
     """Each tensor of the model (name-table entry, tensor in our layout and its stored dtype), one at a time in
     the table's order, after checking that the files hold exactly the config's tensors with their shapes."""
-    files = weight_files(model_dir)
     names = tensor_names(config.arch, config.n_layer, config.tie_embeddings)
     dims = config_dims(config)
     expected = by("hf", names)
     head = lm_head_name(config.arch).hf
-    problems = [f"{n} is unexpected" for n in files if n not in expected and not (n == head and config.tie_embeddings)]
+    files, stored_as, problems = {}, {}, []
+    for stored, path in weight_files(model_dir).items():
+        name = stored if stored in expected or stored == head else BASE_PREFIX[config.arch] + stored
+        mask_buffer = config.arch == "gpt2" and name.endswith(MASK_BUFFERS)
+        if name in expected:
+            files[name], stored_as[name] = path, stored
+        elif not (name == head and config.tie_embeddings) and not mask_buffer:
+            problems.append(f"{stored} is unexpected")
     problems += [f"{n.hf} is missing" for n in names if n.hf not in files]
     if problems:
         raise TinyGPTError(f"{model_dir}: the weights do not match config.json ({'; '.join(problems[:3])}); "
@@ -151,7 +161,7 @@ def hf_tensors(model_dir: str | Path, config: GPTConfig) -> Iterator[tuple[Tenso
             path = files[name.hf]
             if path not in handles:
                 handles[path] = safe_open(str(path), framework="pt")
-            data = handles[path].get_tensor(name.hf)
+            data = handles[path].get_tensor(stored_as[name.hf])
             want = shape_of(name, dims)
             if tuple(data.shape) != (want[::-1] if name.hf_transposed else want):
                 raise TinyGPTError(f"{path}: tensor {name.hf} has shape {tuple(data.shape)}, config.json needs "
