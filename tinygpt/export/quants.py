@@ -136,15 +136,27 @@ def _legacy_weights(rows: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.nd
     return xs, w
 
 
+# The largest float32 below 0.5. trunc(v + copysign(0.5, v)) is not roundf: for v = 0.49999997 the sum rounds
+# up to 1. Adding this instead rounds every |v| < 2**23 as roundf does (ties away from zero; checked densely
+# around every tie up to 128 in tests).
+_JUST_BELOW_HALF = np.nextafter(np.float32(0.5), np.float32(0))
+
+
 def quantize_q8_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     """Q8_0: per 32 values d = max|x|/127 (fp16) and int8 q = roundf(x/d), half away from zero. ggml ignores qw."""
     b = _blocks(x, 32)
     d = np.abs(b).max(axis=1) / F32(127)
     v = b * _safe_inverse(d)[:, None]
-    a = np.abs(v)
-    whole = np.floor(a)
-    q = np.copysign(whole + np.floor((a - whole) * F32(2)), v)  # roundf exactly: a + 0.5 could round up
-    return np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+    v += np.copysign(_JUST_BELOW_HALF, v)
+    return np.concatenate([_f16_bytes(d), v.astype(np.int8).view(np.uint8)], axis=1)  # the cast truncates
+
+
+def _offset_trunc(b: np.ndarray, d: np.ndarray, offset: float, top: int) -> np.ndarray:
+    """The reference Q4_0/Q5_0 quants: MIN(top, (int8_t)(x/d + offset)), the sum >= 0 so a truncating cast."""
+    v = b * _safe_inverse(d)[:, None]
+    v += F32(offset)
+    q = v.astype(np.uint8)
+    return np.minimum(q, np.uint8(top), out=q)
 
 
 def _quantize_qx_0(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,8 +174,7 @@ def quantize_q4_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
         return np.concatenate([_f16_bytes(d), _pack_nibbles_32(q)], axis=1)
     b = _blocks(x, 32)
     d = _absmax_signed(b) / F32(-8)
-    q = np.minimum(15, np.trunc(b * _safe_inverse(d)[:, None] + F32(8.5)).astype(np.int8)).astype(np.uint8)
-    return np.concatenate([_f16_bytes(d), _pack_nibbles_32(q)], axis=1)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles_32(_offset_trunc(b, d, 8.5, 15))], axis=1)
 
 
 def quantize_q5_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
@@ -173,7 +184,7 @@ def quantize_q5_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     else:
         b = _blocks(x, 32)
         d = _absmax_signed(b) / F32(-16)
-        q = np.minimum(31, np.trunc(b * _safe_inverse(d)[:, None] + F32(16.5)).astype(np.int8)).astype(np.uint8)
+        q = _offset_trunc(b, d, 16.5, 31)
     return np.concatenate([_f16_bytes(d), _high_bits_32(q), _pack_nibbles_32(q & 15)], axis=1)
 
 
