@@ -11,6 +11,15 @@ evaluate) and trains for the same wall-clock budget on this machine, one recipe 
 calibration run measures its step time, which sets max_steps (the cosine schedule needs to know its end).
 The table gives held-out bits per byte (every token scored with up to a full context), throughput and the
 change against the first row, today's default recipe, measured in the same run.
+
+    python bench/bench_quality.py --splits --steps 150 --tiny --split_bytes 1000000 --held_out 0.05
+
+instead compares the two ways `tinygpt clean` reads a single text file without `<|endoftext|>` (a book, a play,
+notes): the documentation sources joined into one text of about --split_bytes bytes, its last --held_out share
+held out as raw text, the rest cleaned with `--split auto` (one document, paragraphs intact) and with
+`--split blank_line` (each paragraph a document, the blank lines become separators), then today's default recipe
+trained on each for --steps steps, the two runs side by side. It prints bits per byte on each run's own
+validation tail as encoded and on the held-out raw text, with the change against blank_line.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,6 +66,8 @@ RECIPES = {
     "llama-muon-batch32": {**AUTO, "arch": "llama", "optimizer": "muon", "batch_size": 32},
     "llama-muon-block256": {**AUTO, "arch": "llama", "optimizer": "muon", "block_size": 256, "batch_size": 8},
 }
+# --splits --tiny: a model about a fifth of the toy's cost per token, for a slow or busy machine
+TINY = {"n_layer": 2, "n_head": 4, "n_embd": 128, "batch_size": 8}
 MODEL_KEYS = ("preset", "arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")
 TRAIN_KEYS = ("optimizer", "lr", "min_lr", "muon_lr", "warmup_steps", "batch_size", "weight_decay", "beta2", "amp")
 
@@ -106,9 +118,9 @@ def prepare_corpus(work: Path, held_out: float, eval_bytes: int) -> tuple[Path, 
     return out["train"], out["held_out"], info
 
 
-def tokens_dir(work: Path, corpus: Path, vocab_size: int) -> Path:
+def tokens_dir(work: Path, corpus: Path, vocab_size: int, name: str = "") -> Path:
     """Tokenizer and token files for one vocabulary size (made once, shared by the recipes that use it)."""
-    folder = work / f"tokens-{vocab_size}"
+    folder = work / (name or f"tokens-{vocab_size}")
     if not (folder / "meta.json").exists():
         folder.mkdir(exist_ok=True)
         tinygpt("train_bpe", "--corpus", str(corpus), "--out", str(folder / "tokenizer.json"),
@@ -157,6 +169,67 @@ def run_recipe(name: str, settings: dict, work: Path, corpus: Path, held_out: Pa
             "held_out_tokens": held["tokens"]}
 
 
+def prepare_single_text(work: Path, n_bytes: int, held_out: float) -> tuple[Path, Path]:
+    """One text file of about n_bytes (the documentation sources joined, a blank line between them, no
+    <|endoftext|>) cut at a blank line into training text and, its last `held_out` share, held-out raw text."""
+    parts, size = [], 0
+    for path in doc_sources(work):
+        parts.append(path.read_text(encoding="utf-8").strip() + "\n\n")
+        size += len(parts[-1].encode())
+        if size >= n_bytes:
+            break
+    text = "".join(parts)
+    cut = text.rfind("\n\n", 0, round((1 - held_out) * len(text))) + 2
+    train, held = work / "single.train.txt", work / "single.held_out.txt"
+    train.write_text(text[:cut], encoding="utf-8")
+    held.write_text(text[cut:], encoding="utf-8")
+    return train, held
+
+
+def compare_splits(args: argparse.Namespace, work: Path) -> None:
+    train_text, held_out = prepare_single_text(work, args.split_bytes, args.held_out)
+    settings = {**BASELINE, **RECIPES["llama"], **(TINY if args.tiny else {})}  # today's default recipe
+    splits = ("blank_line", "auto")
+    data = {}
+    for split in splits:
+        corpus = work / f"single.{split}.txt"
+        tinygpt("clean", "--input", str(train_text), "--out", str(corpus), "--stats", str(work / f"single.{split}.json"),
+                "--split", split, log=work / f"clean-single-{split}.log")
+        data[split] = tokens_dir(work, corpus, settings["vocab_size"], name=f"tokens-single-{split}")
+
+    def train_and_score(split: str) -> dict:
+        folder = work / "runs" / f"single-{split}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tinygpt("train", *train_args(settings, data[split], folder, args.steps, max(1, args.steps // 5)),
+                log=folder / "train.log")
+        scores = {}
+        for name, source in (("held_out_bpb", ["--text", str(held_out)]),
+                             ("val_bpb", ["--tokens", str(data[split] / "val.bin")])):
+            tinygpt("evaluate", "--checkpoint", str(folder / "best.pt"), *source, "--json", str(folder / f"{name}.json"),
+                    "--device", "cpu", "--batch_size", "16", log=folder / f"evaluate-{name}.log")
+            scores[name] = json.loads((folder / f"{name}.json").read_text())["bits_per_byte"]
+        clean_stats = json.loads((work / f"single.{split}.json").read_text())
+        block = settings.get("block_size") or 128
+        return {"split": split, "documents": clean_stats["documents_out"], "steps": args.steps,
+                "tokens_per_s": 1 / step_seconds(folder), "tokens_seen": args.steps * settings["batch_size"] * block,
+                **scores}
+
+    print(f"one text file of {train_text.stat().st_size / 1e6:.2f} MB for training and "
+          f"{held_out.stat().st_size / 1e6:.2f} MB held out as raw text (from {DOC_PACKAGE}); today's default recipe "
+          f"(llama, AdamW, amp auto{'; tiny: ' + str(TINY) if args.tiny else ''}) trained {args.steps} steps on each "
+          "clean --split, the two side by side", flush=True)
+    with ThreadPoolExecutor(len(splits)) as pool:  # side by side: both see the same machine, whatever its load
+        results = dict(zip(splits, pool.map(train_and_score, splits)))
+    print(f"{'clean --split':<14} {'documents':>9} {'steps':>6} {'tokens/s':>9} {'val bpb (as encoded)':>21} "
+          f"{'held-out raw bpb':>17} {'vs blank_line':>14}")
+    for split, result in results.items():
+        change = result["held_out_bpb"] / results["blank_line"]["held_out_bpb"] - 1
+        print(f"{split:<14} {result['documents']:>9,} {result['steps']:>6} {result['tokens_per_s']:>9,.0f} "
+              f"{result['val_bpb']:>21.4f} {result['held_out_bpb']:>17.4f} {change:>+14.1%}")
+    (work / "splits.json").write_text(json.dumps(results, indent=2))
+    print(f"results in {work / 'splits.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=180, help="training seconds per recipe")
@@ -165,9 +238,17 @@ def main() -> None:
     parser.add_argument("--held_out", type=float, default=0.1, help="share of the documents held out, at the end")
     parser.add_argument("--eval_bytes", type=int, default=600_000,
                         help="score the first documents of the held-out part up to about this many bytes")
+    parser.add_argument("--splits", action="store_true",
+                        help="compare clean --split auto and blank_line on one text file instead (see above)")
+    parser.add_argument("--split_bytes", type=int, default=2_000_000, help="--splits: size of the one text file")
+    parser.add_argument("--steps", type=int, default=300, help="--splits: training steps of each run")
+    parser.add_argument("--tiny", action="store_true", help=f"--splits: a smaller model and batch ({TINY})")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.splits:
+        compare_splits(args, work)
+        return
     corpus, held_out, info = prepare_corpus(work, args.held_out, args.eval_bytes)
     peaks = {dtype: matmul_peak(getattr(torch, dtype), torch.device("cpu")) / 1e9 for dtype in ("float32", "bfloat16")}
     print(f"corpus: {DOC_PACKAGE}, {info['train_documents']} documents ({info['train_bytes'] / 1e6:.1f} MB) for "
