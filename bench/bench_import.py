@@ -5,9 +5,9 @@
 
 Writes a Hugging Face folder of the real shape and vocabulary (random bf16 weights, so nothing is downloaded),
 converts it to an f16 GGUF, then reads each in a fresh process and reports its peak resident memory (VmHWM)
-and wall time: `read_model` on the folder and on the GGUF file, and the peer, transformers'
-`AutoModelForCausalLM.from_pretrained(dtype=bfloat16)` on the folder, in the same run. A process that only
-imports torch is measured too: the part of each peak that is not the model.
+and wall time, reading the model and touching every weight once: `read_model` on the folder and on the GGUF
+file, and the peer, transformers' `AutoModelForCausalLM.from_pretrained(dtype=bfloat16)` on the folder, in the
+same run. A process that only imports torch is measured too: the part of each peak that is not the model.
 """
 
 from __future__ import annotations
@@ -38,12 +38,17 @@ SHAPES = {
     "smollm2": GPTConfig(vocab_size=49152, arch="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, n_ff=1536,
                          block_size=8192, rope_theta=1e5),
 }
+# each reads the model and touches every weight once (safetensors maps files lazily: untouched weights cost nothing)
+TOUCH = "sum(float(t.float().abs().sum()) for t in {tensors})"
 PROGRAMS = {
     "torch import only": "import torch",
-    "tinygpt read_model (HF folder)": "from tinygpt.weights.read import read_model; read_model({path!r})",
-    "tinygpt read_model (f16 GGUF)": "from tinygpt.weights.read import read_model; read_model({path!r})",
-    "transformers from_pretrained": ("import torch, transformers; transformers.AutoModelForCausalLM."
-                                     "from_pretrained({path!r}, dtype=torch.bfloat16)"),
+    "tinygpt read_model (HF folder)": ("from tinygpt.weights.read import read_model; "
+                                       "s = read_model({path!r})[1]; " + TOUCH.format(tensors="s.values()")),
+    "tinygpt read_model (f16 GGUF)": ("from tinygpt.weights.read import read_model; "
+                                      "s = read_model({path!r})[1]; " + TOUCH.format(tensors="s.values()")),
+    "transformers from_pretrained": ("import torch, transformers; m = transformers.AutoModelForCausalLM."
+                                     "from_pretrained({path!r}, dtype=torch.bfloat16); "
+                                     + TOUCH.format(tensors="m.parameters()")),
 }
 
 

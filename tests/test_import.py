@@ -266,6 +266,11 @@ def test_other_architectures_and_sentencepiece_are_refused(tmp_path):
             read_model(folder)
         assert "tinygpt reads GPT2LMHeadModel, LlamaForCausalLM" in str(error.value)
     (folder / "config.json").write_text(json.dumps(config))
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[:-1000])
+    with pytest.raises(TinyGPTError, match="cannot read .*model.safetensors"):
+        read_model(folder)
+    (folder / "model.safetensors").write_bytes(weights)
     (folder / "tokenizer.json").unlink()
     (folder / "tokenizer.model").write_bytes(b"\x0a\x00")  # Llama 2 / Mistral / TinyLlama ship this instead
     with pytest.raises(TinyGPTError, match="SentencePiece tokenizer.model"):

@@ -242,9 +242,9 @@ def dequantized_tensors(reader: gguf.GGUFReader, config: GPTConfig) -> dict[str,
         if tuple(reversed(shape)) != expected:
             raise TinyGPTError(f"GGUF file {_filename(reader)}: tensor {t.name} has shape "
                                f"{tuple(reversed(shape))}, the metadata needs {expected}")
-        # a copy: the file's memory map is read-only, and training writes into these tensors (load_state_dict
-        # with assign=True keeps them)
-        values = torch.from_numpy(np.array(values)).reshape(expected)
+        # writable memory of its own: training writes into these tensors (load_state_dict(assign=True) keeps
+        # them), and gguf.GGUFReader's arrays are views of a read-only memory map
+        values = torch.from_numpy(values if values.flags.writeable else values.copy()).reshape(expected)
         if values.dtype == torch.int16:  # BF16 arrives as raw 16-bit words
             values = values.view(torch.bfloat16)
         tensors[name.ours] = name.gguf_to_ours(values, dims).contiguous()

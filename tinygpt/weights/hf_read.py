@@ -2,22 +2,23 @@
 tokenizer.json) of the families tinygpt runs: `GPT2LMHeadModel`, `LlamaForCausalLM` (SmolLM/SmolLM2, Llama 3.x,
 and our own exports) and `Qwen2ForCausalLM`. Anything else stops with one message naming what is supported.
 
-Weights are read tensor by tensor through safetensors' memory map, in the dtype they are stored in (a bf16
+Weights are read tensor by tensor (tinygpt.weights.safetensors_file), in the dtype they are stored in (a bf16
 0.5B model stays 1 GB), under our names and in our layout (GPT-2's Conv1D weights transposed).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from tinygpt.common import TinyGPTError, require_file
 from tinygpt.model.gpt import ROPE_SCALING_KEYS, GPTConfig
 from tinygpt.weights.names import TensorName, by, config_dims, lm_head_name, shape_of, tensor_names
+from tinygpt.weights.safetensors_file import SafetensorsFile
 
 # config.json "architectures" -> our arch, and back (the writer's choice)
 HF_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -130,9 +131,8 @@ def weight_files(model_dir: str | Path) -> dict[str, Path]:
                            "download the safetensors version of the model")
     path = require_file(path, "model weights", "run tinygpt export first")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: path for name in f.keys()}
-    except (SafetensorError, OSError) as e:
+        return {name: path for name in SafetensorsFile(path).keys()}
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError, OSError) as e:
         raise TinyGPTError(f"cannot read {path} ({e}); re-download or re-export the model") from None
 
 
@@ -160,14 +160,14 @@ def hf_tensors(model_dir: str | Path, config: GPTConfig) -> Iterator[tuple[Tenso
         for name in names:
             path = files[name.hf]
             if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt")
+                handles[path] = SafetensorsFile(path)
             data = handles[path].get_tensor(stored_as[name.hf])
             want = shape_of(name, dims)
             if tuple(data.shape) != (want[::-1] if name.hf_transposed else want):
                 raise TinyGPTError(f"{path}: tensor {name.hf} has shape {tuple(data.shape)}, config.json needs "
                                    f"{want[::-1] if name.hf_transposed else want}; re-download or re-export the model")
             yield name, (data.t().contiguous() if name.hf_transposed else data)
-    except (SafetensorError, OSError) as e:
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError, OSError) as e:
         raise TinyGPTError(f"cannot read the weights of {model_dir} ({e}); re-download or re-export the model") from None
     finally:
         handles.clear()
