@@ -328,7 +328,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(da
 
 def test_a_resumed_run_keeps_what_amp_auto_chose(data_dir, tmp_path, monkeypatch):
     """`auto` measures; the measurement may differ at the next start, but a resumed run computes as it began."""
-    from tinygpt.model import hardware
+    from tinygpt.model import flops, hardware
     from tinygpt.model import train as train_module
 
     real_save = train_module.save_checkpoint
@@ -339,6 +339,7 @@ def test_a_resumed_run_keeps_what_amp_auto_chose(data_dir, tmp_path, monkeypatch
             raise KeyboardInterrupt
 
     monkeypatch.setattr(hardware, "cpu_bf16_is_faster", lambda: True)
+    monkeypatch.setattr(flops, "matmul_peak", lambda *args, **kwargs: 1e12)  # minutes in bf16 on some CPUs
     monkeypatch.setattr(train_module, "save_checkpoint", stop_after_step_2)
     args = train_args(data_dir, tmp_path, "--max_steps", "4", "--ckpt_interval", "2", "--amp", "auto")
     with pytest.raises(KeyboardInterrupt):
@@ -400,8 +401,11 @@ def test_a_stop_signal_saves_the_step_and_the_same_command_resumes_to_the_same_w
     env = subprocess_env()
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     subprocess.run(command + train_args(data_dir, whole, *settings), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(command + train_args(data_dir, stopped, *settings, "--log_interval", "1"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "stopped-marker"  # what the SLURM launcher asks for: torchrun turns exit 75 into 1
+    assert not marker.exists()
+    proc = subprocess.Popen(command + train_args(data_dir, stopped, *settings, "--log_interval", "1"),
+                            env={**env, "TINYGPT_STOPPED_FILE": str(marker)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list((stopped / "runs").glob("*/metrics.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -410,7 +414,7 @@ def test_a_stop_signal_saves_the_step_and_the_same_command_resumes_to_the_same_w
     assert proc.returncode == 75, err
     [run_dir] = run_dirs(stopped)
     stopped_at = load_checkpoint(run_dir / "last.pt")["step"]
-    assert f"stopped by SIGUSR1 at step {stopped_at}" in err and 0 < stopped_at < 60
+    assert f"stopped by SIGUSR1 at step {stopped_at}" in err and 0 < stopped_at < 60 and marker.exists()
     subprocess.run(command + train_args(data_dir, stopped, *settings, "--log_interval", "1"), env=env, check=True,
                    capture_output=True)
     a, b = load_checkpoint(whole / "best.pt")["model"], load_checkpoint(stopped / "best.pt")["model"]
@@ -584,10 +588,11 @@ def test_gradient_accumulation_trains_like_the_whole_batch_at_once(data_dir, tmp
 RANK_LOCAL_LAUNCHER = """
 import os, sys
 from pathlib import Path
-from tinygpt.model import hardware, train
+from tinygpt.model import flops, hardware, train
 
 rank = int(os.environ["RANK"])
 hardware.cpu_bf16_is_faster = lambda: rank == 0
+flops.matmul_peak = lambda *args, **kwargs: 1e12  # MFU's yardstick: minutes in bf16 on a CPU without it
 choose = train.Trainer._choose_amp
 
 def recorded(self):
