@@ -128,6 +128,8 @@ def read_raw_gguf(path: str | os.PathLike, hint: str) -> RawGGUF:
         for _ in range(n_tensors):
             name = cur.string().decode("utf-8")
             (n_dims,) = cur.take("<I")
+            if not 1 <= n_dims <= 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name} has {n_dims} dimensions")
             ne = cur.take(f"<{n_dims}Q")
             qtype, offset = cur.take("<IQ")
             infos.append((name, tuple(int(n) for n in ne), GGMLQuantizationType(qtype), offset))
