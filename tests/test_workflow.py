@@ -147,10 +147,10 @@ def test_a_changed_setting_reruns_its_stage_and_what_follows(project, section, k
         ("tokenizer/encode", "encode"),
         ("model/train", "train"),
         ("model/flops", "train"),
-        ("weights/names", "export"),
+        ("weights/names", "train"),  # train reads its starting model (init_from) through tinygpt.weights
         ("export/hf", "export"),
         ("export/gguf_convert", "gguf_convert"),
-        ("weights/gguf_read", "quantize"),  # the quantizer reads its input with it
+        ("weights/gguf_read", "train"),  # init_from may be a GGUF file; the quantizer reads its input with it
         ("export/quants", "quantize"),
     ],
 )
