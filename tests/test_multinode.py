@@ -92,7 +92,9 @@ def test_two_nodes_train_like_one_process_and_resume_after_a_stop(data_dir, tmp_
                     *with_batch(train_args(data_dir, single, *SETTINGS), GLOBAL_BATCH)],
                    env=subprocess_env(), check=True, capture_output=True)
     one, two = metrics(run_dirs(single)[0]), metrics(run_dirs(whole)[0])
-    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, 41))
+    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(41))
+    assert two[0]["val_loss"] == pytest.approx(one[0]["val_loss"], rel=1e-5)  # step 0: the untrained model
+    one, two = one[1:], two[1:]
     # the same batches, summed in another order: equal to float rounding, which grows a little step by step
     assert [m["train_loss"] for m in two] == pytest.approx([m["train_loss"] for m in one], rel=1e-4)
     assert [m["train_loss"] for m in two[:6]] == pytest.approx([m["train_loss"] for m in one[:6]], rel=1e-5)
@@ -119,7 +121,7 @@ def test_two_nodes_train_like_one_process_and_resume_after_a_stop(data_dir, tmp_
     a, b = load_checkpoint(whole / "best.pt"), load_checkpoint(stopped / "best.pt")
     assert a["step"] == b["step"] and a["val_loss"] == b["val_loss"]
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
-    assert [m["train_loss"] for m in metrics(run_dir)] == [m["train_loss"] for m in two]
+    assert [m["train_loss"] for m in metrics(run_dir)[1:]] == [m["train_loss"] for m in two]
 
 
 def test_more_than_one_node_without_slurm_is_refused_with_the_way_to_run_it(data_dir, tmp_path):
