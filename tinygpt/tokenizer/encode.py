@@ -191,9 +191,11 @@ class EncodedBatch(NamedTuple):
 _tokenizer: Tokenizer | None = None  # one per worker process, loaded once by _init_worker
 
 
-def _init_worker(tokenizer_json: str) -> None:
+def _init_worker(tokenizer: Tokenizer | str) -> None:
+    """The worker's tokenizer: the parent's object, inherited by fork (parsing a 128k vocabulary's JSON again
+    in every worker costs seconds), or under spawn its JSON."""
     global _tokenizer
-    _tokenizer = Tokenizer.from_json_str(tokenizer_json)
+    _tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_json_str(tokenizer)
 
 
 def _encode_batch(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
@@ -228,15 +230,17 @@ def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes,
 
 
 @contextlib.contextmanager
-def _batch_encoder(tokenizer_json: str, threads: int) -> Iterator[Callable[[Iterator[list]], Iterator[EncodedBatch]]]:
+def _batch_encoder(tokenizer: Tokenizer, threads: int) -> Iterator[Callable[[Iterator[list]], Iterator[EncodedBatch]]]:
     """A function that encodes batches in corpus order, with at most 2 * threads batches in flight (bounded
     memory). Its worker processes start here, before the caller opens a progress bar (see `worker_context`)."""
     if threads <= 1:
-        _init_worker(tokenizer_json)
+        _init_worker(tokenizer)
         yield lambda batches: map(_encode_batch, batches)
         return
     prepare_pretokenizer()  # once, here: forked workers inherit it
-    with worker_context().Pool(threads, _init_worker, (tokenizer_json,)) as pool:
+    context = worker_context()
+    shared = tokenizer if context.get_start_method() == "fork" else tokenizer.to_json_str()
+    with context.Pool(threads, _init_worker, (shared,)) as pool:
         def encoded(batches: Iterator[list]) -> Iterator[EncodedBatch]:
             in_flight: deque = deque()
             for batch in batches:
@@ -277,7 +281,7 @@ def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, 
                     n_docs[is_val] += 1
                 yield part, is_val
 
-    with _batch_encoder(tok.to_json_str(), threads) as encode_batches, atomic_folder(out_dir) as out, \
+    with _batch_encoder(tok, threads) as encode_batches, atomic_folder(out_dir) as out, \
             progress(total=corpus.stat().st_size, desc="encode", unit="B", unit_scale=True) as bar:
         with open(corpus, "rb") as f, open(out / "train.bin", "wb") as train_f, open(out / "val.bin", "wb") as val_f:
             for encoded in encode_batches(_batches(assigned(f))):
