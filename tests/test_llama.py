@@ -143,3 +143,18 @@ def test_prompt_plus_generation_must_fit_the_context(gguf_files):
     _, files = gguf_files
     with pytest.raises(TinyGPTError, match=r"plus -n 100 exceeds the context .* \(64 tokens\)"):
         run_llama(files["narrow"], PROMPT, n_predict=100)
+
+
+def test_a_chat_only_llama_cli_is_passed_over(gguf_files, tmp_path, monkeypatch):
+    """New llama.cpp builds' llama-cli only chats (no -no-cnv): auto falls back to the Python bindings and
+    backend="cli" says no completion program was found, instead of starting a conversation."""
+    _, files = gguf_files
+    script = tmp_path / "llama-cli"
+    script.write_text('#!/bin/sh\nif [ "$1" = "--help" ]; then echo "-st, --single-turn"; exit 0; fi\necho CHAT\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(TinyGPTError, match="no llama.cpp program"):
+        run_llama(files["narrow"], PROMPT, n_predict=5, backend="cli")
+    with pytest.raises(TinyGPTError, match="pip install llama-cpp-python"):
+        run_llama(files["narrow"], PROMPT, n_predict=5)

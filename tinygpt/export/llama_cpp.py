@@ -61,6 +61,20 @@ def cli_command(program: str, help_text: str, model: Path, prompt: str, n_predic
     return cmd + [flag for flag in optional if flag in help_text]
 
 
+def _completion_program() -> str | None:
+    """The first llama.cpp program on PATH that does a plain completion. New builds' llama-cli is chat-only
+    (no -no-cnv in its --help): it would start a conversation, so it is passed over for llama-completion."""
+    for program in CLI_PROGRAMS:
+        if shutil.which(program) is None:
+            continue
+        if program == "llama-completion":
+            return program
+        help_text = subprocess.run([program, "--help"], capture_output=True, text=True).stdout
+        if "-no-cnv" in help_text:
+            return program
+    return None
+
+
 def _run_cli(program: str, model: Path, prompt: str, n_predict: int, temperature: float, top_k: int, top_p: float,
              seed: int, threads: int | None) -> str:
     help_text = subprocess.run([program, "--help"], capture_output=True, text=True).stdout
@@ -125,9 +139,10 @@ def run_llama(model: str | Path, prompt: str, n_predict: int = 64, temperature: 
         raise TinyGPTError(f"-n {n_predict} must be at least 1")
     model = Path(model)
     context = _check_fits(model, prompt, n_predict)
-    program = next((p for p in CLI_PROGRAMS if shutil.which(p)), None)
+    program = _completion_program()
     if backend == "cli" and program is None:
-        raise TinyGPTError(f"no llama.cpp program ({' or '.join(CLI_PROGRAMS)}) on PATH; {INSTALL_HINT}")
+        raise TinyGPTError(f"no llama.cpp program for plain completion (llama-completion, or a llama-cli that "
+                           f"has -no-cnv) on PATH; {INSTALL_HINT}")
     if program is not None and backend != "python":
         return _run_cli(program, model, prompt, n_predict, temperature, top_k, top_p, seed, threads)
     return _run_python(model, context, prompt, n_predict, temperature, top_k, top_p, seed, threads)
