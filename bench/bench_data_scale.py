@@ -14,10 +14,11 @@ all its worker processes, so forked workers count once. Peers, in the same kind 
              Compression: bytes per token of both tokenizers on the held-out text.
   encode     tiktoken's encode_ordinary on one thread, built on our merges, over the same documents (read in the
              same pieces; no files written). Its token count must equal ours.
-  families   (--families) the encode stage with an imported model's tokenizer: our merges learned again with
-             --family_vocab ids (128,256: Llama 3's size), written as each family's tokenizer.json (its normalizer,
-             pre-tokenizer regex, special tokens, BOS, ignore_merges), beside tiktoken built on the same ranks with
-             the family's regex. The two run alternately, --repeats times each; the best time of each is shown.
+  families   (--families) the encode stage with an imported model's tokenizer: a vocabulary of --family_vocab
+             ids (128,256: Llama 3's size) that Hugging Face's BpeTrainer learns from the corpus (quicker than ours
+             at that size), in a foreign id order like the families', written as each family's tokenizer.json (its
+             normalizer, pre-tokenizer regex, special tokens, BOS, ignore_merges), beside tiktoken built on the same
+             ranks (ids, which follow the merge order) with the family's regex. The two run alternately, --repeats times each; the best time of each is shown.
              tiktoken has no Digits step nor NFC: for SmolLM it gets one regex that isolates digits (so a few
              whitespace pieces before digits differ), for Qwen2 the text is taken as it is (the sources are NFC).
 The last lines extrapolate time and memory linearly from the two largest sizes to a 2 GB corpus, against 8 GB RAM.
@@ -148,7 +149,8 @@ def peer_tiktoken(corpus: Path, tokenizer: Path, family: str | None = None) -> N
 
     from tinygpt.tokenizer.bpe import GPT2_PATTERN, Tokenizer
     tok = Tokenizer.load(tokenizer)
-    ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
+    added = set(tok.added_tokens.values())
+    ranks = {token: i for i, token in enumerate(tok.vocab) if i not in added}  # ours: 256 bytes, then the merges
     pattern = GPT2_PATTERN if family is None else family_pattern(family)
     enc = tiktoken.Encoding("tinygpt-bench", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     ends: list[bool] = []
@@ -171,15 +173,15 @@ def family_pattern(family: str) -> str:
 
 
 def family_json(tokenizer: Path, family: str, out: Path) -> None:
-    """Our merges as `family`'s tokenizer.json, configured as that family ships it."""
-    from tinygpt.tokenizer.bpe import Tokenizer
+    """The HF-trained vocabulary and merges as `family`'s tokenizer.json, configured as that family ships it."""
     from tinygpt.tokenizer.pipeline import LLAMA3_PATTERN, QWEN2_PATTERN
 
-    spec = json.loads(Tokenizer.load(tokenizer).to_json_str())
+    spec = json.loads(tokenizer.read_text(encoding="utf-8"))
     n = len(spec["model"]["vocab"])
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    spec["added_tokens"] = [{"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": True} for i, t in enumerate(FAMILY_SPECIALS[family])]
+    new = [t for t in FAMILY_SPECIALS[family] if t not in spec["model"]["vocab"]]
+    spec["added_tokens"] += [{"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, t in enumerate(new)]
     if family == "gpt2":
         spec["pre_tokenizer"] = {**byte_level, "use_regex": True}
     elif family == "smollm":
@@ -199,7 +201,7 @@ def family_json(tokenizer: Path, family: str, out: Path) -> None:
                                                      {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [n], "tokens": [bos]}}}]}
+            "special_tokens": {bos: {"id": bos, "ids": [n + new.index(bos)], "tokens": [bos]}}}]}
     out.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
 
 
@@ -209,8 +211,8 @@ def run_families(clean: Path, work: Path, args) -> dict:
     me = [sys.executable, str(Path(__file__).resolve())]
     big = work / "family_merges.json"
     threads = ["--threads", str(args.threads)]
-    run_measured(py + ["train_bpe", "--corpus", str(clean), "--out", str(big), "--vocab_size",
-                       str(args.family_vocab)] + threads)
+    run_measured(me + ["--peer", "hf", "--corpus", str(clean), "--vocab_size", str(args.family_vocab), "--out",
+                       str(big)], env={"RAYON_NUM_THREADS": str(args.threads)})
     results = {}
     for family in args.families:
         tok = work / f"{family}.json"
@@ -220,7 +222,7 @@ def run_families(clean: Path, work: Path, args) -> dict:
             ours.append(run_measured(py + ["encode", "--corpus", str(clean), "--tokenizer", str(tok), "--out_dir",
                                            str(work / f"{family}_tokens")] + threads))
             peer.append(run_measured(me + ["--peer", "tiktoken", "--family", family, "--corpus", str(clean),
-                                           "--tokenizer", str(big)]))
+                                           "--tokenizer", str(tok)]))
         meta = json.loads((work / f"{family}_tokens" / "meta.json").read_text())
         tiktoken_tokens, n_documents = map(int, peer[0][2].split())
         per_document = 2 if family == "llama3" else 1  # <|begin_of_text|> and the end-of-text token
@@ -230,7 +232,7 @@ def run_families(clean: Path, work: Path, args) -> dict:
 
 
 def report_families(row: dict, args) -> None:
-    print(f"\n{row['mb']:g} MB, imported tokenizers (our merges, {args.family_vocab:,} ids), encode with "
+    print(f"\n{row['mb']:g} MB, imported tokenizers (HF-trained, {args.family_vocab:,} ids asked), encode with "
           f"{args.threads} threads vs tiktoken 1 thread, best of {args.repeats} alternating runs each:")
     for family, (ours, peer, expected, count, vocab) in row["families"].items():
         s, m, _, cpu = ours
