@@ -159,7 +159,7 @@ def speed(args) -> list[dict]:
                             None)
                 ratio = f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if ours and peer and row is peer else ""
                 print(f"{shape:<14} {mode:<5} {impl:<14} {row['trainable']:>12,} {row['peak_rss_gb']:>8.2f} "
-                      f"{row['tokens_per_s']:>9.0f} {ratio:>8}", flush=True)
+                      f"{row['tokens_per_s']:>9.1f} {ratio:>8}", flush=True)
     return rows
 
 

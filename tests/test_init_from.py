@@ -40,6 +40,13 @@ def test_fine_tuning_starts_from_the_model_with_its_shape_and_the_recipe(data_di
     assert first["step"] == 0 and first["val_loss"] == start["val_loss"]
 
 
+def test_a_scratch_run_fingerprints_as_before_fine_tuning_existed(base):
+    """No start and no LoRA keys in a scratch run's settings: existing run folders keep their names (resume)."""
+    [settings_path] = base.parent.glob("runs/*/config.json")
+    settings = json.loads(settings_path.read_text())
+    assert "start" not in settings and not any(k.startswith(("lora", "init_from")) for k in settings["training"])
+
+
 def test_a_new_source_starts_a_new_run_and_the_same_source_resumes(data_dir, base, tmp_path, capsys):
     source = tmp_path / "start.pt"
     source.write_bytes(base.read_bytes())

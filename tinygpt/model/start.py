@@ -14,8 +14,8 @@ from pathlib import Path
 from tinygpt.common import TinyGPTError, sha256_file
 
 SCRATCH = "scratch"
-# Schedule defaults (null in config.yaml) by starting point. The fine-tuning values were chosen by measurement,
-# see bench/bench_finetune.py and the README's "Fine-tune a model you already have".
+# Schedule defaults (null in config.yaml) by starting point. The fine-tuning values are the usual small-model start;
+# bench/bench_finetune.py adapt measures them against scratch (README: "Fine-tune a model you already have").
 RECIPES = {
     "scratch": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 50, "max_steps": 650},
     "finetune": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "max_steps": 200},
