@@ -4,6 +4,7 @@ imatrix rule reruns exactly when the model or the calibration text changes."""
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 
@@ -135,29 +136,33 @@ def test_calibration_needs_two_chunks(model_files):
 def run_llama_imatrix(f16, text, out, *extra):
     result = subprocess.run(
         [str(llama_tool("llama-imatrix")), "-m", str(f16), "-f", str(text), "-o", str(out), "-c", str(N_CTX),
-         "-b", str(N_CTX), "--no-ppl", "-t", "1", "--no-warmup", *extra],
+         "-b", str(N_CTX), "--no-ppl", "-t", "1", *extra],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 def test_values_agree_with_llama_imatrix_on_the_f16_file(model_files):
-    """Same f16 file, same tokens, same chunks. Our model runs float32 on the f16 weights; llama.cpp rounds each
-    matrix product's input to f16 (its F16 dot product), so every activation after the first product differs
-    from ours by about f16's precision: we require 2e-3 relative on each sum of squares (measured: below 5e-4)."""
+    """Same f16 file, same tokens, same chunks: the same tensors, counts and chunks, and close sums.
+
+    Our model runs float32 on the f16 weights; llama.cpp's F16 matrix products round their input to f16 first.
+    So the inputs of block 0's first matrices (embedding and norm only, no product before them) agree to float
+    summation order (measured 3e-6 relative), and every later input carries f16 rounding from the products
+    before it: measured at most 1.3e-3 relative (ffn_down, behind the MLP's nonlinearity), required 5e-3."""
     tmp, _, f16, text = model_files
     theirs = run_llama_imatrix(f16, text, tmp / "theirs.gguf", "--process-output")
     ours = tmp / "ours.gguf"
     main(["--gguf", str(f16), "--text", str(text), "--out", str(ours), "--ctx", str(N_CTX), "--process_output"])
     a, b = load_imatrix(ours), load_imatrix(theirs)
     assert sorted(a.sums) == sorted(b.sums)
-    assert (a.chunk_count, a.chunk_size) == (b.chunk_count, b.chunk_size)
+    assert (a.chunk_count, a.chunk_size, a.datasets) == (b.chunk_count, b.chunk_size, b.datasets)
     for name in b.sums:
         assert a.counts[name].tolist() == b.counts[name].tolist(), name
-        np.testing.assert_allclose(a.sums[name], b.sums[name], rtol=2e-3, err_msg=name)
+        first = re.fullmatch(r"blk\.0\.attn_(qkv|q|k|v)\.weight", name)
+        np.testing.assert_allclose(a.sums[name], b.sums[name], rtol=1e-5 if first else 5e-3, err_msg=name)
     values_a, values_b = read_imatrix(ours), read_imatrix(theirs)
     for name in values_b:
-        np.testing.assert_allclose(values_a[name], values_b[name], rtol=2e-3, err_msg=name)
+        np.testing.assert_allclose(values_a[name], values_b[name], rtol=5e-3, err_msg=name)
 
 
 def test_llama_quantize_accepts_our_file(model_files):
@@ -181,13 +186,13 @@ IMATRIX = "exports/tinygpt/imatrix.gguf"
 
 @pytest.fixture(scope="module")
 def imatrix_project(tmp_path_factory):
-    """The tiny pipeline of test_workflow with quantize.imatrix on, built up to the importance matrix."""
-    from test_workflow import copy_project, edit_config, snakemake
+    """The tiny pipeline of test_workflow with quantize.imatrix on, built to the quantized file."""
+    from test_workflow import TARGET, copy_project, edit_config, snakemake
 
     workdir = copy_project(tmp_path_factory.mktemp("imatrix-workflow"))
     edit_config(workdir, "quantize", "imatrix", True)
     edit_config(workdir, "quantize", "imatrix_chunks", 4)
-    snakemake(workdir, IMATRIX)
+    snakemake(workdir, TARGET)
     return workdir
 
 
@@ -201,27 +206,45 @@ def imatrix_copy(imatrix_project, tmp_path):
 
 
 def stale(workdir) -> set[str]:
-    from test_workflow import TARGET, jobs_that_would_run
+    from test_workflow import jobs_that_would_run
 
-    return jobs_that_would_run(workdir, TARGET) - {"quantize"}  # not built here: it always runs
+    return jobs_that_would_run(workdir)
 
 
-def test_workflow_computes_the_imatrix_on_training_tokens_and_passes_it_to_quantize(imatrix_project):
-    from test_workflow import TARGET, snakemake
+def test_workflow_quantizes_with_the_imatrix_of_the_training_tokens(imatrix_project):
+    from test_workflow import TARGET
 
     data = load_imatrix(imatrix_project / IMATRIX)
     assert data.datasets == ["data/tokens/train.bin"] and data.chunk_count == 4 and data.chunk_size == 32
     assert (imatrix_project / "logs/imatrix.log").exists() and (imatrix_project / "benchmarks/imatrix.tsv").exists()
-    printed = snakemake(imatrix_project, "-n", "-p", TARGET).stdout
-    assert f"--imatrix {IMATRIX}" in printed
+    reader = gguf.GGUFReader(imatrix_project / TARGET)
+    assert reader.get_field("quantize.imatrix.file").contents() == IMATRIX
     assert stale(imatrix_project) == set()
 
 
+def test_workflow_file_is_llama_quantizes_with_our_imatrix(imatrix_project):
+    """The issue's measure of done: the workflow's q4_k_m file equals llama-quantize --imatrix on our f16 file with
+    our importance matrix, byte for byte (run from the project folder, so that the recorded path is the same)."""
+    import hashlib
+
+    from test_workflow import TARGET
+
+    out = imatrix_project / "llama-q4_k_m.gguf"
+    result = subprocess.run([str(llama_tool("llama-quantize")), "--imatrix", IMATRIX, "exports/tinygpt/model-f16.gguf",
+                             out.name, "Q4_K_M", "1"], cwd=imatrix_project, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ours, theirs = gguf.GGUFReader(imatrix_project / TARGET), gguf.GGUFReader(out)
+    assert [(t.name, t.tensor_type, bytes(t.data)) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, bytes(t.data)) for t in theirs.tensors]
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (imatrix_project / TARGET, out)]
+    assert digest[0] == digest[1]
+
+
 @pytest.mark.parametrize("section, key, value, expected", [
-    ("quantize", "pure", True, set()),  # a quantizer setting: the importance matrix stays
-    ("quantize", "imatrix_chunks", 3, {"imatrix"}),
-    ("export", "name", "renamed", {"gguf_convert", "imatrix"}),  # another model file
-    ("encode", "val_fraction", 0.1, {"encode", "train", "export", "gguf_convert", "imatrix"}),  # other tokens
+    ("quantize", "pure", True, {"quantize"}),  # a quantizer setting: the importance matrix stays
+    ("quantize", "imatrix_chunks", 3, {"imatrix", "quantize"}),
+    ("export", "name", "renamed", {"gguf_convert", "imatrix", "quantize"}),  # another model file
+    ("encode", "val_fraction", 0.1, {"encode", "train", "export", "gguf_convert", "imatrix", "quantize"}),
 ])
 def test_imatrix_reruns_only_when_the_model_or_the_calibration_text_changes(imatrix_copy, section, key, value,
                                                                             expected):
@@ -234,7 +257,7 @@ def test_imatrix_reruns_only_when_the_model_or_the_calibration_text_changes(imat
 def test_imatrix_reruns_when_its_code_changes(imatrix_copy):
     source = imatrix_copy / "tinygpt/export/calibrate.py"
     source.write_text(source.read_text() + "\n# edited\n")
-    assert stale(imatrix_copy) == {"imatrix"}
+    assert stale(imatrix_copy) == {"imatrix", "quantize"}
 
 
 def test_without_imatrix_the_quantizer_neither_needs_nor_gets_one(imatrix_copy):
@@ -242,4 +265,4 @@ def test_without_imatrix_the_quantizer_neither_needs_nor_gets_one(imatrix_copy):
 
     edit_config(imatrix_copy, "quantize", "imatrix", False)
     printed = snakemake(imatrix_copy, "-n", "-p", TARGET).stdout
-    assert "--imatrix" not in printed and stale(imatrix_copy) == set()
+    assert "--imatrix" not in printed and stale(imatrix_copy) == {"quantize"}

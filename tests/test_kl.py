@@ -96,34 +96,47 @@ def llama_perplexity(model, text, *extra) -> str:
     return result.stdout + result.stderr
 
 
-def reported(output: str, label: str) -> float:
-    match = re.search(re.escape(label) + r"\s*:\s*([-0-9.]+)", output)
-    assert match, f"{label!r} not in llama-perplexity's output:\n{output[-3000:]}"
-    return float(match.group(1))
+def chunk_row(output: str, chunk: int) -> dict[str, float]:
+    """The running figures llama-perplexity --kl-divergence prints after `chunk` chunks: PPL(Q), ln(PPL(Q)/PPL(base)),
+    mean KLD and same top p (%)."""
+    number, spread = r"(-?[0-9.]+)", r"\s*±\s*[0-9.]+\s*"
+    match = re.search(rf"^\s*{chunk}\s+{number}{spread}{number}{spread}{number}{spread}%?\s*[0-9.]+{spread}%\s+"
+                      rf"{number}{spread}%", output, re.MULTILINE)
+    assert match, f"no row for chunk {chunk} in llama-perplexity's output:\n{output[-3000:]}"
+    ppl, log_ratio, kld, same_top = map(float, match.groups())
+    return {"ppl": ppl, "log_ratio": log_ratio, "kld": kld, "same_top": same_top}
 
 
 def test_agrees_with_llama_perplexity_kl_divergence(files):
     """Same f16 and q4_k_m files, same text and chunks. llama.cpp runs the f16 file with each matrix product's
-    input rounded to f16, and the Q4_K/Q6_K products with it quantized to 8 bits (Q8_K blocks); we run both files
-    in float32 on their exact (dequantized) weights. Those roundings are a small extra perturbation of the
-    logits on top of the 4-bit weights, so the two KL divergences measure slightly different things: we require
-    mean KLD within 25% and top-1 agreement within 3 points, the perplexities within 0.5% and the perplexity
-    ratio within 0.5% (measured: see the report of the session that added this test)."""
+    input rounded to f16, and the Q4_K/Q6_K products with their input quantized to 8 bits (Q8_K blocks); we run
+    both files in float32 on their exact (dequantized) weights. Those roundings perturb llama.cpp's logits a
+    little more than the 4-bit weights alone do. Measured (gpt2 / llama): mean KLD 1.6% / 1.0% below
+    llama-perplexity's, 99th percentile 1.0% / 1.3%, same top token within 0.6 points, perplexities and their
+    ratio within 0.04%. Required: mean KLD within 10%, same top within 2 points, perplexity and ratio within 0.2%.
+    (For q8_0, whose weights lose far less, llama.cpp's activation rounding is half of its KLD: ours is about
+    half of llama-perplexity's there.)
+
+    The figures compared are llama-perplexity's running ones after the next-to-last chunk: its logger writes from
+    a thread that the program does not flush before exiting (llama.cpp's common_log_main is leaked on purpose),
+    so on a loaded machine the final lines, the summary included, are often lost; the row for the next-to-last
+    chunk is written while the last chunk computes."""
     tmp, f16, q4, text = files
     base = tmp / "f16.kld"
     llama_perplexity(f16, text, "--kl-divergence-base", str(base))
     theirs = llama_perplexity(q4, text, "--kl-divergence-base", str(base), "--kl-divergence")
+    model, tokenizer = load_gguf(q4)
+    chunks = len(tokenizer.encode(text.read_text())) // N_CTX - 1
+    row = chunk_row(theirs, chunks)
     json_path = tmp / "ours.json"
-    ours = main(["--gguf", str(q4), "--reference", str(f16), "--text", str(text), "--device", "cpu",
-                 "--json", str(json_path)])
-    assert json.loads(json_path.read_text())["mean_kld"] == ours.mean_kld
-    assert ours.mean_kld == pytest.approx(reported(theirs, "Mean    KLD"), rel=0.25)
-    assert ours.kld_p99 == pytest.approx(reported(theirs, "99.0%   KLD"), rel=0.5)
-    assert 100 * ours.same_top == pytest.approx(reported(theirs, "Same top p"), abs=3)
-    assert ours.ppl == pytest.approx(reported(theirs, "Mean PPL(Q)"), rel=5e-3)
-    assert ours.ppl_reference == pytest.approx(reported(theirs, "Mean PPL(base)"), rel=5e-3)
-    assert ours.ppl_ratio == pytest.approx(reported(theirs, "Mean PPL(Q)/PPL(base)"), rel=5e-3)
-
+    main(["--gguf", str(q4), "--reference", str(f16), "--text", str(text), "--device", "cpu", "--json", str(json_path)])
+    assert json.loads(json_path.read_text())["chunks"] == chunks + 1  # the command scores every chunk
+    ours = kl_divergence(model, load_gguf(f16)[0], np.array(tokenizer.encode(text.read_text())), chunks=chunks,
+                         show_progress=False)
+    assert ours.mean_kld == pytest.approx(row["kld"], rel=0.1)
+    assert 100 * ours.same_top == pytest.approx(row["same_top"], abs=2)
+    assert ours.ppl == pytest.approx(row["ppl"], rel=2e-3)
+    assert math.log(ours.ppl_ratio) == pytest.approx(row["log_ratio"], abs=2e-3)
 
 def test_report_rows_name_the_importance_matrix_and_the_figures(files):
     from tinygpt.export.calibrate import main as imatrix_main
