@@ -357,6 +357,8 @@ def test_llama_initialization_and_parameter_count():
     untied = GPT(config_from_preset("toy", 4096, arch="llama", n_layer=8, tie_embeddings=False))
     assert untied.num_params() == non_embedding + 2 * V * C
     assert untied.estimate_flops_per_token() == model.estimate_flops_per_token()  # the lookup costs no matmul
+    # a shorter training window (fine-tuning a long-context model) attends over fewer positions
+    assert model.estimate_flops_per_token(T // 2) == 6 * (non_embedding + V * C) + 12 * L * C * (T // 2)
 
 
 def test_presets_keep_their_shapes_for_llama():

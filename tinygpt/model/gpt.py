@@ -404,13 +404,14 @@ class GPT(nn.Module):
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
 
-    def estimate_flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward) at full context, for MFU (PaLM paper, appendix B).
+    def estimate_flops_per_token(self, context: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward) at a context of `context` tokens (default: block_size,
+        the full context), for MFU (PaLM paper, appendix B).
 
         6 * N for the matmuls, where N counts every weight but those only looked up (the position embedding;
         a tied token embedding counts because it is the LM head's matmul), plus 12 * n_layer * n_embd *
-        block_size for the attention scores and the weighted sum of values.
+        context for the attention scores and the weighted sum of values.
         """
         cfg = self.config
         n_matmul = self.num_params() - self._lookup_params()
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * (context or cfg.block_size)

@@ -47,6 +47,8 @@ from tinygpt.tokenizer.bpe import Tokenizer
 
 MODEL_FLAGS = ("preset", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "norm_eps",
                "rope_theta", "tie_embeddings", "attention")
+# GPTConfig fields added after runs existed (for imported models); None means today's behaviour.
+LATER_MODEL_FIELDS = ("n_ff", "rope_scaling")
 # Settings that never change what a run computes, so a run may be resumed with different values of them.
 RUN_NEUTRAL = ("data_dir", "tokenizer", "out", "runs_dir", "ckpt_interval", "log_interval", "device", "compile", "threads",
                "tensorboard")
@@ -232,8 +234,12 @@ class Trainer:
         if cfg.lora_rank:  # only then: a scratch run's fingerprint stays what it was before LoRA existed
             training |= {k: v for k, v in asdict(cfg).items() if k.startswith("lora_")}
         start = {} if self.start is None else {"start": {"sha256": self.start.sha256, "window": self.window}}
+        model = asdict(self.model_config)
+        for key in LATER_MODEL_FIELDS:  # unset, they leave the fingerprint (and so older runs' folders) as it was
+            if model[key] is None:
+                del model[key]
         return {
-            "model": asdict(self.model_config),
+            "model": model,
             **start,
             "training": {**training, "world_size": self.ranks.world_size},
             "data": {
@@ -431,7 +437,7 @@ class Trainer:
     def run(self) -> None:
         cfg, main = self.cfg, self.ranks.is_main
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.ranks.world_size * self.window
-        flops_per_token = self.model.estimate_flops_per_token()
+        flops_per_token = self.model.estimate_flops_per_token(self.window)  # an imported model trains on less
         # MFU: achieved model FLOP/s over what this device's matmuls reach in the training dtype, all processes;
         # measured by rank 0 alone, which logs it (the others would only slow its measurement down)
         peak = MatmulPeak(self.amp_dtype or torch.float32, self.device, self.ranks.world_size) if main else None
