@@ -624,3 +624,13 @@ def test_ranks_take_rank_0s_precision_and_stop_when_they_disagree_about_resuming
     # each rank says it (its own folder), none hangs in a collective
     assert again.stderr.count("error: the processes disagree about resuming run") == 2, again.stderr[-3000:]
     assert "(rank 0: step 2, rank 1: no last.pt)" in again.stderr
+
+
+def test_model_fields_added_for_imported_models_leave_a_scratch_runs_fingerprint_as_before(data_dir, tmp_path):
+    """n_ff and rope_scaling came with imported models; unset, they are not hashed, so a run folder started by
+    an older tinygpt is still found and resumed after an upgrade."""
+    main(train_args(data_dir, tmp_path, "--max_steps", "1", "--eval_interval", "1"))
+    [run_dir] = run_dirs(tmp_path)
+    recorded = json.loads((run_dir / "config.json").read_text())["model"]
+    assert not {"n_ff", "rope_scaling"} & set(recorded)
+    assert {"vocab_size", "n_layer", "n_embd", "arch", "tie_embeddings"} <= set(recorded)
