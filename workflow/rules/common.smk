@@ -114,7 +114,7 @@ def train_launcher(settings):
     (the batch shell runs on the first one) and the job id as rendezvous id. SLURM's --signal (the slurm profile
     asks for USR1 before the time limit) reaches the step's processes, not the batch shell or Snakemake; torchrun
     ignores SIGUSR1 (SIG_IGN is inherited, and training sets its own handler), so only the training processes
-    act on it: they save last.pt and exit 75, and the profile's retries resubmit the job, which resumes. srun
+    act on it: they save last.pt and exit 75, and the job requeues itself (requeue_when_stopped) and resumes. srun
     --wait: once one node's task ends, the others get 5 minutes (a crashed node would leave them waiting in a
     collective until its timeout)."""
     nodes, gpus = settings["nodes"], settings["gpus"]
