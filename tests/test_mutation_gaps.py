@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from tinygpt.common import TinyGPTError
 from tinygpt.data import clean
+from tinygpt.tokenizer.bpe import Tokenizer
 
 
 @pytest.mark.parametrize("missing", ["--input", "--out"])
@@ -19,3 +21,10 @@ def test_clean_without_a_required_path_is_a_usage_error_naming_it(tmp_path, caps
     assert stop.value.code == 2
     assert missing in capsys.readouterr().err
     assert not (tmp_path / "clean.txt").exists()
+
+
+def test_a_missing_tokenizer_says_which_file_and_how_to_make_it(tmp_path):
+    # mutant: the hint's text changed (upper case) and no test read it
+    missing = tmp_path / "tokenizer.json"
+    with pytest.raises(TinyGPTError, match=r"tokenizer not found: .*tokenizer\.json; run `tinygpt train_bpe`"):
+        Tokenizer.load(missing)
