@@ -1,46 +1,42 @@
-"""GGUF benchmark: conversion speed against a raw write of the same bytes, and what quantization costs.
+"""GGUF benchmark: what each quantization type costs a model trained on real text, with and without an
+importance matrix, and how fast conversion is.
 
-    python bench/bench_gguf.py [--arch llama]                    # random toy-sized model (speed only)
-    python bench/bench_gguf.py --checkpoint checkpoints/best.pt --val_bin data/tokens/val.bin
+    python bench/bench_gguf.py                          # toy llama, ~400 steps on bench_quality's Python docs
+    python bench/bench_gguf.py --max_steps 200 --types q4_k_m q8_0 --arch gpt2
 
-1. export + gguf_convert f16, timed against numpy writing the same tensor bytes to a file (the floor for any
-   converter): the ratio says how much reading safetensors, transposing and metadata cost on top.
-2. Perplexity of the float checkpoint, the f16 file and the q4_k_m file (tinygpt.export.quantize), the GGUF files
-   evaluated through our own reader (gguf-py dequantization) on the same tokens. With a trained checkpoint
-   and real validation tokens this is the quality cost of 4-bit weights; on a random model only the ratios
-   between the rows mean anything.
+1. Train the toy preset on the Python documentation corpus of bench_quality.py (the same download, training
+   documents only; the last 10% of the documents are held out and never seen), export it, convert it to f16.
+2. Conversion speed: gguf_convert f16 against numpy writing the same tensor bytes (the floor for any converter).
+3. The importance matrix (tinygpt imatrix) on the first chunks of the training tokens, never the held-out text.
+4. Every file type, quantized without and with the importance matrix (as far as quantize_gguf supports it), is
+   compared with the f16 file on held-out text, as `llama-perplexity --kl-divergence` does (tinygpt.model.kl):
+   perplexity increase over f16, mean and 99th-percentile KL divergence, top-1 agreement. The peer of every
+   row is the f16 file measured in the same run; the last column is KL without / KL with the importance matrix.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import math
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from tinygpt.model.checkpoint import load_model  # noqa: E402
-from tinygpt.export.hf import export_hf  # noqa: E402
+from bench_quality import BASELINE, prepare_corpus, tinygpt, tokens_dir, train_args  # noqa: E402
+
 from tinygpt.export.gguf_convert import convert_to_gguf  # noqa: E402
+from tinygpt.export.quantize import FILE_TYPES, quantize_gguf  # noqa: E402
+from tinygpt.model.kl import kl_divergence  # noqa: E402
 from tinygpt.weights.gguf_read import load_gguf  # noqa: E402
-from tinygpt.model.gpt import GPT, PRESETS, GPTConfig  # noqa: E402
-from tinygpt.tokenizer.bpe import Tokenizer  # noqa: E402
-
-
-def random_model(preset: str, vocab_size: int, arch: str) -> tuple[GPT, Tokenizer]:
-    """A randomly initialised preset-sized GPT and a tokenizer of vocab_size ids (arbitrary byte-pair merges)."""
-    pairs = [(a, b) for a in range(256) for b in range(256)][: vocab_size - 257]
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=vocab_size, arch=arch, **PRESETS[preset])).eval(), Tokenizer(pairs)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -59,77 +55,88 @@ def raw_write(arrays: list[np.ndarray], path: Path) -> None:
             a.tofile(f)
 
 
-def eval_tokens(val_bin: Path | None, n_tokens: int, vocab_size: int) -> np.ndarray:
-    if val_bin is None:
-        return np.random.default_rng(0).integers(0, vocab_size, n_tokens)
-    meta = json.loads((val_bin.parent / "meta.json").read_text())
-    return np.array(np.memmap(val_bin, dtype=meta["dtype"], mode="r")[:n_tokens], dtype=np.int64)
+def bits_per_weight(path: Path) -> float:
+    """Bits of tensor data per weight, as llama.cpp reports a model's BPW."""
+    tensors = gguf.GGUFReader(path).tensors
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
 
 
-@torch.inference_mode()
-def perplexity(model: GPT, tokens: np.ndarray) -> float:
-    """exp(mean next-token cross-entropy) over non-overlapping windows of block_size + 1 tokens."""
-    span = model.config.block_size + 1
-    n = (len(tokens) // span) * span
-    windows = torch.from_numpy(tokens[:n].reshape(-1, span))
-    losses = [model(w[None, :-1], targets=w[None, 1:])[1].item() for w in windows]
-    return math.exp(sum(losses) / len(losses))
+def train_model(work: Path, corpus: Path, arch: str, max_steps: int) -> tuple[Path, Path]:
+    """The toy preset trained for max_steps on the training documents; (checkpoint, token folder)."""
+    settings = {**BASELINE, "arch": arch, "amp": "auto"}
+    data = tokens_dir(work, corpus, settings["vocab_size"])
+    folder = work / "gguf" / f"{arch}-{max_steps}"
+    if not (folder / "best.pt").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        tinygpt("train", *train_args(settings, data, folder, max_steps, max(1, max_steps // 4)),
+                log=folder / "train.log")
+        print(f"trained {arch} toy for {max_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder / "best.pt", data
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="trained checkpoint (default: a random model)")
-    parser.add_argument("--val_bin", type=Path, help="validation tokens (val.bin with meta.json beside it)")
-    parser.add_argument("--preset", default="toy", choices=list(PRESETS), help="random model size (default toy)")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="random model vocabulary (default 4096)")
-    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="random model architecture")
-    parser.add_argument("--eval_tokens", type=int, default=16_384, help="tokens for perplexity (default 16384)")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best taken (default 3)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="bench-quality", help="bench_quality's folder (corpus reused)")
+    parser.add_argument("--arch", default="llama", choices=["gpt2", "llama"])
+    parser.add_argument("--max_steps", type=int, default=400, help="training steps of the toy model")
+    parser.add_argument("--types", nargs="+", default=list(FILE_TYPES), choices=list(FILE_TYPES))
+    parser.add_argument("--imatrix_chunks", type=int, default=100, help="training chunks for the importance matrix")
+    parser.add_argument("--eval_chunks", type=int, default=256, help="held-out chunks of the context for KL")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best taken")
     args = parser.parse_args()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, held_out, info = prepare_corpus(work, 0.1, 600_000)
+    checkpoint, data = train_model(work, corpus, args.arch, args.max_steps)
+    out = checkpoint.parent
+    tinygpt("export", "--checkpoint", str(checkpoint), "--out_dir", str(out / "hf"), log=out / "export.log")
 
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        if args.checkpoint:
-            model, tokenizer = load_model(args.checkpoint)
-            checkpoint = args.checkpoint
-        else:
-            model, tokenizer = random_model(args.preset, args.vocab_size, args.arch)
-            checkpoint = tmp / "random.pt"
-            torch.save({"model": model.state_dict(), "model_config": asdict(model.config),
-                        "tokenizer_json": tokenizer.to_json_str(), "step": 0, "val_loss": 0.0}, checkpoint)
-        cfg = model.config
-        print(f"model: {cfg.arch}, {model.num_params() / 1e6:.2f}M params, {cfg.n_layer} layers, n_embd {cfg.n_embd}, "
-              f"vocab {cfg.vocab_size} ({'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random'})")
+    f16 = out / "model-f16.gguf"
+    t_convert = best_time(lambda: convert_to_gguf(out / "hf", f16, "f16"), args.repeats)
+    arrays = [np.array(t.data) for t in gguf.GGUFReader(f16).tensors]
+    t_raw = best_time(lambda: raw_write(arrays, out / "raw.bin"), args.repeats)
+    (out / "raw.bin").unlink()
+    print(f"gguf_convert f16: {t_convert * 1e3:.1f} ms, numpy writing the same bytes {t_raw * 1e3:.1f} ms "
+          f"({t_convert / t_raw:.1f}x the time)")
 
-        t_export = best_time(lambda: export_hf(checkpoint, tmp / "hf"), args.repeats)
-        f16 = tmp / "model-f16.gguf"
-        t_convert = best_time(lambda: convert_to_gguf(tmp / "hf", f16, "f16"), args.repeats)
-        arrays = [np.array(t.data) for t in gguf.GGUFReader(f16).tensors]
-        t_raw = best_time(lambda: raw_write(arrays, tmp / "raw.bin"), args.repeats)
-        size_mb = f16.stat().st_size / 1e6
-        print(f"export (safetensors):   {t_export * 1e3:8.1f} ms")
-        print(f"gguf_convert f16:       {t_convert * 1e3:8.1f} ms  {size_mb / t_convert:8.1f} MB/s  ({size_mb:.1f} MB)")
-        print(f"raw write, same bytes:  {t_raw * 1e3:8.1f} ms  {size_mb / t_raw:8.1f} MB/s")
-        print(f"convert / raw write:    {t_convert / t_raw:8.1f}x the time")
+    imatrix = out / "imatrix.gguf"
+    started = time.perf_counter()
+    tinygpt("imatrix", "--gguf", str(f16), "--tokens", str(data / "train.bin"), "--out", str(imatrix),
+            "--chunks", str(args.imatrix_chunks), log=out / "imatrix.log")
+    print(f"imatrix: {args.imatrix_chunks} chunks of training tokens in {time.perf_counter() - started:.1f} s")
+    weighted = "imatrix" in inspect.signature(quantize_gguf).parameters
+    if not weighted:
+        print("quantize_gguf takes no importance matrix yet: the with-imatrix rows are skipped")
 
-        tokens = eval_tokens(args.val_bin, args.eval_tokens, cfg.vocab_size)
-        rows = {"float checkpoint": model, "f16 GGUF": load_gguf(f16)[0]}
-        try:
-            from tinygpt.export.quantize import quantize_gguf
-        except ImportError:
-            print("tinygpt.export.quantize not available: q4_k_m skipped")
-        else:
-            q4 = tmp / "model-q4_k_m.gguf"
-            t_quant = best_time(lambda: quantize_gguf(f16, q4, "q4_k_m"), 1)
-            print(f"quantize q4_k_m:        {t_quant * 1e3:8.1f} ms  ({q4.stat().st_size / 1e6:.1f} MB)")
-            rows["q4_k_m GGUF"] = load_gguf(q4)[0]
-        source = f"{args.val_bin}" if args.val_bin else "random tokens"
-        print(f"perplexity on {len(tokens)} tokens of {source}:")
-        base = None
-        for name, m in rows.items():
-            ppl = perplexity(m, tokens)
-            base = base or ppl
-            print(f"  {name:<18} {ppl:10.3f}  ({ppl / base:.4f}x the float model)")
+    reference, tokenizer = load_gguf(f16)
+    tokens = np.array(tokenizer.encode(held_out.read_text(encoding="utf-8")), dtype=np.int64)
+    n_ctx = reference.config.block_size
+    print(f"held out: {info['scored_documents']} documents never trained on, {len(tokens):,} tokens; "
+          f"KL over the second half of the first {args.eval_chunks} chunks of {n_ctx}")
+    header = (f"{'type':<8} {'imatrix':<7} {'MiB':>6} {'bpw':>6} {'PPL':>8} {'vs f16':>8} {'mean KLD':>9} "
+              f"{'99% KLD':>8} {'same top':>8} {'KLD without/with':>16}")
+    print(header)
+    results = []
+    for qtype in ["f16", *args.types]:
+        for with_imatrix in ([False] if qtype == "f16" else [False, True] if weighted else [False]):
+            path = f16 if qtype == "f16" else out / f"model-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
+            if qtype != "f16":
+                quantize_gguf(f16, path, qtype, **({"imatrix": imatrix} if with_imatrix else {}))
+            model = reference if qtype == "f16" else load_gguf(path)[0]
+            kl = kl_divergence(model, reference, tokens, n_ctx, args.eval_chunks, show_progress=False)
+            row = {"type": qtype, "imatrix": with_imatrix, "mib": path.stat().st_size / 2**20,
+                   "bpw": bits_per_weight(path), **kl.__dict__}
+            results.append(row)
+            without = next((r for r in results if r["type"] == qtype and not r["imatrix"]), row)
+            gain = f"{without['mean_kld'] / row['mean_kld']:.2f}x" if with_imatrix and row["mean_kld"] else ""
+            print(f"{qtype:<8} {'yes' if with_imatrix else 'no':<7} {row['mib']:>6.2f} {row['bpw']:>6.2f} "
+                  f"{kl.ppl:>8.3f} {kl.ppl_ratio - 1:>+8.2%} {kl.mean_kld:>9.5f} {kl.kld_p99:>8.4f} "
+                  f"{kl.same_top:>8.2%} {gain:>16}", flush=True)
+    (out / "results.json").write_text(json.dumps({"corpus": info, "arch": args.arch, "max_steps": args.max_steps,
+                                                  "imatrix_chunks": args.imatrix_chunks, "n_ctx": n_ctx,
+                                                  "threads": torch.get_num_threads(), "results": results}, indent=2))
+    print(f"results in {out / 'results.json'}")
 
 
 if __name__ == "__main__":
