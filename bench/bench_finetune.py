@@ -3,6 +3,7 @@ pretrained model buys over training from scratch.
 
     python bench/bench_finetune.py speed                  # SmolLM2-135M and Qwen2.5-0.5B shapes, full and LoRA
     python bench/bench_finetune.py speed --shapes smollm2-135m --modes lora
+    python bench/bench_finetune.py interleaved --layers 4 # tokens/s only, ours and the peer alternating
     python bench/bench_finetune.py adapt --budget 120     # the toy model on the Python docs vs from scratch
 
 `speed`: models of the real shapes and vocabularies (random weights: the shapes are what costs), built from
@@ -163,6 +164,42 @@ def speed(args) -> list[dict]:
     return rows
 
 
+def interleaved(args) -> list[dict]:
+    """Speed only, on a busy machine: ours and the peer built in one process, their steps alternating, so that
+    both see the same load; `--layers` keeps the real widths and vocabulary with fewer blocks."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for shape in args.shapes:
+        SHAPES[f"{shape}/{args.layers}"] = dict(SHAPES[shape], num_hidden_layers=args.layers or
+                                                SHAPES[shape]["num_hidden_layers"])
+        for mode in args.modes:
+            impls = ["ours", "peft" if mode == "lora" else "transformers"]
+            built = {}
+            for impl in impls:
+                torch.manual_seed(0)
+                model, loss_of = build(f"{shape}/{args.layers}", mode, impl)
+                params = [p for p in model.parameters() if p.requires_grad]
+                built[impl] = (loss_of, torch.optim.AdamW(params, lr=1e-4, fused=True))
+            tokens = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq + 1))
+            times: dict[str, list[float]] = {impl: [] for impl in impls}
+            for step in range(args.steps + 1):
+                for impl, (loss_of, optimizer) in built.items():
+                    x, y = (tokens[:, :-1], tokens[:, 1:]) if impl == "ours" else (tokens[:, :-1], tokens[:, :-1])
+                    started = time.perf_counter()
+                    loss_of(x, y).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if step:
+                        times[impl].append(time.perf_counter() - started)
+            speed_of = {impl: args.batch * args.seq / statistics.median(t) for impl, t in times.items()}
+            rows.append({"shape": shape, "layers": args.layers, "mode": mode, "tokens_per_s": speed_of})
+            print(f"{shape:<14} {args.layers or 'all':>6} {mode:<5} ours {speed_of['ours']:8.1f} tokens/s, "
+                  f"{impls[1]} {speed_of[impls[1]]:8.1f}: {speed_of['ours'] / speed_of[impls[1]]:.2f}x", flush=True)
+    return rows
+
+
 # --- adapt: the pretrained toy model on new text -------------------------------------------------------------
 
 
@@ -260,13 +297,21 @@ def main() -> None:
     s.add_argument("--seq", type=int, default=256)
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    i = sub.add_parser("interleaved", help="tokens/s only, ours and the peer alternating in one process")
+    i.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    i.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    i.add_argument("--layers", type=int, default=0, help="blocks kept (0: all); widths and vocabulary stay real")
+    i.add_argument("--batch", type=int, default=1)
+    i.add_argument("--seq", type=int, default=256)
+    i.add_argument("--steps", type=int, default=3)
+    i.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     a = sub.add_parser("adapt", help="the toy model fine-tuned on the Python docs vs training from scratch")
     a.add_argument("--budget", type=float, default=120, help="training seconds per run")
     a.add_argument("--pretrain", type=float, default=240, help="training seconds of the toy model")
     a.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3], help="fine-tuning learning rates to try")
     a.add_argument("--work", default="bench-quality", help="bench_quality's folder (corpus reused)")
     args = parser.parse_args()
-    rows = speed(args) if args.part == "speed" else adapt(args)
+    rows = {"speed": speed, "interleaved": interleaved, "adapt": adapt}[args.part](args)
     Path(f"bench-finetune-{args.part}.json").write_text(json.dumps(rows, indent=2))
 
 
