@@ -1,7 +1,7 @@
 """A fast reader of a GGUF file's metadata and tensor table; each tensor read on demand into fresh memory.
 
 gguf-py's GGUFReader builds numpy views for every item of every array: on a file with a 150k-token vocabulary
-(Qwen2.5, Llama 3) opening it takes minutes. Reading the same layout (GGUF_SPEC.md, the container) with
+(Qwen2.5, Llama 3) opening it takes minutes. Reading the same layout (docs/gguf.md#the-container) with
 `struct` takes a fraction of a second. The objects answer the part of GGUFReader's interface that the model
 reader uses (`get_field(key).contents()`, `tensors` with name, shape, tensor_type, data), so either works.
 
