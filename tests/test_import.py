@@ -12,6 +12,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -278,3 +279,29 @@ def test_other_architectures_and_sentencepiece_are_refused(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"not a model")
     with pytest.raises(TinyGPTError, match="neither a tinygpt checkpoint nor a GGUF file"):
         read_model(tmp_path / "x.bin")
+
+
+def test_an_embedding_padded_beyond_the_tokenizer_exports_and_converts(tmp_path):
+    """Qwen2.5 ships 151,936 embedding rows for 151,665 tokens: the rows past the tokenizer become UNUSED [PAD]
+    tokens in the GGUF file (as convert_hf_to_gguf writes them), and the HF export keeps every row."""
+    tokenizer = tiny_tokenizer()
+    config_class, settings = FAMILIES["qwen2"]
+    config = getattr(transformers, config_class)(vocab_size=tokenizer.vocab_size + 6, **settings)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    config_ours, state, _, _ = read_model(save_folder(model, tmp_path / "hf"))
+    assert config_ours.vocab_size == tokenizer.vocab_size + 6
+    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", ours(config_ours, state), tokenizer)
+    export = export_hf(ckpt, tmp_path / "export")
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(export, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    path = convert_to_gguf(export, tmp_path / "model-f32.gguf", "f32")
+    reader = gguf.GGUFReader(path)
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
+    assert len(tokens) == config.vocab_size and tokens[-1] == f"[PAD{config.vocab_size - 1}]"
+    assert types[tokenizer.vocab_size:] == [5] * 6 and 5 not in types[:tokenizer.vocab_size]  # 5: UNUSED
+    config_back, state_back, _, _ = read_model(path)
+    assert config_back == config_ours
+    np.testing.assert_allclose(logits_of(ours(config_back, state_back), IDS), logits_of(model, IDS), rtol=0,
+                               atol=1e-4)

@@ -132,7 +132,7 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16"
     config = read_hf_config(model_dir)
     tensors = gguf_tensors(model_dir, config)
     tokenizer = Tokenizer.load(model_dir / "tokenizer.json")
-    if tokenizer.vocab_size != config.vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:  # fewer is Qwen2's padded embedding: [PAD] rows
         raise TinyGPTError(
             f"{model_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but config.json says "
             f"vocab_size={config.vocab_size}; re-run tinygpt export"
@@ -144,7 +144,7 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16"
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_model_metadata(writer, config)
-        add_tokenizer_metadata(writer, tokenizer)
+        add_tokenizer_metadata(writer, tokenizer, n_vocab=config.vocab_size)
         for tensor_name, data in progress(tensors.items(), total=len(tensors), desc=f"gguf {outtype}", unit="tensor"):
             qtype = tensor_type(tensor_name, data, weight_type)
             writer.add_tensor(tensor_name, encode_tensor(data, qtype), raw_dtype=qtype)

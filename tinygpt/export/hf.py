@@ -137,7 +137,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     ckpt = load_checkpoint(checkpoint)
     config, state = checked_model_state(ckpt, checkpoint)
     tokenizer = Tokenizer.from_json_str(ckpt["tokenizer_json"])
-    if tokenizer.vocab_size != config.vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:  # fewer: embedding rows no token uses (Qwen2 pads to 64)
         raise TinyGPTError(
             f"checkpoint {checkpoint}: its tokenizer has {tokenizer.vocab_size} tokens but the model has "
             f"vocab_size={config.vocab_size}; the checkpoint mixes two runs, re-create it with tinygpt train"
