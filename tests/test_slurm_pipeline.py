@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -194,11 +195,12 @@ def two_nodes(cluster: SlurmCluster, built: Path, tmp_path: Path) -> Path:
 
 
 def check_a_deterministic_failure_is_submitted_once(cluster: SlurmCluster, built: Path, tmp_path: Path) -> None:
-    """A setting training refuses (a context longer than the token files): one train job, failed, its message in
-    the log; no resubmission (the old profile retried any failure of the train rule 20 times)."""
+    """Validation tokens training refuses (ids beyond the vocabulary, as from another tokenizer): one train job,
+    failed, its message in the log; no resubmission (the old profile retried any failure of the train rule 20
+    times). (A bad setting would be refused before any job, by the config checks.)"""
     project = tmp_path / "refused"
     shutil.copytree(built, project, symlinks=True, copy_function=shutil.copy2)
-    edit_config(project, "model", "block_size", 1_000_000)
+    np.full(100, 5000, dtype=np.uint16).tofile(project / "data" / "tokens" / "val.bin")  # newer: train reruns
     profile = slurm_profile(cluster, tmp_path / "profile3" / "slurm")
     before = {job["JobID"] for job in slurm_jobs(cluster)}
     proc = start_snakemake(project, cluster.env, "--workflow-profile", str(profile))
@@ -206,7 +208,7 @@ def check_a_deterministic_failure_is_submitted_once(cluster: SlurmCluster, built
     assert proc.returncode != 0
     jobs = [job for job in slurm_jobs(cluster, "--duplicates") if job["JobID"] not in before and "." not in job["JobID"]]
     assert [(job["Comment"], job["State"]) for job in jobs] == [("rule_train", "FAILED")]
-    assert "fewer than the 1000001 tokens" in (project / "logs" / "train.log").read_text()
+    assert "val.bin holds token id 5000, beyond vocab_size" in (project / "logs" / "train.log").read_text()
 
 
 def test_slurm_profile_builds_what_a_local_run_builds_and_resumes_a_stopped_training(slurm, tmp_path):
