@@ -24,7 +24,7 @@ def check_config(config: dict, schema: dict, source: str = "config.yaml") -> dic
     if errors:
         raise TinyGPTError(f"{source}: {describe(errors[0])}")
     config = with_recipe(with_defaults(config, schema))
-    problem = contradiction(config) or start_contradiction(config, schema)
+    problem = contradiction(config) or start_contradiction(config, schema) or chat_contradiction(config)
     if problem:
         raise TinyGPTError(f"{source}: {problem}")
     return config
@@ -114,6 +114,17 @@ def start_contradiction(config: dict, schema: dict) -> str | None:
     if vocab != vocab_default and vocab != source["vocab_size"]:
         return (f"train_bpe.vocab_size {vocab} contradicts train.init_from {init_from}, whose tokenizer the pipeline "
                 f"uses ({source['vocab_size']} tokens); remove train_bpe.vocab_size from the config")
+    return None
+
+
+def chat_contradiction(config: dict) -> str | None:
+    """Chat settings that cannot hold together. (A context beyond what a gpt2 base's learned positions allow is
+    the chat_train stage's error: a base-only build never needs the chat settings to fit.)"""
+    chat = config["chat"]
+    if chat["source"] == "file" and not chat["paths"]:
+        return "chat.source is file but chat.paths is empty; list the JSON lines or Parquet files of conversations"
+    if chat["min_lr"] > chat["lr"]:
+        return f"chat.min_lr ({chat['min_lr']}) is above chat.lr ({chat['lr']}); the schedule decays lr to min_lr"
     return None
 
 
