@@ -96,6 +96,8 @@ def test_command_line_values_are_read_as_yaml():
         ({"model": {"arch": "gpt2", "n_kv_head": 2}}, "model.n_kv_head is set but model.arch is gpt2"),
         ({"model": {"arch": "llama", "n_kv_head": 3}}, "model.n_head (4) is not a multiple of model.n_kv_head (3)"),
         ({"model": {"arch": "llama", "n_embd": 20, "n_head": 4}}, "model.n_embd / model.n_head = 5 is odd"),
+        ({"chat": {"source": "file"}}, "chat.source is file but chat.paths is empty"),
+        ({"chat": {"lr": 0.001, "min_lr": 0.01}}, "chat.min_lr (0.01) is above chat.lr (0.001)"),
     ],
 )
 def test_contradicting_settings_are_rejected_before_any_job(changes, expected):
