@@ -37,32 +37,36 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# The same format in Ollama's Go-template syntax (the Modelfile's TEMPLATE). Ollama passes the conversation as
-# .Messages (the Modelfile's SYSTEM already inserted as a first system message, unless the request has one)
-# and expects the template itself to open the assistant's turn: after a last message that is not the
-# assistant's, "<|im_start|>assistant\n" follows; a last assistant message is left open (Ollama continues it).
-# Without .Messages (the /api/generate endpoint) it renders .System and .Prompt the same way.
-OLLAMA_TEMPLATE = (
-    "{{- if .Messages }}\n"
-    "{{- range $i, $_ := .Messages }}\n"
-    "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
-    "{{- if and (eq .Role \"assistant\") $last }}<|im_start|>assistant\n"
-    "{{ .Content }}\n"
-    "{{- else }}<|im_start|>{{ .Role }}\n"
-    "{{ .Content }}<|im_end|>\n"
-    "{{ if $last }}<|im_start|>assistant\n"
-    "{{ end }}\n"
-    "{{- end }}\n"
-    "{{- end }}\n"
-    "{{- else }}\n"
-    "{{- if .System }}<|im_start|>system\n"
-    "{{ .System }}<|im_end|>\n"
-    "{{ end }}\n"
-    "{{- if .Prompt }}<|im_start|>user\n"
-    "{{ .Prompt }}<|im_end|>\n"
-    "{{ end }}<|im_start|>assistant\n"
-    "{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"
-)
+# The same format in Ollama's Go-template syntax (the Modelfile's TEMPLATE). Ollama gathers the system messages
+# (the Modelfile's SYSTEM, unless the request has its own) into .System and keeps them in .Messages too, so the
+# system turn is rendered once from .System and skipped in the loop (as Ollama's Qwen2.5 template does). The
+# template itself opens the assistant's turn after a last user message; a last assistant message is left open
+# (Ollama continues it). Without .Messages (a legacy prompt) it renders .System, .Prompt and .Response alike.
+OLLAMA_TEMPLATE = """{{- if .Messages }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ if $last }}<|im_start|>assistant
+{{ end }}
+{{- else if eq .Role "assistant" }}<|im_start|>assistant
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- end }}
+{{- else }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- if .Prompt }}<|im_start|>user
+{{ .Prompt }}<|im_end|>
+{{ end }}<|im_start|>assistant
+{{ .Response }}{{ if .Response }}<|im_end|>
+{{ end }}
+{{- end }}"""
 
 
 def _role_and_content(message: Mapping, index: int) -> tuple[str, str]:
