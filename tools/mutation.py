@@ -1,14 +1,17 @@
 """Mutation testing of the modules where a silent bug costs most (a slow check run by hand, not in CI).
 
     pip install -e .[test,mutation]
-    nice python tools/mutation.py                       # every group, every mutant: hours on 2 cores
-    nice python tools/mutation.py quants --sample 120   # a random sample of quants.py's mutants (seeded)
+    nice python tools/mutation.py                              # every group, every mutant: hours on 2 cores
+    nice python tools/mutation.py quants --sample 120          # 120 of quants.py's mutants, drawn at random (seeded)
+    nice -n 15 python tools/mutation.py model --sample 70 --seed 19 --workdir /tmp/tinygpt-mutation
 
 Each group mutates its modules with mutmut in a snapshot of the committed tree (`git archive HEAD`, so edits in
 progress neither disturb the run nor get mutated) and runs only the tests that cover each mutated function, from
 the test files named below. The shared settings are `[tool.mutmut]` in pyproject.toml; this script adds each
-group's modules and tests. It prints, per module, the mutants killed, survived and not covered, and writes the
-survivors' names to <workdir>/<group>.survivors.txt (`mutmut show NAME` in <workdir>/<group> shows the diff).
+group's modules and tests. `--sample N` draws N mutants of each module (all of a module that has N or fewer),
+with `random.Random(seed).sample` over the sorted mutant names. One mutmut worker by default (`--workers`).
+It prints, per module, the mutants killed (a timeout counts as killed), survived and not covered, and writes
+the survivors' names to <workdir>/<group>.survivors.txt (`mutmut show NAME` in <workdir>/<group> shows the diff).
 See docs/testing.md#mutation-testing for the scores and what the survivors are.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import tempfile
@@ -24,17 +28,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+GAPS = "tests/test_mutation_gaps.py"  # the tests that closed survivors, for every group
 # group: (modules, test files, extra pytest arguments)
 GROUPS = {
     "quants": (["tinygpt/export/quants.py"],
-               ["tests/test_quants.py", "tests/test_quantize.py", "tests/test_imatrix_quants.py"], []),
-    "clean": (["tinygpt/data/clean.py"], ["tests/test_clean.py"], []),
-    "bpe": (["tinygpt/tokenizer/bpe.py"], ["tests/test_tokenizer.py", "tests/test_train_bpe.py"], []),
-    # the kill/resume, DDP and stop-signal runs take minutes per mutant: left out
-    "model": (["tinygpt/model/train.py", "tinygpt/model/optim.py"], ["tests/test_train.py", "tests/test_checkpoint.py"],
-              ["-k", "not killed_run and not ddp and not stop_signal"]),
+               ["tests/test_quants.py", "tests/test_quantize.py", "tests/test_imatrix_quants.py", GAPS], []),
+    "clean": (["tinygpt/data/clean.py"], ["tests/test_clean.py", GAPS], []),
+    "bpe": (["tinygpt/tokenizer/bpe.py"], ["tests/test_tokenizer.py", "tests/test_train_bpe.py", GAPS], []),
+    # Every training run in these tests measures a matmul peak, ~10 s on 2 cores: mutation_fast_peak.py makes it
+    # a constant (`--amp auto` is then fp32). Left out: the runs in subprocesses (SIGKILL/resume, DDP, torchrun,
+    # stop signal), which take minutes per mutant and do not see the mutant when run under torchrun, and the
+    # snakemake rerun test of init_from.
+    "model": (["tinygpt/model/train.py", "tinygpt/model/optim.py"],
+              ["tests/test_train.py", "tests/test_checkpoint.py", "tests/test_init_from.py", "tests/test_lora.py", GAPS],
+              ["-p", "mutation_fast_peak", "-k", "not killed and not ddp and not stop_signal and not ranks_take "
+               "and not reruns_what_depends"]),
 }
-KILLED = {1, 3}  # mutmut's exit codes: 1 a test failed, 3 pytest's internal error; 0 survived
+KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's exit codes: a test failed, pytest's internal error, timeouts
 NO_TESTS = {5, 33}
 
 
@@ -68,36 +78,52 @@ def results(where: Path) -> dict[str, int | None]:
     return found
 
 
-def run_group(group: str, workdir: Path, sample: int, seed: int) -> None:
+def module_prefix(module: str) -> str:
+    """The start of the names mutmut gives the mutants of `module` ("tinygpt.model.optim.x_cosine_lr__mutmut_1")."""
+    return module.removesuffix(".py").replace("/", ".") + "."
+
+
+def sampled(names: list[str], modules: list[str], sample: int, seed: int) -> list[str]:
+    """`sample` mutants of each module (all where it has no more), the same ones for the same seed and tree."""
+    if not sample:
+        return sorted(names)
+    chosen: list[str] = []
+    for module in modules:
+        own = sorted(n for n in names if n.startswith(module_prefix(module)))
+        chosen += random.Random(seed).sample(own, min(sample, len(own)))
+    return sorted(chosen)
+
+
+def run_group(group: str, workdir: Path, sample: int, seed: int, workers: int) -> None:
     where = snapshot(group, workdir)
     log = open(workdir / f"{group}.log", "a")
-    mutmut = ["mutmut", "run", "--max-children", "2"]
+    mutmut = ["mutmut", "run", "--max-children", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(where / "tools")}  # the model group's pytest plugin
     if not (where / "mutants").exists():  # generate the mutants and map tests to functions; run none yet
-        subprocess.run(mutmut + ["no-mutant-has-this-name"], cwd=where, stdout=log, stderr=log, check=True)
-    names = sorted(results(where))
-    if sample:
-        names = sorted(random.Random(seed).sample(names, min(sample, len(names))))
+        subprocess.run(mutmut + ["no-mutant-has-this-name"], cwd=where, env=env, stdout=log, stderr=log, check=True)
+    names = sampled(list(results(where)), GROUPS[group][0], sample, seed)
     todo = [n for n in names if results(where)[n] is None]
     if todo:
-        subprocess.run(mutmut + todo, cwd=where, stdout=log, stderr=log)
+        subprocess.run(mutmut + todo, cwd=where, env=env, stdout=log, stderr=log)
     done = results(where)
     survivors = [n for n in names if done[n] == 0]
     (workdir / f"{group}.survivors.txt").write_text("".join(n + "\n" for n in survivors))
     for module in GROUPS[group][0]:
-        prefix = module.removesuffix(".py").replace("/", ".") + "."
+        prefix = module_prefix(module)
         codes = Counter("killed" if done[n] in KILLED else "survived" if done[n] == 0 else
                         "no tests" if done[n] in NO_TESTS else "other" for n in names if n.startswith(prefix))
         tested = codes["killed"] + codes["survived"]
         score = f"{100 * codes['killed'] / tested:.0f}%" if tested else "-"
-        print(f"{module}: {score} killed ({codes['killed']} of {tested} covered mutants; "
-              f"{codes['no tests']} not covered by the group's tests, {codes['other']} timeouts or crashes)")
+        print(f"{module}: {score} killed ({codes['killed']} of {tested} covered mutants, timeouts counted as killed; "
+              f"{codes['no tests']} not covered by the group's tests, {codes['other']} not run or crashed)")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("groups", nargs="*", help=f"some of {', '.join(GROUPS)} (default: all)")
-    parser.add_argument("--sample", type=int, default=0, help="mutants per group, drawn at random (0: all)")
-    parser.add_argument("--seed", type=int, default=19)
+    parser.add_argument("--sample", type=int, default=0, help="mutants per module, drawn at random (0: all)")
+    parser.add_argument("--seed", type=int, default=19, help="of the sample")
+    parser.add_argument("--workers", type=int, default=1, help="mutants tested at once (mutmut's --max-children)")
     parser.add_argument("--workdir", type=Path, help="where the snapshots live (reused: results are cached)")
     args = parser.parse_args(argv)
     if set(args.groups) - set(GROUPS):
@@ -106,7 +132,7 @@ def main(argv=None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"snapshots and logs in {workdir}")
     for group in args.groups or GROUPS:
-        run_group(group, workdir.resolve(), args.sample, args.seed)
+        run_group(group, workdir.resolve(), args.sample, args.seed, args.workers)
 
 
 if __name__ == "__main__":
