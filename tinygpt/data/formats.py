@@ -38,7 +38,7 @@ import sys
 import urllib.parse
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from tinygpt.common import EOT, TinyGPTError
 
@@ -201,8 +201,13 @@ def _document_bytes(doc: str) -> bytes:
     return doc.encode("utf-8", "surrogatepass") + DOC_END
 
 
-def _jsonl_documents(stream: BinaryIO, path: Path | str, field: str) -> Iterator[bytes]:
-    remover = _EotRemover(path, "line")
+TEXT_FIELD_HINT = "set download.text_field (--text_field) to the field that holds the text"
+
+
+def _jsonl_values(stream: BinaryIO, path: Path | str, field: str, what: str = "text",
+                  hint: str = TEXT_FIELD_HINT) -> Iterator[tuple[int, object]]:
+    """(line number, the value of `field`) of each JSON object in a JSON lines stream; blank lines are skipped.
+    Messages call the value `what`; `hint` says how to name another field when a line has none by that name."""
     for number, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -217,12 +222,16 @@ def _jsonl_documents(stream: BinaryIO, path: Path | str, field: str) -> Iterator
                                "JSON must be UTF-8, so convert the file first") from None
         if not isinstance(record, dict):
             raise TinyGPTError(f"{path} line {number} is a JSON {type(record).__name__}, not an object; give one "
-                               f"object per line with the text in field {field!r}")
+                               f"object per line with the {what} in field {field!r}")
         if field not in record:
             fields = ", ".join(map(repr, list(record)[:8])) or "none"
-            raise TinyGPTError(f"{path} line {number} has no field {field!r} (its fields: {fields}); set "
-                               "download.text_field (--text_field) to the field that holds the text")
-        text = record[field]
+            raise TinyGPTError(f"{path} line {number} has no field {field!r} (its fields: {fields}); {hint}")
+        yield number, record[field]
+
+
+def _jsonl_documents(stream: BinaryIO, path: Path | str, field: str) -> Iterator[bytes]:
+    remover = _EotRemover(path, "line")
+    for number, text in _jsonl_values(stream, path, field):
         if not isinstance(text, str):
             kind = "null" if text is None else type(text).__name__
             raise TinyGPTError(f"{path} line {number}: field {field!r} is {kind}, not a string; every line needs "
@@ -246,7 +255,11 @@ def _check_text_column(schema, path: Path | str, column: str) -> None:
                            "(--text_field) to a text column")
 
 
-def _parquet_documents(source, path: Path | str, column: str) -> Iterator[bytes]:
+def _parquet_values(source, path: Path | str, column: str, check_column: Callable[[object, Path | str, str], None],
+                    what: str = "a string") -> Iterator[tuple[int, object]]:
+    """(row number from 1, the value of `column`) of each row of a Parquet file, a batch of rows at a time;
+    `check_column(schema, path, column)` refuses a file without a fitting column; a null value (messages call the
+    value `what`) is an error."""
     import pyarrow as pa  # only needed for Parquet files
     import pyarrow.parquet as pq
 
@@ -255,23 +268,28 @@ def _parquet_documents(source, path: Path | str, column: str) -> Iterator[bytes]
     except (pa.ArrowException, OSError) as e:
         raise TinyGPTError(f"{path} is not a readable Parquet file ({e}); check the file, or force "
                            "--format text/jsonl if it is not Parquet") from None
-    remover = _EotRemover(path, "row")
     row = 0
     with parquet:
-        _check_text_column(parquet.schema_arrow, path, column)
+        check_column(parquet.schema_arrow, path, column)
         try:
             # one thread: the download rule is given one CPU, and pyarrow's pool would take them all
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column], use_threads=False):
                 values = batch.column(0)
                 if values.null_count:
                     first = next(i for i, valid in enumerate(values.is_valid().to_pylist()) if not valid)
-                    raise TinyGPTError(f"{path} row {row + first + 1}: column {column!r} is null, not a string; "
-                                       "drop or fill the rows without text")
-                for text in values.to_pylist():
+                    raise TinyGPTError(f"{path} row {row + first + 1}: column {column!r} is null, not {what}; "
+                                       "drop or fill those rows")
+                for value in values.to_pylist():
                     row += 1
-                    yield _document_bytes(remover(text, row))
+                    yield row, value
         except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             raise TinyGPTError(f"{path} is a damaged Parquet file (error after row {row}: {e}); check the file") from None
+
+
+def _parquet_documents(source, path: Path | str, column: str) -> Iterator[bytes]:
+    remover = _EotRemover(path, "row")
+    for row, text in _parquet_values(source, path, column, _check_text_column):
+        yield _document_bytes(remover(text, row))
     remover.report()
 
 
@@ -285,6 +303,19 @@ def url_file_name(url: str) -> str:
     return urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
 
 
+@contextlib.contextmanager
+def _reading(file: Path, compression: str | None, path: Path | str) -> Iterator[BinaryIO]:
+    """`file` opened (see open_decompressed); a truncated or unreadable stream becomes one TinyGPTError naming `path`."""
+    try:
+        with open_decompressed(file, compression) as stream:
+            yield stream
+    except _stream_errors() as e:
+        if compression is None:
+            raise TinyGPTError(f"cannot read {path} ({e}); check the file and its permissions") from None
+        raise TinyGPTError(f"{path} is not a complete {compression} stream ({e}); the file is truncated or "
+                           "corrupt: fetch or compress it again") from None
+
+
 def read_as_corpus(file: str | os.PathLike, format: str = "auto", text_field: str = "text",
                    url: str | None = None) -> Iterator[bytes]:
     """The bytes that `file` adds to the raw corpus, in blocks (see the module docstring). A file downloaded from
@@ -292,17 +323,32 @@ def read_as_corpus(file: str | os.PathLike, format: str = "auto", text_field: st
     file = Path(file)
     format, compression = detect(url_file_name(url) if url else file.name, format)
     path = url or file  # what messages call it
-    try:
-        with open_decompressed(file, compression) as stream:
-            if format == "text":
-                yield from _text_blocks(stream)
-            elif format == "jsonl":
-                yield from _jsonl_documents(stream, path, text_field)
-            else:  # Parquet needs random access: a compressed file is decompressed into memory
-                yield from _parquet_documents(file if compression is None else io.BytesIO(stream.read()),
-                                              path, text_field)
-    except _stream_errors() as e:
-        if compression is None:
-            raise TinyGPTError(f"cannot read {path} ({e}); check the file and its permissions") from None
-        raise TinyGPTError(f"{path} is not a complete {compression} stream ({e}); the file is truncated or "
-                           "corrupt: fetch or compress it again") from None
+    with _reading(file, compression, path) as stream:
+        if format == "text":
+            yield from _text_blocks(stream)
+        elif format == "jsonl":
+            yield from _jsonl_documents(stream, path, text_field)
+        else:  # Parquet needs random access: a compressed file is decompressed into memory
+            yield from _parquet_documents(file if compression is None else io.BytesIO(stream.read()),
+                                          path, text_field)
+
+
+def read_records(file: str | os.PathLike, field: str, check_column: Callable[[object, Path | str, str], None],
+                 format: str = "auto", what: str = "data", hint: str = "") -> Iterator[tuple[str, object]]:
+    """(where, value) of `field` in each record of a JSON lines or Parquet file (compressed or not, told as in
+    read_as_corpus), where = "<file> line N" or "<file> row N" for messages about that value. The value is
+    whatever JSON or Arrow holds (a list of dicts, ...), checked by the caller. `check_column(schema, path,
+    column)` refuses a Parquet file without a fitting column; `what` and `hint` word the errors about the field."""
+    file = Path(file)
+    format, compression = detect(file.name, format)
+    if format == "text":
+        raise TinyGPTError(f"{file} is neither JSON lines nor Parquet (by its name); give .jsonl or .parquet "
+                           "files, or force --format jsonl or parquet")
+    with _reading(file, compression, file) as stream:
+        if format == "jsonl":
+            for number, value in _jsonl_values(stream, file, field, what, hint or f"give every line a {field!r} field"):
+                yield f"{file} line {number}", value
+        else:
+            source = file if compression is None else io.BytesIO(stream.read())
+            for row, value in _parquet_values(source, file, field, check_column, what):
+                yield f"{file} row {row}", value

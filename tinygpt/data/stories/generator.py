@@ -180,6 +180,41 @@ class Teller:
             fav_color=pick(COLORS),
         )
 
+    def fix(self, name: str | None = None, kind: str | None = None, pet: str | None = None,
+            pet_kind: str | None = None, place: str | None = None, obj: str | None = None) -> None:
+        """Replace parts of the drawn cast (before any beat is told), keeping the fields derived from them in step.
+
+        `kind` "girl"/"boy" sets the hero's pronouns, another kind keeps the drawn ones; `pet_kind` must be a PETS
+        kind and `place` a PLACES place. Used to tell a story that someone asked for (tinygpt.data.stories.chat_tasks);
+        the corpus never calls it, so `story` draws exactly as before.
+        """
+        c, pick = self.ctx, self.pick
+        if kind is not None:
+            if kind in ("girl", "boy"):
+                c["he"], c["him"], c["his"] = ("she", "her", "her") if kind == "girl" else ("he", "him", "his")
+            human = (kind in ("girl", "boy"), c["kind"] in ("girl", "boy"))
+            c["kind"] = kind
+            self.set(a_kind=with_article(kind), himself="{him}self")
+            if human[0] != human[1]:
+                c["looks"] = pick(KID_LOOKS if human[0] else ANIMAL_LOOKS)
+        if name is not None:
+            c["name"] = name
+        if pet is not None:
+            c["pet"] = pet
+        while c["friend"] in (c["name"], c["pet"]):  # nobody shares a name
+            c["friend"] = pick(ANIMAL_NAMES if c["fkind"] not in ("girl", "boy") else
+                               GIRL_NAMES if c["fhe"] == "she" else BOY_NAMES)
+        if pet_kind is not None:
+            c["pet_kind"], c["pet_sound"] = next(row for row in PETS if row[0] == pet_kind)
+            c["a_pet_kind"] = with_article(pet_kind)
+        if place is not None:
+            c["place"], c["at_place"] = next(row for row in PLACES if row[0] == place)
+        if obj is not None:
+            c["obj_desc"] = c["obj_desc"][: len(c["obj_desc"]) - len(c["obj"])] + obj  # keep its look and color
+            c["obj"], c["a_obj"] = obj, with_article(c["obj_desc"])
+        for key in [k for k in c if k[:1].isupper()]:  # capitalised copies are remade from the new fields
+            del c[key]
+
     def use(self, table: Sequence[tuple[str, ...]], *keys: str) -> None:
         """Pick one row of an arc's table and store its cells under `keys` (templates are filled in)."""
         self.set(**dict(zip(keys, self.pick(table))))
