@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from tinygpt.tokenizer import bpe as tokenizer_module
 from tinygpt.common import TinyGPTError
 from tinygpt.tokenizer.bpe import ASCII_PATTERN, BYTE_TO_UNICODE, EOT, GPT2_PATTERN, Tokenizer, pretokenize
+from tinygpt.tokenizer.chat import IM_END, IM_START
 from tinygpt.tokenizer.train_bpe import train_bpe
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -62,7 +63,7 @@ def hf_tok(tok, tmp_path_factory):
 def tiktoken_enc(tok):
     ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
     return tiktoken.Encoding("tinygpt-test", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT: tok.eot_id})
+                             special_tokens=tok.special_tokens)
 
 
 def test_byte_alphabet_matches_hf_bytelevel():
@@ -72,8 +73,9 @@ def test_byte_alphabet_matches_hf_bytelevel():
 
 
 def test_id_layout(tok):
-    assert tok.vocab_size == 700 and len(tok.merges) == 700 - 257
-    assert tok.eot_id == tok.vocab_size - 1 == tok.special_tokens[EOT]
+    assert tok.vocab_size == 700 and len(tok.merges) == 700 - 259
+    # after the merges: the chat format's two special tokens, then <|endoftext|> last
+    assert tok.special_tokens == {IM_START: 697, IM_END: 698, EOT: 699} and tok.eot_id == tok.vocab_size - 1
     assert tok.vocab[:256] == [bytes([i]) for i in range(256)]
     for rank, (a, b) in enumerate(tok.merges):
         assert a < 256 + rank and b < 256 + rank and tok.vocab[256 + rank] == tok.vocab[a] + tok.vocab[b]
@@ -97,11 +99,14 @@ def test_matches_tiktoken(tok, tiktoken_enc, text):
     assert tok.encode_ordinary(text) == tiktoken_enc.encode_ordinary(text)
 
 
-def test_special_token(tok):
-    assert tok.encode(f"a{EOT}b") == tok.encode("a") + [tok.eot_id] + tok.encode("b")
-    assert tok.eot_id not in tok.encode_ordinary(EOT)
-    assert tok.decode(tok.encode_ordinary(EOT)) == EOT
-    assert tok.decode([tok.eot_id]) == EOT
+@pytest.mark.parametrize("special", [EOT, IM_START, IM_END])
+def test_special_token(tok, hf_tok, special):
+    token = tok.special_tokens[special]
+    assert tok.encode(f"a{special}b") == tok.encode("a") + [token] + tok.encode("b")
+    assert tok.encode(f"a{special}b") == hf_tok.encode(f"a{special}b").ids
+    assert set(tok.encode_ordinary(f"x{special} {special}")).isdisjoint(tok.special_tokens.values())
+    assert tok.decode(tok.encode_ordinary(special)) == special
+    assert tok.decode([token]) == special
 
 
 def test_token_strings_match_hf(tok, hf_tok):
@@ -138,7 +143,8 @@ def test_save_load_roundtrip(tok, tmp_path):
     assert Tokenizer.from_json_str(tok.to_json_str()) == tok
     spec = json.loads(path.read_text(encoding="utf-8"))
     assert spec["model"]["type"] == "BPE" and spec["model"]["merges"] == tok.merge_strings()
-    assert spec["added_tokens"][0]["content"] == EOT and spec["added_tokens"][0]["special"] is True
+    assert [(a["id"], a["content"], a["special"]) for a in spec["added_tokens"]] == [
+        (697, IM_START, True), (698, IM_END, True), (699, EOT, True)]
 
 
 def test_load_accepts_pair_style_merges(tok):

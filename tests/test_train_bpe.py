@@ -77,22 +77,23 @@ def test_training_encodes_its_text_compactly():
 
 
 def test_vocab_size_too_small():
-    with pytest.raises(TinyGPTError, match="at least 257"):
-        train_bpe(TEXTS, 256)
-    assert train_bpe(TEXTS, 257, show_progress=False).vocab_size == 257
+    with pytest.raises(TinyGPTError, match="at least 259"):  # 256 bytes + <|im_start|>, <|im_end|>, <|endoftext|>
+        train_bpe(TEXTS, 258)
+    tok = train_bpe(TEXTS, 259, show_progress=False)
+    assert tok.vocab_size == 259 and not tok.merges
 
 
 def test_small_corpus_stops_early_with_a_warning(capsys):
     tok = train_bpe(["abc abc"], 1000, show_progress=False)
-    # Chunks "abc" and " abc" allow merges ab, abc, " a"/" ab"... far fewer than 743.
-    assert tok.vocab_size == 257 + len(tok.merges) < 1000
+    # Chunks "abc" and " abc" allow merges ab, abc, " a"/" ab"... far fewer than 741.
+    assert tok.vocab_size == 259 + len(tok.merges) < 1000
     err = capsys.readouterr().err
-    assert f"only supports {len(tok.merges)} of the 743 merges" in err and f"vocab_size {tok.vocab_size}" in err
+    assert f"only supports {len(tok.merges)} of the 741 merges" in err and f"vocab_size {tok.vocab_size}" in err
 
 
 def test_special_token_is_never_merged():
     tok = train_bpe([f"hello{EOT}hello {EOT}"] * 20, 320, show_progress=False)
-    merged = tok.vocab[256:tok.eot_id]
+    merged = tok.vocab[256:256 + len(tok.merges)]
     assert merged and all(t.strip() in b"hello" for t in merged)
 
 
@@ -133,7 +134,7 @@ def test_cli_trains_and_saves_a_loadable_tokenizer(tmp_path):
     write_corpus(corpus, TEXTS * 4)
     tok = main(["--corpus", str(corpus), "--out", str(out), "--vocab_size", "300", "--threads", "2"])
     assert Tokenizer.load(out) == tok and tok.vocab_size == 300
-    assert not any(b"<|" in t or b"|>" in t for t in tok.vocab[:tok.eot_id])  # separators are not text
+    assert not any(b"<|" in t or b"|>" in t for t in tok.vocab[:256 + len(tok.merges)])  # separators are not text
     hf = tokenizers.Tokenizer.from_file(str(out))
     text = corpus.read_text(encoding="utf-8")
     assert hf.encode(text).ids == tok.encode(text)

@@ -1,7 +1,10 @@
 """Byte-level BPE tokenizer: GPT-2's alphabet and pre-tokenization, our own merges, Hugging Face JSON on disk.
 
-Token ids: id i < 256 is the single byte i; merge k (rank order) creates id 256 + k; special tokens come last
-(`<|endoftext|>` = vocab_size - 1). Merge ranks therefore equal ids, exactly as tiktoken's `mergeable_ranks`.
+Token ids: id i < 256 is the single byte i; merge k (rank order) creates id 256 + k; special tokens come last:
+what train_bpe writes reserves RESERVED_SPECIALS, the chat format's `<|im_start|>` and `<|im_end|>` and then
+`<|endoftext|>` (= vocab_size - 1). Merge ranks therefore equal ids, exactly as tiktoken's `mergeable_ranks`.
+Text encodes to a special token only through `encode`; `encode_ordinary` (what encode and chat_encode use for
+text) keeps special-token text as ordinary text.
 
 Encoding splits text with the GPT-2 regex into chunks, then merges each chunk's bytes by lowest-rank pair first.
 Natural text repeats a small set of chunks, so a bounded chunk -> ids cache turns most chunks into a dict hit.
@@ -24,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 import regex
 
 from tinygpt.common import EOT, TinyGPTError, atomic_open, require_file
+from tinygpt.tokenizer.chat import IM_END, IM_START
 from tinygpt.tokenizer.hf_json import parse_tokenizer_json
 from tinygpt.tokenizer.pipeline import (  # noqa: F401 - the byte map and GPT2_PATTERN are part of this API
     BYTE_TO_UNICODE, GPT2_PATTERN, UNICODE_TO_BYTE, Pipeline, Step, bmp_classes, bytes_to_token_string,
@@ -39,6 +43,9 @@ ASCII_PATTERN = (rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_ASCII_S
 # only then do the pattern's whitespace rules join that space to its left (e.g. "\n  x" -> "\n ", " x").
 _SPACE_SPLIT_BREAKER = regex.compile(r"\s (?:\s|\Z)")
 _BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
+# The special tokens of every tokenizer train_bpe writes, in id order after the merges: the chat format's two
+# (so that pretraining and chat share one vocabulary), then <|endoftext|> last, at vocab_size - 1.
+RESERVED_SPECIALS = (IM_START, IM_END, EOT)
 CACHE_SIZE = 100_000  # entries per encode cache; a cache is emptied when full, which bounds memory
 
 
@@ -160,8 +167,8 @@ class Tokenizer:
     """A byte-level BPE tokenizer: vocabulary, merges in rank order, added (special) tokens, and the text
     pipeline (normalizer, pre-tokenizer; see `pipeline`) of a Hugging Face tokenizer.json.
 
-    `Tokenizer(merges)` is tinygpt's own layout (what train_bpe learns): id i < 256 is byte i, merge k gives id
-    256 + k, special tokens come last, GPT-2's regex splits. `from_json_str` reads any supported tokenizer.json.
+    `Tokenizer(merges, specials)` is tinygpt's own layout (train_bpe passes RESERVED_SPECIALS): id i < 256 is
+    byte i, merge k gives id 256 + k, the special tokens come last in the order given, GPT-2's regex splits. `from_json_str` reads any supported tokenizer.json.
     """
 
     def __init__(self, merges: Sequence[tuple[int, int]], specials: Sequence[str] = (EOT,),

@@ -16,6 +16,10 @@ string (a Hugging Face vocab maps strings to ids, tiktoken ranks bytes); a safeg
 When the corpus runs out of pairs before vocab_size is reached, training stops early with a warning and the
 tokenizer's vocab_size is smaller than requested.
 
+The tokenizer's ids: 256 bytes, the merges, then the special tokens RESERVED_SPECIALS (<|im_start|>, <|im_end|>
+for the chat format, and <|endoftext|> last); vocab_size counts them all. Chat-token text in the corpus is
+counted as ordinary text, as encode_ordinary encodes it (documents end at <|endoftext|> lines).
+
 With a pretrained model (`--from_model`), nothing is learned: the model's own tokenizer.json is checked (it
 must be one tinygpt encodes exactly, see `tinygpt.tokenizer.hf_json`) and written as the stage's output.
 """
@@ -35,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from tinygpt.common import TinyGPTError, capped_threads, progress, require_file, run_cli, worker_context
-from tinygpt.tokenizer.bpe import EOT, Tokenizer, prepare_pretokenizer, pretokenize
+from tinygpt.tokenizer.bpe import EOT, RESERVED_SPECIALS, Tokenizer, prepare_pretokenizer, pretokenize
 from tinygpt.tokenizer.pieces import PIECE_BYTES, iter_pieces
 
 BATCH_BYTES = 1 << 20  # text per task sent to a counting worker
@@ -368,24 +372,28 @@ def _learn_merges(words: _Words, n_merges: int, show_progress: bool) -> list[tup
 
 # ---- the stage ------------------------------------------------------------------------------------------------
 
+N_FIXED = 256 + len(RESERVED_SPECIALS)  # the ids that are not merges
+
+
 def _check_vocab_size(vocab_size: int) -> int:
-    if vocab_size < 257:
-        raise TinyGPTError(f"vocab_size {vocab_size} is too small: it must be at least 257 "
-                           f"(256 byte tokens + {EOT}); pick e.g. 4096")
-    return vocab_size - 257
+    """The number of merges vocab_size leaves room for."""
+    if vocab_size < N_FIXED:
+        raise TinyGPTError(f"vocab_size {vocab_size} is too small: it must be at least {N_FIXED} (256 byte tokens "
+                           f"+ the special tokens {', '.join(RESERVED_SPECIALS)}); pick e.g. 4096")
+    return vocab_size - N_FIXED
 
 
 def _tokenizer_from(words: _Words, n_merges: int, vocab_size: int, show_progress: bool) -> Tokenizer:
     merges = _learn_merges(words, n_merges, show_progress)
     if len(merges) < n_merges:
         print(f"warning: the training text only supports {len(merges)} of the {n_merges} merges wanted, so the "
-              f"tokenizer has vocab_size {257 + len(merges)} instead of {vocab_size}; use more text or a smaller "
-              "--vocab_size", file=sys.stderr)
-    return Tokenizer(merges)
+              f"tokenizer has vocab_size {N_FIXED + len(merges)} instead of {vocab_size}; use more text or a "
+              "smaller --vocab_size", file=sys.stderr)
+    return Tokenizer(merges, RESERVED_SPECIALS)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, threads: int = 1, show_progress: bool = True) -> Tokenizer:
-    """Train a byte-level BPE tokenizer of vocab_size ids (256 bytes + merges + <|endoftext|>) on texts.
+    """Train a byte-level BPE tokenizer of vocab_size ids (256 bytes + merges + RESERVED_SPECIALS) on texts.
 
     Stops early, with a warning on stderr, when the texts have fewer distinct pairs than merges wanted;
     the returned tokenizer's vocab_size is then smaller than requested.
@@ -426,8 +434,8 @@ def main(argv: Sequence[str] | None = None) -> Tokenizer:
                                              "and --vocab_size are then unused): a Hugging Face model folder or its "
                                              "tokenizer.json (GPT-2, SmolLM, Llama 3, Qwen2 families)")
     parser.add_argument("--out", required=True, help="tokenizer.json to write (Hugging Face format)")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="ids in all, counting 256 bytes and "
-                                                                      f"{EOT} (default 4096)")
+    parser.add_argument("--vocab_size", type=int, default=4096, help="ids in all, counting 256 bytes and the "
+                             f"special tokens {', '.join(RESERVED_SPECIALS)} (default 4096)")
     parser.add_argument("--max_bytes", type=int, default=0, help="train on the first N bytes of the corpus "
                                                                    "(default 0: all)")
     parser.add_argument("--threads", type=int, default=0,
