@@ -18,6 +18,7 @@ COMMANDS = {
     "train_bpe": ("tinygpt.tokenizer.train_bpe", "learn a byte-level BPE tokenizer (tokenizer.json)"),
     "encode": ("tinygpt.tokenizer.encode", "tokenize the corpus into train.bin / val.bin memmaps"),
     "chat_data": ("tinygpt.data.chat", "conversations for chat fine-tuning (builtin or JSON lines/Parquet)"),
+    "chat_encode": ("tinygpt.tokenizer.encode_chat", "render conversations (ChatML) into token files and a loss mask"),
     "train": ("tinygpt.model.train", "train the GPT (resumable)"),
     "evaluate": ("tinygpt.model.evaluate", "bits per byte of a checkpoint or GGUF file on any text"),
     "sample": ("tinygpt.model.sample", "generate text from a checkpoint or a GGUF file"),
