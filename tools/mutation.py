@@ -3,7 +3,8 @@
     pip install -e .[test,mutation]
     nice python tools/mutation.py                              # every group, every mutant: hours on 2 cores
     nice python tools/mutation.py quants --sample 120          # 120 of quants.py's mutants, drawn at random (seeded)
-    nice -n 15 python tools/mutation.py model --sample 70 --seed 19 --workdir /tmp/tinygpt-mutation
+    nice -n 15 python tools/mutation.py model --sample 70 --seed 19 --whole tinygpt/model/optim.py \
+        --workdir /tmp/tinygpt-mutation                         # all of optim.py, 70 of train.py's mutants
 
 Each group mutates its modules with mutmut in a snapshot of the committed tree (`git archive HEAD`, so edits in
 progress neither disturb the run nor get mutated) and runs only the tests that cover each mutated function, from
@@ -83,25 +84,28 @@ def module_prefix(module: str) -> str:
     return module.removesuffix(".py").replace("/", ".") + "."
 
 
-def sampled(names: list[str], modules: list[str], sample: int, seed: int) -> list[str]:
-    """`sample` mutants of each module (all where it has no more), the same ones for the same seed and tree."""
-    if not sample:
-        return sorted(names)
+def sampled(names: list[str], modules: list[str], sample: int, seed: int, whole: list[str] = ()) -> list[str]:
+    """`sample` mutants of each module (all of a module in `whole` or with no more), the same ones for the same
+    seed and tree."""
     chosen: list[str] = []
     for module in modules:
         own = sorted(n for n in names if n.startswith(module_prefix(module)))
-        chosen += random.Random(seed).sample(own, min(sample, len(own)))
+        take_all = not sample or module in whole or len(own) <= sample
+        chosen += own if take_all else random.Random(seed).sample(own, sample)
     return sorted(chosen)
 
 
-def run_group(group: str, workdir: Path, sample: int, seed: int, workers: int) -> None:
+def run_group(group: str, workdir: Path, sample: int, seed: int, workers: int, whole: list[str]) -> None:
     where = snapshot(group, workdir)
     log = open(workdir / f"{group}.log", "a")
     mutmut = ["mutmut", "run", "--max-children", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(where / "tools")}  # the model group's pytest plugin
-    if not (where / "mutants").exists():  # generate the mutants and map tests to functions; run none yet
-        subprocess.run(mutmut + ["no-mutant-has-this-name"], cwd=where, env=env, stdout=log, stderr=log, check=True)
-    names = sampled(list(results(where)), GROUPS[group][0], sample, seed)
+    if not list((where / "mutants").rglob("*.meta")):  # generate the mutants and map tests to functions
+        # a name that matches no mutant runs none: mutmut then stops with an AssertionError, after the mapping
+        subprocess.run(mutmut + ["no-mutant-has-this-name"], cwd=where, env=env, stdout=log, stderr=log)
+        if not (where / "mutants" / "mutmut-stats.json").exists():
+            raise SystemExit(f"mutmut could not generate the mutants or run the tests; see {workdir / group}.log")
+    names = sampled(list(results(where)), GROUPS[group][0], sample, seed, whole)
     todo = [n for n in names if results(where)[n] is None]
     if todo:
         subprocess.run(mutmut + todo, cwd=where, env=env, stdout=log, stderr=log)
@@ -123,6 +127,8 @@ def main(argv=None) -> None:
     parser.add_argument("groups", nargs="*", help=f"some of {', '.join(GROUPS)} (default: all)")
     parser.add_argument("--sample", type=int, default=0, help="mutants per module, drawn at random (0: all)")
     parser.add_argument("--seed", type=int, default=19, help="of the sample")
+    parser.add_argument("--whole", nargs="*", default=[], metavar="MODULE",
+                        help="modules to test every mutant of, whatever --sample says (e.g. tinygpt/model/optim.py)")
     parser.add_argument("--workers", type=int, default=1, help="mutants tested at once (mutmut's --max-children)")
     parser.add_argument("--workdir", type=Path, help="where the snapshots live (reused: results are cached)")
     args = parser.parse_args(argv)
@@ -132,7 +138,7 @@ def main(argv=None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"snapshots and logs in {workdir}")
     for group in args.groups or GROUPS:
-        run_group(group, workdir.resolve(), args.sample, args.seed, args.workers)
+        run_group(group, workdir.resolve(), args.sample, args.seed, args.workers, args.whole)
 
 
 if __name__ == "__main__":
