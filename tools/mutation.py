@@ -35,7 +35,10 @@ GROUPS = {
     "quants": (["tinygpt/export/quants.py"],
                ["tests/test_quants.py", "tests/test_quantize.py", "tests/test_imatrix_quants.py", GAPS], []),
     "clean": (["tinygpt/data/clean.py"], ["tests/test_clean.py", GAPS], []),
-    "bpe": (["tinygpt/tokenizer/bpe.py"], ["tests/test_tokenizer.py", "tests/test_train_bpe.py", GAPS], []),
+    # test_hf_tokenizers: the only tests of tokenizer.json settings our own tokenizers never write (added tokens
+    # with lstrip only, pre-tokenizers with no known cut points)
+    "bpe": (["tinygpt/tokenizer/bpe.py"],
+            ["tests/test_tokenizer.py", "tests/test_train_bpe.py", "tests/test_hf_tokenizers.py", GAPS], []),
     # Every training run in these tests measures a matmul peak, ~10 s on 2 cores: mutation_fast_peak.py makes it
     # a constant (`--amp auto` is then fp32). Left out: the runs in subprocesses (SIGKILL/resume, DDP, torchrun,
     # stop signal), which take minutes per mutant and do not see the mutant when run under torchrun, and the
