@@ -107,6 +107,10 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         written = {p.name for p in tmp.iterdir()}
+        for name in written:  # some writers make 0600 files (safetensors' save_file writes a temporary file and
+            file = tmp / name  # renames it): the set gets the usual permissions, as atomic_path gives a file
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, 0o666 & ~_UMASK)
         if path.is_dir():
             for kept in path.iterdir():
                 if kept.name not in written:

@@ -10,6 +10,12 @@ llama.cpp reuses token_embd for the output when `output.weight` is absent. For `
 reordered for llama.cpp's rotary embedding (tinygpt.weights.names.rope_rows_to_gguf); `qwen2` keeps them, as
 llama.cpp rotates its heads the way we do. Llama 3.1's rope_scaling becomes `rope_freqs.weight`, as
 convert_hf_to_gguf writes it.
+
+A chat model's folder (tokenizer_config.json with a `chat_template`) gives `tokenizer.chat_template`, which
+llama-server and `llama-cli -cnv` apply without flags, and its eos_token (`<|im_end|>` for tinygpt's ChatML) as
+eos_token_id, as convert_hf_to_gguf reads the same file, and as eot_token_id: llama.cpp guesses the end-of-turn
+token from token texts when that key is absent, and with both `<|im_end|>` and `<|endoftext|>` in the vocabulary
+the guess depends on a hash map's order. Both stay end-of-generation tokens (llama.cpp marks them by their text).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tinygpt.common import TinyGPTError, atomic_path, progress, run_cli
 from tinygpt.model.gpt import GPTConfig, llama3_freq_factors
 from tinygpt.tokenizer.bpe import Tokenizer
 from tinygpt.weights.hf_read import hf_tensors, read_hf_config
+from tinygpt.weights.read import hf_tokenizer_config
 from tinygpt.weights.names import ROPE_FREQS, config_dims
 
 F32, F16, BF16, Q8_0 = (gguf.GGMLQuantizationType[t] for t in ("F32", "F16", "BF16", "Q8_0"))
@@ -75,14 +82,16 @@ def encode_tensor(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndar
     return gguf.quants.quantize(np.ascontiguousarray(data), qtype)
 
 
-def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int | None = None) -> None:
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int | None = None,
+                           chat_template: str | None = None, end_of_turn: int | None = None) -> None:
     """Byte-level BPE as llama.cpp's `gpt2` tokenizer reads it; arrays hold plain Python values.
 
     `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer for the tokenizer's regex and steps (TinyGPTError when
     it has none); special tokens are CONTROL, other added tokens USER_DEFINED; the BOS is the post-processor's
     (added by llama.cpp as by Hugging Face) or else the end-of-text token, not added. A model whose embedding has
     more rows than the tokenizer has ids (n_vocab, Qwen2's) gets UNUSED [PAD<id>] tokens, as convert_hf_to_gguf
-    writes them.
+    writes them. A chat model's file (chat_template given) has the template, and `end_of_turn` (default: the
+    end-of-text id) as both eos and eot.
     """
     control = set(tokenizer.special_tokens.values())
     user = set(tokenizer.added_tokens.values()) - control
@@ -101,8 +110,33 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_voca
     writer.add_key_value(gguf.Keys.Tokenizer.MERGES, tokenizer.merge_strings(), gguf.GGUFValueType.ARRAY,
                          sub_type=gguf.GGUFValueType.STRING)  # fmt: skip
     writer.add_bos_token_id(int(tokenizer.eot_id if tokenizer.bos_id is None else tokenizer.bos_id))
-    writer.add_eos_token_id(int(tokenizer.eot_id))
+    if chat_template is None:
+        writer.add_eos_token_id(int(tokenizer.eot_id))
+    else:
+        end_of_turn = int(tokenizer.eot_id if end_of_turn is None else end_of_turn)
+        writer.add_eos_token_id(end_of_turn)
+        writer.add_eot_token_id(end_of_turn)
+        writer.add_chat_template(chat_template)
     writer.add_add_bos_token(tokenizer.bos_id is not None)
+
+
+def chat_settings(model_dir: Path, tokenizer: Tokenizer) -> tuple[str | None, int | None]:
+    """(chat template, id of its eos_token) from the folder's tokenizer_config.json; (None, None) for a base model.
+
+    The eos_token must be one of the tokenizer's special tokens (tinygpt's chat export names <|im_end|>)."""
+    settings = hf_tokenizer_config(model_dir)
+    template = settings.get("chat_template")
+    if template is None:
+        return None, None
+    if not isinstance(template, str):
+        raise TinyGPTError(f"{model_dir}/tokenizer_config.json: chat_template is a {type(template).__name__}; "
+                           "tinygpt writes one Jinja template as a string: re-run tinygpt export")
+    eos = settings.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos not in tokenizer.special_tokens:
+        raise TinyGPTError(f"{model_dir}/tokenizer_config.json: eos_token {eos!r} is not a special token of "
+                           "tokenizer.json; a chat model's turns must end at one: re-run tinygpt export")
+    return template, tokenizer.special_tokens[eos]
 
 
 def add_model_metadata(writer: gguf.GGUFWriter, config: GPTConfig) -> None:
@@ -137,6 +171,7 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16"
             f"{model_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but config.json says "
             f"vocab_size={config.vocab_size}; re-run tinygpt export"
         )
+    chat_template, end_of_turn = chat_settings(model_dir, tokenizer)
 
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=config.arch)
@@ -144,7 +179,8 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16"
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_model_metadata(writer, config)
-        add_tokenizer_metadata(writer, tokenizer, n_vocab=config.vocab_size)
+        add_tokenizer_metadata(writer, tokenizer, n_vocab=config.vocab_size, chat_template=chat_template,
+                               end_of_turn=end_of_turn)
         for tensor_name, data in progress(tensors.items(), total=len(tensors), desc=f"gguf {outtype}", unit="tensor"):
             qtype = tensor_type(tensor_name, data, weight_type)
             writer.add_tensor(tensor_name, encode_tensor(data, qtype), raw_dtype=qtype)

@@ -4,6 +4,11 @@
     tinygpt export --checkpoint checkpoints/best.pt --out_dir exports/tinygpt
 
 writes model.safetensors, config.json, generation_config.json, tokenizer.json and tokenizer_config.json.
+A chat model (a checkpoint that carries "chat_template", as chat fine-tuning writes it) is marked as one for each
+runtime: tokenizer_config.json gets the Jinja `chat_template` and `<|im_end|>` as eos_token (transformers'
+apply_chat_template and llama.cpp's converter read both), generation_config.json stops at `<|im_end|>` and
+`<|endoftext|>`, and an Ollama `Modelfile` (FROM ./model-q4_k_m.gguf, the same template in Ollama's syntax, the
+stop tokens and the context length) lets `ollama create` run the quantized file beside it.
 Our model computes exactly what transformers' model of the same architecture computes, so only names and layouts
 change (tinygpt.weights.names): HF GPT-2 keeps its attention/MLP weights in `Conv1D` modules, stored (in, out),
 the transpose of our `nn.Linear` (out, in); HF Llama stores them as we do. A tied LM head is not stored
@@ -25,6 +30,9 @@ from tinygpt.common import TinyGPTError, atomic_folder, run_cli
 from tinygpt.weights.names import tensor_names
 from tinygpt.model.gpt import GPTConfig
 from tinygpt.tokenizer.bpe import EOT, Tokenizer
+from tinygpt.tokenizer.chat import CHATML_TEMPLATE, IM_END, IM_START, OLLAMA_TEMPLATE
+
+MODELFILE_GGUF = "model-q4_k_m.gguf"  # the file the workflow quantizes into the same folder
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -112,10 +120,11 @@ def qwen2_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
             "sliding_window": None, "max_window_layers": config.n_layer}
 
 
-def tokenizer_config(block_size: int) -> dict[str, Any]:
+def tokenizer_config(block_size: int, chat_template: str | None = None) -> dict[str, Any]:
+    """tokenizer_config.json; a chat model's ends its sequences (its turns) at <|im_end|> and has a template."""
     # PreTrainedTokenizerFast runs tokenizer.json exactly as written: no BOS token is prepended (for Llama
     # either: ours is GPT-2's byte-level BPE, trained without one)
-    return {
+    config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": EOT,
         "eos_token": EOT,
@@ -125,6 +134,45 @@ def tokenizer_config(block_size: int) -> dict[str, Any]:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
     }
+    if chat_template is not None:
+        config.update(eos_token=IM_END, chat_template=chat_template)
+    return config
+
+
+def generation_config(tokenizer: Tokenizer, chat: bool) -> dict[str, Any]:
+    """generation_config.json: transformers' generate stops at any of the eos ids (a chat model's reply ends at
+    <|im_end|>; <|endoftext|> stays a stop, as between documents)."""
+    eot_id = tokenizer.eot_id
+    eos = [tokenizer.special_tokens[IM_END], eot_id] if chat else eot_id
+    return {"bos_token_id": eot_id, "eos_token_id": eos, "pad_token_id": eot_id}
+
+
+def modelfile(block_size: int) -> str:
+    """Ollama's Modelfile for the chat model's quantized GGUF file in the same folder (`ollama create NAME -f
+    Modelfile`): the ChatML template in Ollama's Go-template syntax, its stops, and the model's context (Ollama's
+    default is longer, and positions past it do not exist)."""
+    stops = "".join(f'PARAMETER stop "{token}"\n' for token in (IM_END, IM_START, EOT))
+    return (f"# Ollama: ollama create tinygpt -f Modelfile (the chat model; the template is ChatML)\n"
+            f"FROM ./{MODELFILE_GGUF}\n"
+            f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+            f"{stops}"
+            f"PARAMETER num_ctx {block_size}\n")
+
+
+def check_chat_model(ckpt: dict, tokenizer: Tokenizer, source: str | Path) -> str | None:
+    """The checkpoint's chat template (None for a base model), refused unless it is ChatML with its tokens."""
+    template = ckpt.get("chat_template")
+    if template is None:
+        return None
+    if template != CHATML_TEMPLATE:
+        raise TinyGPTError(f"checkpoint {source} carries a chat_template that is not tinygpt's ChatML template; "
+                           "export writes the Ollama template and the stop tokens for ChatML only: fine-tune "
+                           "it on data encoded by tinygpt chat_encode")
+    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.special_tokens]
+    if missing:
+        raise TinyGPTError(f"checkpoint {source} carries a chat template but its tokenizer has no special token "
+                           f"{' or '.join(missing)}; re-train the tokenizer with tinygpt train_bpe")
+    return template
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -142,18 +190,17 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
             f"checkpoint {checkpoint}: its tokenizer has {tokenizer.vocab_size} tokens but the model has "
             f"vocab_size={config.vocab_size}; the checkpoint mixes two runs, re-create it with tinygpt train"
         )
-    eot_id = tokenizer.eot_id
+    chat_template = check_chat_model(ckpt, tokenizer, checkpoint)
 
     out_dir = Path(out_dir)
-    with atomic_folder(out_dir) as folder:  # the five files appear together: never weights beside an old config
+    with atomic_folder(out_dir) as folder:  # the files appear together: never weights beside an old config
         save_file(hf_state_dict(state, config), str(folder / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(folder / "config.json", hf_config(config, eot_id))
-        _write_json(
-            folder / "generation_config.json",
-            {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id},
-        )
+        _write_json(folder / "config.json", hf_config(config, tokenizer.eot_id))
+        _write_json(folder / "generation_config.json", generation_config(tokenizer, chat_template is not None))
         (folder / "tokenizer.json").write_text(ckpt["tokenizer_json"], encoding="utf-8")
-        _write_json(folder / "tokenizer_config.json", tokenizer_config(config.block_size))
+        _write_json(folder / "tokenizer_config.json", tokenizer_config(config.block_size, chat_template))
+        if chat_template is not None:
+            (folder / "Modelfile").write_text(modelfile(config.block_size), encoding="utf-8")
     return out_dir
 
 

@@ -187,23 +187,28 @@ def sampling_kwargs(args: argparse.Namespace, generator: torch.Generator) -> dic
                 use_cache=not args.no_cache)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tinygpt sample", description=__doc__.split("\n")[0])
+def add_model_and_sampling_args(parser: argparse.ArgumentParser, max_tokens: int, per: str) -> None:
+    """The model source (--checkpoint | --gguf | --hf_dir) and the sampler's flags, shared with `tinygpt chat`."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="training checkpoint (.pt) to sample from")
-    source.add_argument("--gguf", help="GGUF file to sample from (dequantized into our model)")
+    source.add_argument("--checkpoint", help="training checkpoint (.pt)")
+    source.add_argument("--gguf", help="GGUF file (dequantized into our model)")
     source.add_argument("--hf_dir", help="Hugging Face folder written by tinygpt export")
-    parser.add_argument("--prompt", default="", help="text to continue; empty starts a new document")
-    parser.add_argument("--max_tokens", type=int, default=200, help="most new tokens per completion")
+    parser.add_argument("--max_tokens", type=int, default=max_tokens, help=f"most new tokens per {per}")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
     parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 is off")
     parser.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 is off")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the sampler")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no_cache", action="store_true", help="recompute the whole context for every token")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tinygpt sample", description=__doc__.split("\n")[0])
+    add_model_and_sampling_args(parser, max_tokens=200, per="completion")
+    parser.add_argument("--prompt", default="", help="text to continue; empty starts a new document")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--interactive", action="store_true",
                         help="read one prompt per line from stdin until an empty line, 'quit' or end of input")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--no_cache", action="store_true", help="recompute the whole context for every token")
     return parser.parse_args(argv)
 
 

@@ -278,6 +278,12 @@ def read_gguf_model(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     return config, state, tokenizer.to_json_str()
 
 
+def gguf_chat_template(path: str | Path) -> str | None:
+    """The file's `tokenizer.chat_template` (None when it has none: a base model)."""
+    field = open_gguf(path).get_field("tokenizer.chat_template")
+    return None if field is None else field.contents()
+
+
 def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """Our GPT (eval mode, float32, on `device`) and Tokenizer from a gpt2, llama or qwen2 GGUF file, weights
     dequantized."""
