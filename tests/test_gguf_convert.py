@@ -97,7 +97,7 @@ def test_metadata_has_every_key_with_its_exact_type(converted, model_dir, outtyp
     arrays = {
         "tokenizer.ggml.tokens": (V.STRING, tokenizer.token_strings()),
         "tokenizer.ggml.merges": (V.STRING, tokenizer.merge_strings()),
-        "tokenizer.ggml.token_type": (V.INT32, [3 if i == tokenizer.eot_id else 1
+        "tokenizer.ggml.token_type": (V.INT32, [3 if i in tokenizer.special_tokens.values() else 1  # CONTROL
                                                 for i in range(tokenizer.vocab_size)]),
     }
     for key, (vtype, value) in arrays.items():
