@@ -111,8 +111,8 @@ def chat_data(source: str, out: str | Path, count: int = 20000, seed: int = 1337
         for conv in progress(stream, total=total, unit=" conversations", desc="chat_data"):
             f.write(json.dumps(conv, ensure_ascii=False) + "\n")
             tasks[conv.get("task", "file")] += 1
-    if not tasks:
-        raise TinyGPTError(f"{', '.join(paths)} hold no conversation; give files with a {MESSAGES_FIELD!r} field")
+        if not tasks:  # inside: no empty output
+            raise TinyGPTError(f"{', '.join(paths)} hold no conversation; give files with a {MESSAGES_FIELD!r} field")
     return tasks
 
 

@@ -7,6 +7,7 @@ Two tasks, each with answers a program can check:
          list, a few short sentences, key = value; parts in any order; an optional system prompt; some requests in
          lower case). The assistant tells a story of the generator with those parts fixed in its cast; every part
          appears in it (the story is redrawn until it does). Check: {"parts": [words]}, the words that must appear.
+         A share (FOLLOW_UP_CHANCE) goes on with one question about the story told, as in qa.
   qa     The user gives a short story and asks about it: who it is about, who the hero is, the hero's friend and
          pet, where it happens, whether something is in it, which of two things is in it; then follow-up
          questions in the same conversation (one to four in all). Every answer has one fixed form per kind of
@@ -29,6 +30,7 @@ Every conversation fits MAX_CHARS characters (about 450 tokens of a 4k-token BPE
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import re
@@ -42,6 +44,7 @@ TASK_WEIGHTS = (1, 1)
 CHUNK = 256  # conversations per chunk: one rng each, so chunks can be made in any order
 MAX_CHARS = 1600  # a whole conversation, all messages' contents together
 MAX_STORY_CHARS = 1150  # a requested story
+FOLLOW_UP_CHANCE = 0.3  # story requests followed by one question about the story told
 MAX_QA_STORY_CHARS = 850  # a story that questions are asked about: room for several questions and answers
 TRAIN_NAMESPACE = "tinygpt-chat"
 EVAL_NAMESPACE = "tinygpt-chat-eval"
@@ -69,9 +72,15 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+@functools.lru_cache(maxsize=4096)
+def _word_pattern(word: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+
+
 def has_word(text: str, word: str) -> bool:
-    """Whether `word` (or phrase) occurs in `text` as a whole word, ignoring case."""
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+    """Whether `word` (or phrase) occurs in `text` as a whole word (no letter, digit or _ just before or after
+    it), ignoring case."""
+    return _word_pattern(word).search(text) is not None
 
 
 def _join(rng: random.Random, items: list[str]) -> str:
@@ -216,37 +225,45 @@ def story_request(rng: random.Random) -> dict:
     fields = dict(fields, a_obj=with_article(fields["obj"]))  # the request names the plain object; the story may adorn it
     request = _request(rng, asked, fields)
     messages = system + [_message("user", request), _message("assistant", text)]
-    return {"messages": messages, "task": "story", "check": [{"parts": words}]}
+    checks: list[dict] = [{"parts": words}]
+    if rng.random() < FOLLOW_UP_CHANCE:  # a question about the story just told
+        facts = _facts(fields, text)
+        question, answer = _question(rng, pick(rng, _question_kinds(facts) + ["no"]), facts, text)
+        turn = [_message("user", pick(rng, FOLLOW_UPS).format(question=question, lower=question[:1].lower() + question[1:])),
+                _message("assistant", answer)]
+        if sum(len(m["content"]) for m in messages + turn) <= MAX_CHARS:
+            messages += turn
+            checks.append({"answer": answer})
+    return {"messages": messages, "task": "story", "check": checks}
 
 
 # ------------------------------------------------------------------------------------- questions on a story
 
 
-def _facts(t: Teller, text: str) -> dict[str, str]:
-    """Fields of the cast that the story `text` actually mentions (whole words)."""
-    c = t.ctx
+def _facts(c: dict, text: str) -> dict[str, str]:
+    """Fields of the cast `c` (a Teller's context) that the story `text` actually mentions (whole words)."""
     facts = {"name": c["name"], "kind": c["kind"]}
     if has_word(text, c["friend"]) and c["friend"] != c["name"]:
         facts["friend"] = c["friend"]
     if has_word(text, c["pet"]) and has_word(text, c["pet_kind"]):
         facts.update(pet=c["pet"], pet_kind=c["pet_kind"])
-    if has_word(text, c["place"]):
+    if has_word(text, c["at_place"]) or has_word(text, f"to the {c['place']}"):  # not just "near the woods"
         facts.update(place=c["place"], at_place=c["at_place"])
     if has_word(text, c["obj"]):
         facts["obj"] = c["obj"]
     return facts
 
 
-QUESTIONS = {  # kind of question -> (phrasings, the one answer form); fields from `_facts` plus x/y
+QUESTIONS = {  # kind of question -> (phrasings, each ending in "?"; the one answer form); fields from `_facts`, x, y
     "about": (("Who is the story about?", "Who is this story about?", "Who is the main character?",
                "Who is the hero of the story?", "Who is the story mostly about?"),
               "The story is about {a_kind} named {name}."),
-    "hero": (("Who is {name}?", "What is {name}?", "What kind of character is {name}?", "Tell me who {name} is."),
+    "hero": (("Who is {name}?", "What is {name}?", "What kind of character is {name}?", "Can you tell me who {name} is?"),
              "{name} is {a_kind}."),
     "friend": (("Who is {name}'s friend?", "What is the name of {name}'s friend?", "Who is the friend of {name}?",
                 "Does {name} have a friend? Who?"),
                "{name}'s friend is {friend}."),
-    "pet": (("What pet does {name} have?", "Does {name} have a pet?", "Tell me about {name}'s pet.",
+    "pet": (("What pet does {name} have?", "Does {name} have a pet?", "What about {name}'s pet?",
              "Which animal lives with {name}?"),
             "{name} has {a_pet_kind} named {pet}."),
     "pet_name": (("What is the name of the {pet_kind}?", "What is the {pet_kind} called?",
@@ -304,7 +321,7 @@ def _question(rng: random.Random, kind: str, facts: dict[str, str], text: str) -
 
 def _question_kinds(facts: dict[str, str]) -> list[str]:
     """The kinds of question this story can answer."""
-    kinds = ["about", "hero", "no"]
+    kinds = ["about", "hero"]
     kinds += ["friend"] if "friend" in facts else []
     kinds += ["pet", "pet_name"] if "pet" in facts else []
     kinds += ["place"] if "place" in facts else []
@@ -320,8 +337,8 @@ def story_questions(rng: random.Random) -> dict:
         text = _told(t, tell(t, t.pick(ARCS)))
         if len(text) <= MAX_QA_STORY_CHARS:
             break
-    facts = _facts(t, text)
-    kinds = _question_kinds(facts)
+    facts = _facts(t.ctx, text)
+    kinds = _question_kinds(facts) + (["no"] if rng.random() < 0.5 else [])
     rng.shuffle(kinds)
     messages = _system(rng)
     checks = []
@@ -366,16 +383,23 @@ def conversations(seed: int, count: int, namespace: str = TRAIN_NAMESPACE) -> It
 def eval_prompts(seed: int, n: int) -> list[tuple[str, list[dict], dict]]:
     """`n` held-out prompts: (task, the messages before the scored assistant message, its check).
 
-    Drawn from EVAL_NAMESPACE (never used for training), one scored turn per conversation: for a qa conversation
-    a random one of its answers, with the earlier questions and their right answers as the history.
+    Drawn from EVAL_NAMESPACE (never used for training), one scored turn per conversation, a random one of its
+    assistant messages, with the earlier turns (right answers) as the history. The task is the scored turn's
+    (`check_task`): a question after a requested story counts as "qa".
     """
     prompts = []
     rng = random.Random(f"{EVAL_NAMESPACE}-turns:{seed}")
     for conv in conversations(seed, n, EVAL_NAMESPACE):
         turns = [i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant"]
         k = int(rng.random() * len(turns))
-        prompts.append((conv["task"], conv["messages"][: turns[k]], conv["check"][k]))
+        check = conv["check"][k]
+        prompts.append((check_task(check), conv["messages"][: turns[k]], check))
     return prompts
+
+
+def check_task(check: dict) -> str:
+    """The task a check scores: "story" (parts that must appear) or "qa" (an exact answer)."""
+    return "story" if "parts" in check else "qa"
 
 
 def _normalise(text: str) -> str:
