@@ -116,9 +116,15 @@ def test_config_with_a_starting_model_takes_the_fine_tuning_recipe(base_folder):
     assert {k: checked["train"][k] for k in RECIPES["finetune"]} == RECIPES["finetune"]
 
 
-def test_config_with_a_missing_source_a_file_or_lora_from_scratch_stops(base, tmp_path):
-    with pytest.raises(TinyGPTError, match="is not a folder; .* `tinygpt export --checkpoint FILE --out_dir DIR`"):
-        check_config(config_with(base), SCHEMA)
+def test_config_with_a_checkpoint_reads_its_shape(base):
+    """A file source (here a tinygpt checkpoint) is checked against its shape like a folder."""
+    with pytest.raises(TinyGPTError, match="model.n_layer is 3 but train.init_from .* \\(the model has 2\\)"):
+        check_config(config_with(base, model={"n_layer": 3}), SCHEMA)
+    checked = check_config(config_with(base, model={"block_size": 8, "n_layer": 2}), SCHEMA)
+    assert checked["train"]["init_from"] == str(base)
+
+
+def test_config_with_a_missing_source_or_lora_from_scratch_stops(tmp_path):
     with pytest.raises(TinyGPTError, match="train.init_from .*missing.pt does not exist"):
         check_config(config_with(tmp_path / "missing.pt"), SCHEMA)
     with pytest.raises(TinyGPTError, match="train.lora.rank is set but train.init_from is scratch"):
@@ -139,6 +145,14 @@ def test_a_changed_source_reruns_what_depends_on_it(base_folder, tmp_path):
         edit_config(workdir, "model", key, None)
     edit_config(workdir, "train_bpe", "vocab_size", SCHEMA["properties"]["train_bpe"]["properties"]["vocab_size"]["default"])
     edit_config(workdir, "train", "init_from", "models/start")
+    touch_pipeline(workdir)
+    later = time.time() + 5
+    os.utime(source, (later, later))
+    assert jobs_that_would_run(workdir) == set(PIPELINE[PIPELINE.index("train_bpe"):])
+
+
+def touch_pipeline(workdir: Path) -> None:
+    """Every output of the pipeline, up to date by `snakemake --touch` (placeholders: nothing runs)."""
     outputs = ["data/raw/builtin.txt", "data/clean/corpus.txt", "data/clean/corpus.stats.json",
                "data/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/val.bin", "data/tokens/meta.json",
                "checkpoints/best.pt", *(f"exports/tinygpt/{f}" for f in (
@@ -149,6 +163,3 @@ def test_a_changed_source_reruns_what_depends_on_it(base_folder, tmp_path):
         (workdir / name).write_text("made by the test")
     snakemake(workdir, "--touch", "exports/tinygpt/model-q4_k_m.gguf")
     assert jobs_that_would_run(workdir) == set()
-    later = time.time() + 5
-    os.utime(source, (later, later))
-    assert jobs_that_would_run(workdir) == set(PIPELINE[PIPELINE.index("train_bpe"):])

@@ -16,6 +16,7 @@ COMMANDS = {
     "download": ("tinygpt.data.download", "fetch or generate raw text (builtin stories, TinyStories, URLs, local files)"),
     "clean": ("tinygpt.data.clean", "normalize, split into documents, deduplicate"),
     "train_bpe": ("tinygpt.tokenizer.train_bpe", "learn a byte-level BPE tokenizer (tokenizer.json)"),
+    "model_tokenizer": ("tinygpt.weights.model_tokenizer", "take a model's tokenizer (checkpoint, HF folder, GGUF)"),
     "encode": ("tinygpt.tokenizer.encode", "tokenize the corpus into train.bin / val.bin memmaps"),
     "chat_data": ("tinygpt.data.chat", "conversations for chat fine-tuning (builtin or JSON lines/Parquet)"),
     "chat_encode": ("tinygpt.tokenizer.encode_chat", "render conversations (ChatML) into token files and a loss mask"),

@@ -83,7 +83,7 @@ SOURCE_DECIDES = ("preset", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", 
 def start_contradiction(config: dict, schema: dict) -> str | None:
     """With train.init_from a model, a model setting (or train_bpe's vocabulary) that contradicts that model;
     LoRA without one. Reads the source's shape, so a missing or unsupported source also stops here."""
-    from tinygpt.model.start import is_scratch, source_files, source_shape
+    from tinygpt.model.start import is_scratch, source_shape
 
     train, model = config["train"], config["model"]
     init_from = train["init_from"]
@@ -91,11 +91,6 @@ def start_contradiction(config: dict, schema: dict) -> str | None:
         if train["lora"]["rank"]:
             return "train.lora.rank is set but train.init_from is scratch; LoRA adapts a trained model: set init_from"
         return None
-    source_files(init_from)  # a missing source: one clear error
-    if not Path(init_from).is_dir():
-        return (f"train.init_from {init_from} is not a folder; the pipeline takes the model's tokenizer from a Hugging "
-                "Face model folder: write one from a tinygpt checkpoint with `tinygpt export --checkpoint FILE "
-                "--out_dir DIR` and give DIR (or run `tinygpt train --init_from FILE` by hand)")
     source = source_shape(init_from)
     defaults = schema["properties"]["model"]["properties"]
     for key in SOURCE_DECIDES:

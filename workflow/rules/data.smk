@@ -46,47 +46,39 @@ rule clean:
         " {params.args} 2>&1 | tee {log}"
 
 
-if start_files(config["train"]):
+# The tokenizer is learned from the corpus, or, with train.init_from a model, taken from that model: then the model's
+# files are the inputs and model_tokenizer the command (scratch's inputs and command are what they always were).
+FROM_MODEL = bool(start_files(config["train"]))
+TOKENIZER_SOURCE = (
+    {"start": start_files(config["train"]), "code": sources("model_tokenizer")}
+    if FROM_MODEL
+    else {"corpus": rules.clean.output.corpus, "code": sources("train_bpe")}
+)
 
-    # With train.init_from a model, the pipeline takes that model's tokenizer instead of learning one.
-    rule train_bpe:
-        input:
-            start=start_files(config["train"]),
-            code=sources("train_bpe"),
-        output:
-            tokenizer="data/tokenizer/tokenizer.json",
-        params:
-            source=config["train"]["init_from"],
-        log:
-            "logs/train_bpe.log",
-        benchmark:
-            "benchmarks/train_bpe.tsv"
-        threads: 1
-        conda:
-            "../envs/tinygpt.yaml"
-        shell:
-            "python -m tinygpt train_bpe --from_model {params.source:q} --out {output.tokenizer} 2>&1 | tee {log}"
 
-else:
-
-    rule train_bpe:
-        input:
-            corpus=rules.clean.output.corpus,
-            code=sources("train_bpe"),
-        output:
-            tokenizer="data/tokenizer/tokenizer.json",
-        params:
-            args=flags(config["train_bpe"]),
-        log:
-            "logs/train_bpe.log",
-        benchmark:
-            "benchmarks/train_bpe.tsv"
-        threads: 4
-        conda:
-            "../envs/tinygpt.yaml"
-        shell:
-            "python -m tinygpt train_bpe --corpus {input.corpus} --out {output.tokenizer} {params.args}"
-            " --threads {threads} 2>&1 | tee {log}"
+rule train_bpe:
+    input:
+        **TOKENIZER_SOURCE,
+    output:
+        tokenizer="data/tokenizer/tokenizer.json",
+    params:
+        args=flags({"model": config["train"]["init_from"]}) if FROM_MODEL else flags(config["train_bpe"]),
+    log:
+        "logs/train_bpe.log",
+    benchmark:
+        "benchmarks/train_bpe.tsv"
+    threads: 1 if FROM_MODEL else 4
+    conda:
+        "../envs/tinygpt.yaml"
+    shell:
+        (
+            "python -m tinygpt model_tokenizer {params.args} --out {output.tokenizer} 2>&1 | tee {log}"
+            if FROM_MODEL
+            else (
+                "python -m tinygpt train_bpe --corpus {input.corpus} --out {output.tokenizer} {params.args}"
+                " --threads {threads} 2>&1 | tee {log}"
+            )
+        )
 
 
 rule encode:
