@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,21 +41,22 @@ def contains(text: str, phrase: str) -> bool:
     return any(hay[i : i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
 
 
-def story_of(conv: dict) -> str:
-    """The story a conversation is about: the assistant's for a request, else the user's first message without
-    its question (the line ending in '?', first or last)."""
-    if conv["task"] == "story":
-        return next(m["content"] for m in conv["messages"] if m["role"] == "assistant")
-    lines = next(m["content"] for m in conv["messages"] if m["role"] == "user").split("\n")
+def story_of(messages: list[dict]) -> str:
+    """The story that the last question of `messages` is about: the latest long message, the assistant's story
+    as it is, or the user's story without its question (the line ending in '?', the first line or the last)."""
+    story = next(m for m in reversed(messages) if len(m["content"]) > 300)
+    if story["role"] == "assistant":
+        return story["content"]
+    lines = story["content"].split("\n")
     return "\n".join(lines[:-1] if lines[-1].endswith("?") else lines[1:])
 
 
 def scored_turns(conv: dict):
-    """(question or request, reply, check) per assistant message."""
+    """(messages before the reply, reply, check) per assistant message."""
     messages, checks = conv["messages"], iter(conv["check"])
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            yield messages[i - 1]["content"], m["content"], next(checks)
+            yield messages[:i], m["content"], next(checks)
 
 
 # ------------------------------------------------------------------------------------------- the generator
@@ -91,7 +93,7 @@ def test_conversations_are_deterministic_and_chunked():
 
 def test_conversations_are_well_formed_and_short():
     tasks = {c["task"] for c in SAMPLE}
-    assert tasks == {"story", "qa"}
+    assert tasks == {"story", "qa", "chat"}
     for conv in SAMPLE:
         assert check_messages(conv["messages"], "x") == conv["messages"]
         assert sum(len(m["content"]) for m in conv["messages"]) <= MAX_CHARS
@@ -100,11 +102,11 @@ def test_conversations_are_well_formed_and_short():
 
 
 def test_every_story_reply_holds_what_was_asked():
-    requests = [c for c in SAMPLE if c["task"] == "story"]
-    assert len(requests) > 200
+    requests = [(before[-1]["content"], reply, check) for c in SAMPLE for before, reply, check in scored_turns(c)
+                if "parts" in check]
+    assert len(requests) > 250 and sum(c["task"] == "chat" for c in SAMPLE) > 20
     seen_counts = set()
-    for conv in requests:
-        request, reply, check = next(scored_turns(conv))
+    for request, reply, check in requests:
         seen_counts.add(len(check["parts"]))
         for part in check["parts"]:
             assert contains(request, part), (part, request)  # asked for ...
@@ -150,11 +152,10 @@ def test_answers_are_right_for_the_story():
     kinds = set()
     asked = 0
     for conv in SAMPLE:
-        story = story_of(conv)
-        for question, reply, check in scored_turns(conv):
-            if "answer" in check:
+        for before, reply, check in scored_turns(conv):
+            if "answer" in check and check.get("task") != "chat":
                 assert reply == check["answer"]
-                check_answer(story, question, reply)
+                check_answer(story_of(before), before[-1]["content"], reply)
                 kinds.add(reply.split()[0] if reply.split()[0] in ("Yes,", "No,") else re.sub(r"[A-Z]\w+", "N", reply)[:12])
                 asked += 1
     assert asked > 500 and len(kinds) >= 6
@@ -166,7 +167,8 @@ def test_requests_are_phrased_many_ways():
     for conv in list(conversations(3, 500)):
         if conv["task"] != "story":
             continue
-        request, _, check = next(scored_turns(conv))
+        before, _, check = next(scored_turns(conv))
+        request = before[-1]["content"]
         for part in sorted(check["parts"], key=len, reverse=True):
             request = re.sub(re.escape(part), "X", request, flags=re.IGNORECASE)
         skeletons.add(request)
@@ -176,9 +178,12 @@ def test_requests_are_phrased_many_ways():
 
 
 def test_evaluation_conversations_are_never_training_ones():
-    train = {json.dumps(c, sort_keys=True) for seed in (1, 2) for c in conversations(seed, 400)}
-    held_out = [json.dumps(c, sort_keys=True) for seed in (1, 2) for c in conversations(seed, 400, EVAL_NAMESPACE)]
-    assert not train & set(held_out)
+    def scored(convs):  # small talk alone repeats (a few greetings), and eval_prompts passes it over
+        return {json.dumps(c, sort_keys=True) for c in convs if len(c["check"]) > 1 or "task" not in c["check"][0]}
+
+    train = scored(c for seed in (1, 2) for c in conversations(seed, 400))
+    held_out = scored(c for seed in (1, 2) for c in conversations(seed, 400, EVAL_NAMESPACE))
+    assert len(held_out) > 700 and not train & held_out
     train_stories = {m["content"] for seed in (1, 2) for c in conversations(seed, 400) for m in c["messages"][:3]
                      if len(m["content"]) > 300}
     prompts = eval_prompts(1, 200)
@@ -192,9 +197,19 @@ def test_eval_prompts_are_deterministic_and_answerable():
     prompts = eval_prompts(4, 60)
     assert prompts == eval_prompts(4, 60)
     for _, messages, check in prompts:
-        full = next(c for c in conversations(4, 60, EVAL_NAMESPACE) if c["messages"][: len(messages)] == messages)
+        full = next(c for c in conversations(4, 200, EVAL_NAMESPACE) if c["messages"][: len(messages)] == messages)
         reply = full["messages"][len(messages)]["content"]
         assert score_reply(check, reply)
+
+
+def test_small_talk_has_one_reply_per_intent():
+    replies: dict[str, set] = {}
+    for conv in SAMPLE:
+        for before, reply, check in scored_turns(conv):
+            if check.get("task") == "chat":
+                assert conv["task"] == "chat" and reply == check["answer"]
+                replies.setdefault(before[-1]["content"].lower().strip("!?. "), set()).add(reply)
+    assert len(replies) > 15 and all(len(r) == 1 for r in replies.values())
 
 
 def test_score_reply_rules():
@@ -250,8 +265,8 @@ def test_builtin_source_writes_what_conversations_gives(tmp_path, capsys):
     out = tmp_path / "chat" / "conversations.jsonl"
     cli_main(["chat_data", "--source", "builtin", "--count", "300", "--seed", "7", "--out", str(out)])
     assert read_jsonl(out) == SAMPLE[:300]
-    story = sum(c["task"] == "story" for c in SAMPLE[:300])
-    assert f"300 conversations (qa {300 - story:,}, story {story:,})" in capsys.readouterr().out
+    tasks = Counter(c["task"] for c in SAMPLE[:300])
+    assert f"300 conversations (chat {tasks['chat']}, qa {tasks['qa']}, story {tasks['story']})" in capsys.readouterr().out
 
 
 def test_file_sources_jsonl_and_parquet(tmp_path):

@@ -1,6 +1,6 @@
 """Built-in conversations for chat fine-tuning, made with the story generator, and how to score a reply.
 
-Two tasks, each with answers a program can check:
+Three tasks, each with replies a program can check:
 
   story  The user asks for a story with one to four named parts: the hero (`a girl named Mia`), a pet
          (`a dog named Rex`), a place (`the park`) and an object (`a kite`), in many phrasings (a sentence, a
@@ -13,11 +13,14 @@ Two tasks, each with answers a program can check:
          questions in the same conversation (one to four in all). Every answer has one fixed form per kind of
          question (`The story is about a girl named Mia.`, `Mia's friend is Sam.`, `The story happens in the
          park.`, `No, there is no kite in the story.`), built from words of the story. Check: {"answer": text}.
+  chat   Small talk with one fixed reply per intent (hello, who are you, what can you do, thanks, bye), often
+         around a story request: how a conversation opens and closes. Check: {"answer": text, "task": "chat"}.
+         Not among the SCORED_TASKS that `eval_prompts` asks (its story requests are).
 
-A conversation is {"messages": [{"role", "content"}, ...], "task": "story" | "qa", "check": [one check per
-assistant message, in order]}. `score_reply(check, reply)` scores one assistant message:
+A conversation is {"messages": [{"role", "content"}, ...], "task": "story" | "qa" | "chat", "check": [one check
+per assistant message, in order]}. `score_reply(check, reply)` scores one assistant message:
   story  every word of check["parts"] occurs in the reply as a whole word (not inside a longer word), ignoring case;
-  qa     the reply equals check["answer"] after both are normalised: case folded, runs of whitespace made one
+  qa, chat  the reply equals check["answer"] after both are normalised: case folded, runs of whitespace made one
          space, leading and trailing whitespace and final `.`, `!` or `?` characters removed. Nothing else is
          forgiven (a missing article or another word order is wrong).
 
@@ -39,8 +42,9 @@ from collections.abc import Iterator, Sequence
 from tinygpt.data.stories.generator import ARCS, Teller, tell, with_article
 from tinygpt.data.stories.words import ANIMAL_KINDS, ANIMAL_NAMES, BOY_NAMES, GIRL_NAMES, INTRO_PET, OBJECTS, PETS, PLACES
 
-TASKS = ("story", "qa")
-TASK_WEIGHTS = (1, 1)
+TASKS = ("story", "qa", "chat")
+TASK_WEIGHTS = (0.45, 0.45, 0.1)
+SCORED_TASKS = ("story", "qa")  # what eval_prompts asks: the tasks with a goal
 CHUNK = 256  # conversations per chunk: one rng each, so chunks can be made in any order
 MAX_CHARS = 1600  # a whole conversation, all messages' contents together
 MAX_STORY_CHARS = 1150  # a requested story
@@ -356,10 +360,47 @@ def story_questions(rng: random.Random) -> dict:
     return {"messages": messages, "task": "qa", "check": checks}
 
 
+# ---------------------------------------------------------------------------------------------- small talk
+
+
+SMALL_TALK = {  # intent -> (what the user says, the one reply)
+    "hello": (("Hi!", "Hello!", "Hello", "Hi there!", "Hey!", "Good morning!", "Hello, how are you?", "hi"),
+              "Hello! I can tell you a story or answer questions about one. What would you like?"),
+    "who": (("Who are you?", "What are you?", "What is your name?", "Tell me about yourself.", "who are you"),
+            "I am TinyGPT, a small model that tells stories and answers questions about them."),
+    "help": (("What can you do?", "How can you help me?", "What do you do?", "Help", "What can I ask you?"),
+             "I can tell you a story with the hero, pet, place and things you choose, or answer questions about a "
+             "story you give me."),
+    "thanks": (("Thank you!", "Thanks!", "Thanks a lot.", "That was nice, thank you.", "thanks"),
+               "You are welcome!"),
+    "bye": (("Bye!", "Goodbye!", "See you later!", "Good night!", "bye"), "Goodbye! Come back for another story soon."),
+}
+
+
+def _small_talk_turn(rng: random.Random, intent: str) -> tuple[list[dict], dict]:
+    said, reply = SMALL_TALK[intent]
+    return [_message("user", pick(rng, said)), _message("assistant", reply)], {"answer": reply, "task": "chat"}
+
+
+def small_talk(rng: random.Random) -> dict:
+    """A conversation: a greeting or a question about the assistant, often then a story request and thanks."""
+    messages, first = _small_talk_turn(rng, pick(rng, ("hello", "who", "help")))
+    messages, checks = _system(rng) + messages, [first]
+    if rng.random() < 0.6:
+        request = story_request(rng)
+        turns = [m for m in request["messages"] if m["role"] != "system"]
+        if sum(len(m["content"]) for m in messages + turns) <= MAX_CHARS - 100:
+            messages, checks = messages + turns, checks + request["check"]
+            if rng.random() < 0.5:
+                closing, check = _small_talk_turn(rng, pick(rng, ("thanks", "bye")))
+                messages, checks = messages + closing, checks + [check]
+    return {"messages": messages, "task": "chat", "check": checks}
+
+
 # ------------------------------------------------------------------------------------------- the stream
 
 
-MAKERS = {"story": story_request, "qa": story_questions}
+MAKERS = {"story": story_request, "qa": story_questions, "chat": small_talk}
 
 
 def conversation(rng: random.Random) -> dict:
@@ -384,22 +425,27 @@ def eval_prompts(seed: int, n: int) -> list[tuple[str, list[dict], dict]]:
     """`n` held-out prompts: (task, the messages before the scored assistant message, its check).
 
     Drawn from EVAL_NAMESPACE (never used for training), one scored turn per conversation, a random one of its
-    assistant messages, with the earlier turns (right answers) as the history. The task is the scored turn's
-    (`check_task`): a question after a requested story counts as "qa".
+    assistant messages of a SCORED_TASKS task, with the earlier turns (right answers) as the history; the task is
+    the scored turn's (`check_task`): a question after a requested story counts as "qa", a story requested after
+    a greeting as "story". Conversations of small talk alone are passed over.
     """
     prompts = []
     rng = random.Random(f"{EVAL_NAMESPACE}-turns:{seed}")
-    for conv in conversations(seed, n, EVAL_NAMESPACE):
-        turns = [i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant"]
-        k = int(rng.random() * len(turns))
-        check = conv["check"][k]
-        prompts.append((check_task(check), conv["messages"][: turns[k]], check))
+    for conv in conversations(seed, 1 << 62, EVAL_NAMESPACE):
+        if len(prompts) == n:
+            break
+        turns = [(i, check) for i, check in zip((i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant"),
+                                                conv["check"]) if check_task(check) in SCORED_TASKS]
+        if turns:
+            i, check = turns[int(rng.random() * len(turns))]
+            prompts.append((check_task(check), conv["messages"][:i], check))
     return prompts
 
 
 def check_task(check: dict) -> str:
-    """The task a check scores: "story" (parts that must appear) or "qa" (an exact answer)."""
-    return "story" if "parts" in check else "qa"
+    """The task a check scores: "story" (parts that must appear), "qa" (an exact answer about a story) or "chat"
+    (the exact reply to small talk)."""
+    return check.get("task") or ("story" if "parts" in check else "qa")
 
 
 def _normalise(text: str) -> str:
