@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import cache
 from pathlib import Path
 
 import gguf
@@ -18,6 +19,7 @@ from tinygpt.export.gguf_convert import convert_to_gguf
 from tinygpt.export.hf import MODELFILE_GGUF, export_hf
 from tinygpt.model.chat import ChatSession
 from tinygpt.model.gpt import GPT
+from tinygpt.model.sample import generate
 from tinygpt.tokenizer.bpe import Tokenizer
 from tinygpt.tokenizer.chat import CHATML_TEMPLATE, IM_END, IM_START, OLLAMA_TEMPLATE, encode_chat
 from tinygpt.weights.read import read_chat_template
@@ -43,14 +45,15 @@ def chat_tokenizer() -> Tokenizer:
     return Tokenizer(base.merges, specials=(IM_START, IM_END, EOT))
 
 
-def chat_model(tokenizer: Tokenizer, **config) -> GPT:
+def chat_model(tokenizer: Tokenizer, block_size: int = 256, **config) -> GPT:
     """A random model whose greedy replies are printable text that does not end at once: tokens that are not whole
     printable characters and the special tokens get small embeddings (the head is tied: small logits)."""
-    model = random_gpt(tokenizer, n_embd=64, block_size=256, std=0.15, **config)
+    model = random_gpt(tokenizer, n_embd=64, block_size=block_size, std=0.15, **config)
     with torch.no_grad():
         for i, piece in enumerate(tokenizer.vocab):
             if not printable(piece) or i in tokenizer.special_tokens.values():
                 model.tok_emb.weight[i] *= 0.1
+                model.lm_head.weight[i] *= 0.1 if not model.config.tie_embeddings else 1.0
     return model
 
 
@@ -133,10 +136,16 @@ def test_transformers_renders_our_prompt_ids(chat_files):
             assert list(ids) == encode_chat(chat_files["tokenizer"], messages, add_generation_prompt=prompt)[0]
 
 
+@cache
+def hf_model(folder: Path):
+    """transformers' model for an exported folder (loaded once per folder)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
 def hf_greedy_reply(folder: Path, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int) -> str:
     """transformers' greedy reply with the folder's generation_config (its eos ids stop it)."""
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf = hf_model(folder)
     out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):].tolist()
     if out and out[-1] in hf.generation_config.eos_token_id:
         out = out[:-1]
@@ -159,22 +168,26 @@ def test_transformers_greedy_reply_equals_ours(chat_files):
     assert hf_greedy_reply(chat_files["export"], tokenizer, ids, 12) == ours
 
 
-def test_replies_stop_at_im_end(tmp_path):
-    """An untied model whose head rows of <|im_end|> and of its 4th greedy reply token are swapped says the first
-    three tokens and then <|im_end|>: our session and transformers (generation_config) both stop there."""
-    tokenizer, messages = chat_tokenizer(), CONVERSATIONS[0]
+def stopping_model(tokenizer: Tokenizer, messages: list[dict]) -> tuple[GPT, str]:
+    """An untied model whose head rows of <|im_end|> and of a greedy reply token (the 4th to 6th, one not said
+    before) are swapped, and the reply it gives to `messages`: the tokens before that one, then <|im_end|>."""
     model = chat_model(tokenizer, tie_embeddings=False)
     ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0]
-    from tinygpt.model.sample import generate
-
     reply = list(generate(model, ids, 6, temperature=0))
     k = next(i for i in range(3, 6) if reply[i] not in reply[:i])
     im_end = tokenizer.special_tokens[IM_END]
     with torch.no_grad():
         model.lm_head.weight[[reply[k], im_end]] = model.lm_head.weight[[im_end, reply[k]]].clone()
-    expected = tokenizer.decode(reply[:k])
+    return model, tokenizer.decode(reply[:k])
+
+
+def test_replies_stop_at_im_end(tmp_path):
+    """Our session and transformers (through generation_config) both end the reply at <|im_end|>."""
+    tokenizer, messages = chat_tokenizer(), CONVERSATIONS[0]
+    model, expected = stopping_model(tokenizer, messages)
     assert our_reply(model, tokenizer, messages, 12) == expected
-    export = export_hf(save_chat_checkpoint(tmp_path / "swapped.pt", model, tokenizer), tmp_path / "hf")
+    export = export_hf(save_chat_checkpoint(tmp_path / "stops.pt", model, tokenizer), tmp_path / "hf")
+    ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0]
     assert hf_greedy_reply(export, tokenizer, ids, 12) == expected
 
 
