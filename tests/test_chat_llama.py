@@ -150,3 +150,27 @@ def test_llama_cpp_ends_the_reply_at_im_end(tmp_path, capsys):
         proc.wait(timeout=30)
     assert answer["choices"][0]["finish_reason"] == "stop"
     assert answer["choices"][0]["message"]["content"] == expected
+
+
+def test_q4_k_m_equals_llama_quantize_and_is_served(chat_files, tmp_path):
+    """Our q4_k_m of the chat model is byte for byte llama-quantize's (the chat keys copied like the others), and
+    llama-server answers a chat completion from it."""
+    from tinygpt.export.quantize import quantize_gguf
+
+    ours, theirs = chat_files["tmp"] / "model-q4_k_m.gguf", tmp_path / "llama-q4_k_m.gguf"
+    quantize_gguf(chat_files["f16"], ours, "q4_k_m", threads=1)
+    done = subprocess.run([str(llama_tool("llama-quantize")), str(chat_files["f16"]), str(theirs), "Q4_K_M", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ours.read_bytes() == theirs.read_bytes()
+    proc, port = start_server(ours, tmp_path / "server-q4.log", [])
+    try:
+        answer = request(port, "/v1/chat/completions", {"messages": [{"role": "user", "content": MESSAGE}],
+                                                         "temperature": 0, "max_tokens": MAX_TOKENS})
+        assert request(port, "/props")["chat_template"] == CHATML_TEMPLATE
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert answer["usage"]["prompt_tokens"] == len(encode_chat(chat_files["tokenizer"],
+                                                               [{"role": "user", "content": MESSAGE}], True)[0])
+    assert answer["usage"]["completion_tokens"] > 0 and answer["choices"][0]["message"]["role"] == "assistant"
