@@ -157,7 +157,7 @@ SENTENCES = {
 }
 SENTENCE_LEADS = ("Tell me a story.", "Please write a story.", "I want a story.", "Can you make up a story?",
                   "Write a short story for me.", "Story time!")
-SENTENCE_ENDS = ("Now tell me the story.", "Thank you!", "Please make it short.", "Go!", "")
+SENTENCE_ENDS = ("Now tell me the story.", "Thank you!", "Please tell it to me.", "Go!", "")
 LIST_LEADS = ("Write a story with:", "Tell me a story with these parts:", "A story, please, with:",
               "Make up a story. Use these:", "Story request:", "Please write a story that has:")
 LIST_KEYS = {"hero": ("hero", "main character", "who"), "pet": ("pet", "animal friend", "pet"),
