@@ -21,7 +21,6 @@ import pytest
 from tinygpt.cli import main as cli_main
 from tinygpt.common import TinyGPTError
 from tinygpt.data.chat import chat_data, check_messages
-from tinygpt.data.stories import chat_tasks
 from tinygpt.data.stories.chat_tasks import (
     CHUNK, EVAL_NAMESPACE, MAX_CHARS, conversation_chunk, conversations, eval_prompts, score_reply,
 )
