@@ -10,7 +10,7 @@ A conversation is a list of messages {"role": "system" | "user" | "assistant", "
 (`Tokenizer.encode_ordinary`): a literal "<|im_start|>" typed into a message stays those characters' ordinary
 tokens and never becomes the control token, so data cannot open or close a turn (prompt injection).
 transformers' `apply_chat_template` would turn such text into the special token; whenever the content holds no
-special-token text, our ids equal its ids exactly (tests/test_chat_template.py).
+special-token text, our ids equal its ids exactly (tests/test_chat_template.py; docs/formats.md#chat-format).
 
 The loss mask is 1 on the tokens an assistant message's content is made of and on its `<|im_end|>`, 0 on
 everything else (the `<|im_start|>assistant\\n` header, the "\\n" after `<|im_end|>`, other roles). When the

@@ -5,7 +5,7 @@ Input: a JSON lines file, one conversation per line, {"messages": [{"role": ...,
 (`tinygpt.data.chat.check_messages`); a line that is not such a conversation stops the stage with one error
 naming the file and line. Each is encoded with `tinygpt.tokenizer.chat.encode_chat` (ids and loss mask).
 
-Output folder (docs/formats.md, "Chat token folder"), written as one set:
+Output folder (docs/formats.md#chat-token-folder), written as one set:
   meta.json                    kind "chat", the chat template, block_size, counts, what was dropped
   train.bin / val.bin          token ids (uint16, uint32 above 65,536 ids), the conversations back to back
   train.mask.bin / val.mask.bin   uint8 per token: 1 = a training target (assistant content and its <|im_end|>)
