@@ -28,7 +28,8 @@ Determinism and held-out seeds: conversations are made in chunks of CHUNK conver
 from `random.Random("tinygpt-chat:s:i")`; `eval_prompts` draws from `random.Random("tinygpt-chat-eval:s:i")`, a
 namespace training never uses, so evaluation conversations are unseen for every pair of seeds (the stories are
 drawn afresh, and a whole conversation coinciding with a training one is vanishingly unlikely; tests check it).
-Every conversation fits MAX_CHARS characters (about 450 tokens of a 4k-token BPE: within a 512-token context).
+Every conversation fits MAX_CHARS characters of content: with a 4,096-token BPE trained on the stories, rendered in
+ChatML, 5,000 conversations took 262 tokens at the median and 473 at most, within a 512-token context.
 """
 
 from __future__ import annotations
