@@ -9,13 +9,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFValueType
 from builders import PARITY_TEXTS, corpus, printable, random_gpt, save_tiny_checkpoint, tiny_tokenizer
 
 from tinygpt.common import TinyGPTError
 from tinygpt.export.hf import export_hf
 from tinygpt.export.gguf_convert import convert_to_gguf
-from tinygpt.weights.gguf_read import load_gguf
-from tinygpt.export.llama_cpp import main, run_llama
+from tinygpt.weights.gguf_read import load_gguf, open_gguf
+from tinygpt.export.gguf_raw import encode_value, read_raw_gguf, write_raw_gguf
+from tinygpt.export.llama_cpp import _check_fits, main, prompt_tokens, run_llama
 from tinygpt.export.quantize import quantize_gguf
 from tinygpt.model.sample import generate
 
@@ -143,6 +145,30 @@ def test_prompt_plus_generation_must_fit_the_context(gguf_files):
     _, files = gguf_files
     with pytest.raises(TinyGPTError, match=r"plus -n 100 exceeds the context .* \(64 tokens\)"):
         run_llama(files["narrow"], PROMPT, n_predict=100)
+
+
+def with_bos(path, out):
+    """A copy of a GGUF file whose tokenizer asks for a BOS before every prompt, as Llama 3's does."""
+    raw = read_raw_gguf(path, "")
+    metadata = {**raw.metadata, "tokenizer.ggml.add_bos_token": encode_value(True, GGUFValueType.BOOL)}
+    write_raw_gguf(out, metadata, [(t.name, t.ne, t.type) for t in raw.tensors], lambda i: raw.tensors[i].data)
+    return out
+
+
+def test_the_prompt_counts_the_bos_llama_cpp_adds(gguf_files, tmp_path):
+    """A file with add_bos_token: llama.cpp puts a BOS before the prompt, so a request that would just fit
+    without it is one token too long (the off-by-one of counting our encoding alone)."""
+    _, files = gguf_files
+    bos_file = with_bos(files["narrow"], tmp_path / "bos.gguf")
+    n_plain = prompt_tokens(open_gguf(files["narrow"]), PROMPT)
+    assert prompt_tokens(open_gguf(bos_file), PROMPT) == n_plain + 1
+    assert _check_fits(files["narrow"], PROMPT, 64 - n_plain) == 64  # exactly fills the context
+    with pytest.raises(TinyGPTError, match=rf"the prompt \({n_plain + 1} tokens\) plus -n {64 - n_plain} exceeds"):
+        _check_fits(bos_file, PROMPT, 64 - n_plain)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    for path in (files["narrow"], bos_file):  # llama.cpp's own count, as llama-cli tokenizes a prompt
+        llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        assert prompt_tokens(open_gguf(path), PROMPT) == len(llm.tokenize(PROMPT.encode(), add_bos=True, special=True))
 
 
 def test_a_chat_only_llama_cli_is_passed_over(gguf_files, tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
 """GGUF files as the quantizer needs them: metadata kept as raw bytes, tensors as memory-mapped bytes, and a
 writer that streams tensors out one at a time in llama.cpp's layout.
 
-gguf-py's reader decodes every metadata value into Python objects (a vocabulary of 50k tokens is 50k small
+gguf-py's reader decodes every metadata value into numpy views (a vocabulary of 50k tokens is 50k small
 arrays), which costs as much as quantizing a small model to Q8_0; the quantize stage only copies those values.
-So this reader walks the metadata once, keeping each value's encoded bytes, and decodes only what is asked.
+So the header is read by tinygpt.weights.gguf_file (plain `struct`, which also keeps each value's encoded
+bytes) and the tensors are memory-mapped.
 The layout (docs/gguf.md#file-layout) is: magic, version 3, tensor and key counts, the keys, the tensor infos
 (name, dimensions in ggml order, type, offset into the data), padding to the alignment, then each tensor's data
 padded to the alignment.
@@ -21,13 +22,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from tinygpt.common import TinyGPTError, require_file
+from tinygpt.weights.gguf_file import GGUFFile
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-# encoded size of the fixed-size value types
-_FIXED = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-          GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
-          GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
 _FORMAT = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
            GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
            GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
@@ -72,76 +70,21 @@ def encode_value(value, vtype: GGUFValueType) -> bytes:
     return struct.pack("<I", vtype) + struct.pack(_FORMAT[vtype], value)
 
 
-class _Cursor:
-    def __init__(self, buf: memoryview):
-        self.buf, self.pos = buf, 0
-
-    def take(self, fmt: str):
-        values = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return values
-
-    def string(self) -> bytes:
-        (n,) = self.take("<Q")
-        if self.pos + n > len(self.buf):
-            raise ValueError(f"a string of {n} bytes runs past the end of the file")
-        self.pos += n
-        return bytes(self.buf[self.pos - n:self.pos])
-
-    def skip_value(self, vtype: int) -> None:
-        vtype = GGUFValueType(vtype)
-        if vtype == GGUFValueType.STRING:
-            (n,) = self.take("<Q")
-            self.pos += n
-        elif vtype == GGUFValueType.ARRAY:
-            sub, count = self.take("<IQ")
-            sub = GGUFValueType(sub)
-            if sub in _FIXED:
-                self.pos += _FIXED[sub] * count
-            else:
-                for _ in range(count):
-                    self.skip_value(sub)
-        else:
-            self.pos += _FIXED[vtype]
-        if self.pos > len(self.buf):
-            raise ValueError("a metadata value runs past the end of the file")
-
-
 def read_raw_gguf(path: str | os.PathLike, hint: str) -> RawGGUF:
-    """The metadata (raw) and tensors (memory-mapped) of a GGUF file; a broken file is one TinyGPTError."""
+    """The metadata (raw) and tensors (memory-mapped) of a GGUF file; a broken file is one TinyGPTError.
+    The header is parsed by tinygpt.weights.gguf_file, the package's one GGUF header reader."""
     path = require_file(path, "GGUF file", "create it with tinygpt gguf_convert")
-    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     try:
-        cur = _Cursor(memoryview(data))
-        magic, version = cur.take("<4sI")
-        if magic != MAGIC or version not in (2, 3):
-            raise ValueError(f"magic {magic!r}, version {version}: not a GGUF version 2 or 3 file")
-        n_tensors, n_kv = cur.take("<QQ")
-        metadata: dict[str, bytes] = {}
-        for _ in range(n_kv):
-            key = cur.string().decode("utf-8")
-            start = cur.pos
-            (vtype,) = cur.take("<I")
-            cur.skip_value(vtype)
-            metadata[key] = bytes(cur.buf[start:cur.pos])
-        infos = []
-        for _ in range(n_tensors):
-            name = cur.string().decode("utf-8")
-            (n_dims,) = cur.take("<I")
-            if not 1 <= n_dims <= 4:  # GGML_MAX_DIMS
-                raise ValueError(f"tensor {name} has {n_dims} dimensions")
-            ne = cur.take(f"<{n_dims}Q")
-            qtype, offset = cur.take("<IQ")
-            infos.append((name, tuple(int(n) for n in ne), GGMLQuantizationType(qtype), offset))
-        raw = RawGGUF(metadata, [])
-        alignment = raw.value("general.alignment") or DEFAULT_ALIGNMENT
-        start = -(-cur.pos // alignment) * alignment
-        for name, ne, qtype, offset in infos:
-            nbytes = tensor_nbytes(ne, qtype)
-            if start + offset + nbytes > len(data):
-                raise ValueError(f"tensor {name} runs past the end of the file")
-            raw.tensors.append(RawTensor(name, ne, qtype, data[start + offset:start + offset + nbytes]))
-        return raw
+        header = GGUFFile(path)
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        tensors = []
+        for t in header.tensors:
+            ne = tuple(int(n) for n in t.shape)
+            if not 1 <= len(ne) <= 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {t.name} has {len(ne)} dimensions")
+            end = t.offset + tensor_nbytes(ne, t.tensor_type)
+            tensors.append(RawTensor(t.name, ne, t.tensor_type, data[t.offset:end]))
+        return RawGGUF(dict(header.raw_fields), tensors)
     except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error) as e:
         raise TinyGPTError(
             f"{path} is not a readable GGUF file: truncated or of another format ({type(e).__name__}: {e}); {hint}"

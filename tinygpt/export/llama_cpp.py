@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from tinygpt.common import TinyGPTError, run_cli
-from tinygpt.weights.gguf_read import gguf_config, gguf_tokenizer, read_gguf
+from tinygpt.weights.gguf_file import GGUFFile
+from tinygpt.weights.gguf_read import gguf_config, gguf_tokenizer, open_gguf
 
 BACKENDS = ("auto", "cli", "python")
 CLI_PROGRAMS = ("llama-completion", "llama-cli")  # llama-completion is the plain-completion tool in new builds
@@ -29,13 +30,20 @@ INSTALL_HINT = (
 )
 
 
+def prompt_tokens(reader: GGUFFile, prompt: str) -> int:
+    """How many tokens llama.cpp makes of `prompt`: our encoding, plus the BOS (and EOS) that the file's
+    tokenizer.ggml.add_bos_token (add_eos_token) asks for, which llama_tokenize adds around a prompt (Llama 3)."""
+    added = sum(bool(reader.fields.get(f"tokenizer.ggml.add_{kind}_token", False)) for kind in ("bos", "eos"))
+    return len(gguf_tokenizer(reader).encode(prompt)) + added
+
+
 def _check_fits(model: Path, prompt: str, n_predict: int) -> int:
     """The model's context length, after checking the request fits in it: llama.cpp would assert instead."""
-    reader = read_gguf(model)
-    context = gguf_config(reader).block_size
-    n_prompt = len(gguf_tokenizer(reader).encode(prompt))
-    if n_prompt == 0:
+    if not prompt:
         raise TinyGPTError("the prompt is empty; give --prompt some text")
+    reader = open_gguf(model, "re-create it with tinygpt gguf_convert")
+    context = gguf_config(reader).block_size
+    n_prompt = prompt_tokens(reader, prompt)
     if n_prompt + n_predict > context:
         raise TinyGPTError(
             f"the prompt ({n_prompt} tokens) plus -n {n_predict} exceeds the context of {model} ({context} tokens); "

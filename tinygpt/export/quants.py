@@ -81,9 +81,43 @@ def _importance_columns(qw: np.ndarray, size: int, n_rows: int) -> np.ndarray:
     return np.tile(np.asarray(qw, F32).reshape(-1, size).T, (1, n_rows))
 
 
-def _first_extreme(x: np.ndarray, arg: Callable) -> np.ndarray:
-    """The min (or max) of each column of x, the first occurrence on ties: the sign of a zero reaches the bytes."""
-    return x[arg(x, axis=0), np.arange(x.shape[1])]
+def _first_equal(x: np.ndarray, key: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per column of x (n, columns): x in the first row where key equals target (a reduction of key, so some row
+    does). Walked row by row, backwards, so that the first match is written last: argmin/argmax along axis 0
+    walk strided memory, and along the short rows of the transpose pay per row, both ~10x slower."""
+    out = x[-1]
+    for i in range(len(x) - 2, -1, -1):
+        out = _where(key[i] == target, x[i], out)
+    return out
+
+
+def _first_extreme(x: np.ndarray, reduce: np.ufunc) -> np.ndarray:
+    """The min (np.minimum) or max of each column of x, the first occurrence on ties: the sign of a zero reaches
+    the bytes."""
+    return _first_equal(x, x, reduce.reduce(x, axis=0))
+
+
+def _mask(cond: np.ndarray) -> np.ndarray:
+    """A boolean array as int32 -1 (True) / 0 (False), for `_select`."""
+    m = cond.view(np.int8).astype(np.int32)
+    return np.negative(m, out=m)
+
+
+def _select(mask: np.ndarray, a, b) -> np.ndarray:
+    """np.where(cond, a, b) for float32 values, bit for bit, with mask = _mask(cond): three bitwise passes.
+    np.where branches on every element, and on random conditions that costs ~40 ns an element on this kind of
+    machine, more than all the arithmetic of a search step."""
+    ai = np.asarray(a, F32).view(np.int32)
+    bi = np.asarray(b, F32).view(np.int32)
+    out = np.bitwise_xor(ai, bi)
+    out &= mask
+    out ^= bi
+    return out.view(F32)
+
+
+def _where(cond: np.ndarray, a, b) -> np.ndarray:
+    """np.where(cond, a, b) for float32 values, without branches (see `_select`)."""
+    return _select(_mask(cond), a, b)
 
 
 # ----------------------------------------------------------------------------------------------- 32-value types
@@ -93,8 +127,13 @@ def _absmax_signed(blocks: np.ndarray) -> np.ndarray:
 
     An all-zero block gives +0.0 even if it holds -0.0: the C loop starts from 0.0f and never replaces it.
     """
-    peak = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
-    return np.where(peak == 0, F32(0), peak)
+    hi, lo = np.maximum.reduce(blocks, axis=1), np.minimum.reduce(blocks, axis=1)
+    peak = _where(hi >= -lo, hi, lo)
+    tie = np.flatnonzero((hi == -lo) & (hi != 0))  # +a and -a both present (rare): the first one wins
+    if tie.size:
+        ties = blocks[tie]
+        peak[tie] = ties[np.arange(len(tie)), np.abs(ties).argmax(axis=1)]  # argmax along short rows is slow
+    return _where(peak == 0, F32(0), peak)
 
 
 def _first_extremes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,14 +149,15 @@ def _safe_inverse(d: np.ndarray) -> np.ndarray:
 
 
 def _pack_nibbles_32(q: np.ndarray) -> np.ndarray:
-    """(n, 32) 4-bit values -> (n, 16) bytes: low nibble value j, high nibble value j+16."""
-    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+    """(n, 32) 4-bit values -> (n, 16) bytes: low nibble value j, high nibble value j+16. Eight bytes at a time:
+    values below 16 shifted left by 4 inside a uint64 stay in their own byte."""
+    words = np.ascontiguousarray(q, dtype=np.uint8).view("<u8")  # (n, 4): values 0-7, 8-15, 16-23, 24-31
+    return (words[:, :2] | (words[:, 2:] << np.uint64(4))).view(np.uint8)
 
 
 def _high_bits_32(q: np.ndarray) -> np.ndarray:
     """(n, 32) 5-bit values -> (n, 4) bytes of the little-endian u32 holding bit 4 of value j at bit j."""
-    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")  # byte k: values 8k..8k+7, value 8k+j at bit j
 
 
 def _row_sigma2(rows: np.ndarray) -> np.ndarray:
@@ -260,8 +300,8 @@ def _make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     once at the end: the search itself never writes a full-size array but its scratch buffers.
     """
     fnmax = F32(nmax)
-    lo = _first_extreme(x, np.argmin)
-    lo = np.where(lo > 0, F32(0), lo)
+    lo = _first_extreme(x, np.minimum)
+    lo = _where(lo > 0, F32(0), lo)
     hi = x.max(axis=0)
     flat = hi <= lo  # all values equal (and <= 0): L = 0, scale 0
     t, u, wl = np.empty_like(x), np.empty_like(x), np.empty_like(x)
@@ -269,7 +309,7 @@ def _make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     sum_x = _seq_sum(np.multiply(w, x, out=u))
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = fnmax / np.where(flat, F32(1), hi - lo)
+        iscale = fnmax / _where(flat, F32(1), hi - lo)
         scale = F32(1) / iscale
         best = _weighted_error(_levels(x, lo, iscale, 0, fnmax, out=t), scale, lo, x, w, u)
         L_iscale, L_lo = iscale, lo  # what made the best L
@@ -286,31 +326,30 @@ def _make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clamp = this_min > 0
-            this_min = np.where(clamp, F32(0), this_min)
-            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
+            m = _mask(clamp)
+            this_min = _select(m, F32(0), this_min)
+            this_scale = _select(m, sum_xl / sum_l2, this_scale)
             cur = _weighted_error(Laux, this_scale, this_min, x, w, u)
             better = (D > 0) & (cur < best) & ~flat
-            L_iscale = np.where(better, iscale, L_iscale)
-            L_lo = np.where(better, lo, L_lo)
-            best = np.where(better, cur, best)
-            scale = np.where(better, this_scale, scale)
-            lo = np.where(better, this_min, lo)
+            m = _mask(better)
+            L_iscale = _select(m, iscale, L_iscale)
+            L_lo = _select(m, lo, L_lo)
+            best = _select(m, cur, best)
+            scale = _select(m, this_scale, scale)
+            lo = _select(m, this_min, lo)
         L = _levels(x, L_lo, L_iscale, 0, fnmax, out=t)
 
     if flat.any():
         L[:, flat] = 0
-    return L, np.where(flat, F32(0), scale), -lo
+    return L, _where(flat, F32(0), scale), -lo
 
 
 def _signed_peak(x: np.ndarray) -> np.ndarray:
     """The signed value of the first largest magnitude in each column of x (n, columns), as C's strict `>`
     scan keeps it (0 for an all-zero column)."""
     ax = np.abs(x)
-    amax = np.maximum.reduce(ax, axis=0)
-    peak = np.zeros(x.shape[1], F32)
-    for i in range(x.shape[0] - 1, -1, -1):  # backwards: the first row reaching the maximum wins
-        peak = np.where(ax[i] == amax, x[i], peak)
-    return peak
+    peak = _first_equal(x, ax, np.maximum.reduce(ax, axis=0))
+    return _where(peak == 0, F32(0), peak)  # an all-zero column: +0.0 (C starts from 0 and never replaces it)
 
 
 def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -320,7 +359,7 @@ def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
     fnmax = F32(nmax)
     peak = _signed_peak(x)
     zero = np.abs(peak) < GROUP_MAX_EPS
-    peak = np.where(zero, F32(1), peak)
+    peak = _where(zero, F32(1), peak)
     wx = w * x
     t, u = np.empty_like(x), np.empty_like(x)
 
@@ -333,7 +372,7 @@ def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
     iscale = -fnmax / peak
     sumlx, suml2 = trial(iscale)
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        scale = _where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         L_iscale = iscale
         for step in range(-9, 10):
@@ -342,14 +381,15 @@ def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
             iscale = -(fnmax + F32(0.1) * F32(step)) / peak
             sumlx, suml2 = trial(iscale)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L_iscale = np.where(better, iscale, L_iscale)
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
+            m = _mask(better)
+            L_iscale = _select(m, iscale, L_iscale)
+            scale = _select(m, sumlx / suml2, scale)
+            best = _select(m, scale * sumlx, best)
     L = _levels(x, None, L_iscale, -fnmax, fnmax - 1, out=t)
     L += fnmax
     if zero.any():
         L[:, zero] = 0  # an all-zero sub-block keeps L = 0, not the offset nmax
-    return L, np.where(zero, F32(0), scale)
+    return L, _where(zero, F32(0), scale)
 
 
 def _make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:

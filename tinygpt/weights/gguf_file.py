@@ -58,7 +58,8 @@ class Tensor:
 
 
 class GGUFFile:
-    """Metadata (key -> Python value, arrays as lists) and tensors of a GGUF file; ValueError if malformed."""
+    """Metadata (key -> Python value, arrays as lists; `raw_fields`: key -> the value's encoded bytes) and tensors
+    of a GGUF file; ValueError if malformed."""
 
     def __init__(self, path: str | Path) -> None:
         self.filename = str(path)
@@ -76,9 +77,12 @@ class GGUFFile:
             raise ValueError(f"not a GGUF v2/v3 file (magic {magic!r}, version {version})")
         self._pos = 24
         self.fields: dict[str, Any] = {}
+        self.raw_fields: dict[str, bytes] = {}  # each value as encoded, type tag first: a writer copies it as is
         for _ in range(n_kv):
             key = self._string()
+            start = self._pos
             self.fields[key] = self._value(self._unpack("I"))
+            self.raw_fields[key] = self._map[start:self._pos]
         infos = []
         for _ in range(n_tensors):
             name = self._string()
