@@ -97,7 +97,8 @@ def test_server_reads_chatml_and_end_of_turn_from_the_file(chat_files, server):
     tokenizer = chat_files["tokenizer"]
     im_end, eot = tokenizer.special_tokens["<|im_end|>"], tokenizer.eot_id
     assert f"EOT token             = {im_end} '<|im_end|>'" in text
-    assert f"EOG token             = {im_end} '<|im_end|>'" in text and f"EOG token             = {eot} '<|endoftext|>'" in text
+    assert f"EOG token             = {im_end} '<|im_end|>'" in text
+    assert f"EOG token             = {eot} '<|endoftext|>'" in text
     # the template in use, rendered on llama.cpp's example conversation, is ChatML
     assert "chat template, example_format: '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n" in text
     messages = CONVERSATIONS[1]
@@ -131,7 +132,8 @@ def llama_cli_reply(gguf: Path, message: str, system: str | None = None) -> str:
 
 
 def test_llama_cli_conversation_gives_our_reply(chat_files, capsys):
-    assert llama_cli_reply(chat_files["f16"], MESSAGE, SYSTEM) == our_cli_replies(capsys, chat_files["f16"], [MESSAGE])[0]
+    ours = our_cli_replies(capsys, chat_files["f16"], [MESSAGE])[0]
+    assert llama_cli_reply(chat_files["f16"], MESSAGE, SYSTEM) == ours
 
 
 def test_llama_cpp_ends_the_reply_at_im_end(tmp_path, capsys):
