@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,12 @@ from test_train import metrics, run_dirs, write_token_dir
 from test_workflow import PIPELINE, ROOT, copy_project, edit_config, jobs_that_would_run, snakemake
 from tinygpt.common import TinyGPTError
 from tinygpt.config import check_config, load_schema
+from tinygpt.export.gguf_convert import convert_to_gguf
 from tinygpt.export.hf import export_hf
 from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
-from tinygpt.model.start import RECIPES
+from tinygpt.model.start import RECIPES, source_shape
 from tinygpt.model.train import LATER_MODEL_FIELDS, main
+from tinygpt.weights.read import read_model
 
 SCHEMA = load_schema(ROOT / "workflow/schemas/config.schema.yaml")
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -122,6 +125,14 @@ def test_config_with_a_checkpoint_reads_its_shape(base):
         check_config(config_with(base, model={"n_layer": 3}), SCHEMA)
     checked = check_config(config_with(base, model={"block_size": 8, "n_layer": 2}), SCHEMA)
     assert checked["train"]["init_from"] == str(base)
+
+
+def test_a_gguf_source_shape_is_its_metadata(base_folder, tmp_path):
+    """The config check reads a GGUF file's shape from its header: the same config as reading the whole model."""
+    gguf_file = convert_to_gguf(base_folder, tmp_path / "start.gguf", "q8_0")
+    assert source_shape(str(gguf_file)) == asdict(read_model(gguf_file)[0])
+    with pytest.raises(TinyGPTError, match="model.n_layer is 3 but train.init_from .* \\(the model has 2\\)"):
+        check_config(config_with(gguf_file, model={"n_layer": 3}), SCHEMA)
 
 
 def test_config_with_a_missing_source_or_lora_from_scratch_stops(tmp_path):

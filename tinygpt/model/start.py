@@ -78,8 +78,9 @@ def read_start(init_from: str) -> Start:
 
 
 def source_shape(init_from: str) -> dict:
-    """The source's GPTConfig fields, for the config check: a Hugging Face folder's from its config.json alone,
-    other sources by reading them."""
+    """The source's GPTConfig fields, for the config check (every Snakemake start): a Hugging Face folder's from
+    its config.json alone, a GGUF file's from its metadata (dequantizing the tensors would take seconds and
+    gigabytes of a real model), a checkpoint by reading it."""
     from dataclasses import asdict
 
     path = Path(init_from)
@@ -88,6 +89,11 @@ def source_shape(init_from: str) -> dict:
         from tinygpt.weights.hf_read import read_hf_config
 
         return asdict(read_hf_config(path))
+    with open(path, "rb") as f:
+        if f.read(4) == b"GGUF":
+            from tinygpt.weights.gguf_read import gguf_config, open_gguf
+
+            return asdict(gguf_config(open_gguf(path)))
     from tinygpt.weights.read import read_model
 
     return asdict(read_model(path)[0])
