@@ -1,10 +1,18 @@
-"""Small models and tokenizers that several test modules build: a tiny BPE, a random GPT, a checkpoint file."""
+"""Small models and tokenizers that several test modules build: a tiny BPE, a random GPT, a checkpoint file; and
+the kill -9 then resume routine the training tests share."""
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,3 +86,42 @@ def save_tiny_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer) -> Path:
             "tokenizer_json": tokenizer.to_json_str(), "step": 0, "val_loss": 0.0}
     torch.save(ckpt, path)
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_COMMAND = [sys.executable, "-m", "tinygpt.model.train"]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "TINYGPT_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
+
+
+def run_dirs(out_dir: Path) -> list[Path]:
+    return sorted(p for p in (out_dir / "runs").iterdir() if p.is_dir())
+
+
+def killed_and_resumed(train_args: Callable[[Path], list[str]], tmp_path: Path, max_steps: int) -> tuple[Path, Path]:
+    """`tinygpt train` with train_args(out_dir) (--out out_dir/best.pt, --runs_dir out_dir/runs) run whole into
+    tmp_path/whole, and into tmp_path/killed SIGKILLed at a random moment after its first last.pt (maybe mid-write
+    of the next), then run again by the same command, which must resume from the step that last.pt holds.
+    Returns the run folders (whole, resumed) for the caller to compare."""
+    from tinygpt.model.checkpoint import load_checkpoint
+
+    env = subprocess_env()
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(TRAIN_COMMAND + train_args(whole), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(TRAIN_COMMAND + train_args(killed), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((killed / "runs").glob("*/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.05))  # anywhere in the following steps, maybe mid-write of the next last.pt
+    assert proc.poll() is None, "training finished before it could be killed; give the test more steps"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [run_dir] = run_dirs(killed)
+    killed_at = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 0 < killed_at < max_steps and not (killed / "best.pt").exists()
+    resumed = subprocess.run(TRAIN_COMMAND + train_args(killed), env=env, check=True, capture_output=True, text=True)
+    assert f"resuming run {run_dir} from step {killed_at}" in resumed.stdout
+    return run_dirs(whole)[0], run_dir

@@ -4,17 +4,13 @@ identical adapters."""
 
 from __future__ import annotations
 
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import metrics, run_dirs, subprocess_env, write_token_dir
+from builders import killed_and_resumed
+from test_train import metrics, run_dirs, write_token_dir
 from tinygpt.common import TinyGPTError
 from tinygpt.model.checkpoint import load_checkpoint, load_model
 from tinygpt.model.gpt import GPT, GPTConfig
@@ -142,26 +138,9 @@ def test_lora_trains_adapters_only_and_the_final_checkpoint_holds_merged_weights
 def test_killed_lora_run_resumes_to_identical_adapters(data_dir, base, tmp_path):
     settings = ["--init_from", str(base), *LORA, "--max_steps", "150", "--ckpt_interval", "7", "--eval_interval", "50",
                 "--lora_dropout", "0.1"]
-    command = [sys.executable, "-m", "tinygpt.model.train"]
-    env = subprocess_env()
+    whole_run, run_dir = killed_and_resumed(lambda out: args(data_dir, out, *settings), tmp_path, 150)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(command + args(data_dir, whole, *settings), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(command + args(data_dir, killed, *settings), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((killed / "runs").glob("*/last.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0.0, 0.05))
-    assert proc.poll() is None, "training finished before it could be killed; give the test more steps"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    [run_dir] = run_dirs(killed)
-    killed_at = load_checkpoint(run_dir / "last.pt")["step"]
-    assert 0 < killed_at < 150
-    resumed = subprocess.run(command + args(data_dir, killed, *settings), env=env, check=True,
-                             capture_output=True, text=True)
-    assert f"resuming run {run_dir} from step {killed_at}" in resumed.stdout
-    last_whole, last_resumed = (load_checkpoint(d / "last.pt") for d in (run_dirs(whole)[0], run_dir))
+    last_whole, last_resumed = (load_checkpoint(d / "last.pt") for d in (whole_run, run_dir))
     for name, tensor in last_whole["adapters"].items():
         assert torch.equal(tensor, last_resumed["adapters"][name]), name
     final_whole, final_resumed = load_checkpoint(whole / "best.pt"), load_checkpoint(killed / "best.pt")

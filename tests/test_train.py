@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from builders import killed_and_resumed, run_dirs, subprocess_env
 from tinygpt.model.checkpoint import load_checkpoint
 from tinygpt.common import TinyGPTError
 from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches
@@ -27,7 +28,6 @@ from tinygpt.model.optim import configure_optimizers, cosine_lr
 from tinygpt.model.train import main
 from tinygpt.tokenizer.train_bpe import train_bpe
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16"]
 
 
@@ -59,10 +59,6 @@ def train_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     return ["--data_dir", str(data_dir), "--tokenizer", str(data_dir / "tokenizer.json"),
             "--out", str(out_dir / "best.pt"), "--runs_dir", str(out_dir / "runs"), *TINY_MODEL,
             "--batch_size", "4", "--eval_batches", "2", "--warmup_steps", "3", *extra]
-
-
-def run_dirs(out_dir: Path) -> list[Path]:
-    return sorted(p for p in (out_dir / "runs").iterdir() if p.is_dir())
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -162,47 +158,24 @@ def test_validation_batches_are_fixed_and_in_range(tmp_path):
 # --- runs: resume, fingerprints, final checkpoint -------------------------------------------------------
 
 
-def subprocess_env() -> dict:
-    return {**os.environ, "TINYGPT_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
-
-
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_killed_run_resumes_to_bit_identical_weights(data_dir, tmp_path, optimizer):
     # amp pinned: `auto` measures at each start, and two runs under load could choose differently
     settings = ["--max_steps", "200", "--ckpt_interval", "7", "--eval_interval", "40", "--threads", "1", "--dropout", "0.1",
                 "--optimizer", optimizer, "--amp", "off"]
-    command = [sys.executable, "-m", "tinygpt.model.train"]
-    env = subprocess_env()
+    whole_run, run_dir = killed_and_resumed(lambda out: train_args(data_dir, out, *settings), tmp_path, 200)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(command + train_args(data_dir, whole, *settings), env=env, check=True, capture_output=True)
-
-    proc = subprocess.Popen(command + train_args(data_dir, killed, *settings), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((killed / "runs").glob("*/last.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0.0, 0.05))  # anywhere in the following steps, maybe mid-write of the next last.pt
-    assert proc.poll() is None, "training finished before it could be killed; give the test more steps"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    [run_dir] = run_dirs(killed)
-    killed_at = load_checkpoint(run_dir / "last.pt")["step"]
-    assert 0 < killed_at < 200 and not (killed / "best.pt").exists()
-
-    resumed = subprocess.run(command + train_args(data_dir, killed, *settings), env=env, check=True,
-                             capture_output=True, text=True)
-    assert f"resuming run {run_dir} from step {killed_at}" in resumed.stdout
     final_whole, final_resumed = load_checkpoint(whole / "best.pt"), load_checkpoint(killed / "best.pt")
     assert final_whole["step"] == final_resumed["step"] and final_whole["val_loss"] == final_resumed["val_loss"]
     for name, tensor in final_whole["model"].items():
         assert torch.equal(tensor, final_resumed["model"][name]), name
-    last_whole, last_resumed = (load_checkpoint(d / "last.pt") for d in (run_dirs(whole)[0], run_dir))
+    last_whole, last_resumed = (load_checkpoint(d / "last.pt") for d in (whole_run, run_dir))
     assert len(last_whole["optimizers"]) == (2 if optimizer == "muon" else 1)
     for opt_whole, opt_resumed in zip(last_whole["optimizers"], last_resumed["optimizers"]):
         for a, b in zip(opt_whole["state"].values(), opt_resumed["state"].values()):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "optimizer state"
     # the log holds each step once, as the uninterrupted run wrote it
-    assert [m["step"] for m in metrics(run_dir)] == [m["step"] for m in metrics(run_dirs(whole)[0])]
+    assert [m["step"] for m in metrics(run_dir)] == [m["step"] for m in metrics(whole_run)]
 
 
 def test_changed_setting_starts_a_fresh_run_and_same_command_resumes(data_dir, tmp_path, capsys):

@@ -3,6 +3,11 @@
 A batch is `batch_size` windows of `block_size + 1` tokens at random offsets: inputs are the first
 `block_size` tokens of a window, targets the last `block_size`. Offsets come from a seeded torch.Generator
 whose state goes into the checkpoint, so a resumed run reads exactly the batches it would have read.
+
+A chat token folder (meta.json "kind": "chat", written by chat_encode; docs/formats.md) adds a loss mask and the
+conversations' first tokens: its windows start at conversations (the generator draws which one), and targets
+the mask does not count, or that belong to the next conversation, are -1, which the model's loss ignores.
+Both kinds are window sources: `num_windows(block_size)` and `batch(indices, block_size, device)`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+CHAT_HINT = "run the chat_encode stage (tinygpt chat_encode) again"
+IGNORE = -1  # a target the loss skips (GPT.forward's ignore_index)
+
+
 def read_meta(data_dir: str | Path) -> dict:
-    """meta.json of an encoded data folder, checked for the one key training needs (vocab_size)."""
+    """meta.json of an encoded data folder, checked for the keys training needs (vocab_size; a chat folder's
+    chat_template and block_size)."""
     path = require_file(Path(data_dir) / "meta.json", "token metadata", ENCODE_HINT)
     try:
         meta = json.loads(path.read_text())
@@ -38,7 +48,18 @@ def read_meta(data_dir: str | Path) -> dict:
     if meta.get("dtype", token_dtype(vocab_size).name) != token_dtype(vocab_size).name:  # uint32 above 65,536 ids
         raise TinyGPTError(f"{path} says dtype {meta['dtype']!r} but {vocab_size} ids are stored as "
                            f"{token_dtype(vocab_size).name}; rerun the encode stage")
+    if is_chat(meta):
+        for key, kind in (("chat_template", str), ("block_size", int)):
+            if not isinstance(meta.get(key), kind):
+                raise TinyGPTError(f"{path} says kind chat but has no {kind.__name__} {key!r}; {CHAT_HINT}")
+    elif meta.get("kind", "tokens") != "tokens":
+        raise TinyGPTError(f"{path} has kind {meta['kind']!r}; training reads plain token folders (encode) and "
+                           "chat folders (kind chat, chat_encode)")
     return meta
+
+
+def is_chat(meta: dict) -> bool:
+    return meta.get("kind") == "chat"
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,13 @@ class TokenFile:
     def __len__(self) -> int:
         return self.path.stat().st_size // self.dtype.itemsize
 
+    def num_windows(self, block_size: int) -> int:
+        return len(self) - block_size  # a window needs block_size + 1 tokens
+
+    def batch(self, offsets: torch.Tensor, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the windows at `offsets` (window indices are token offsets here)."""
+        return split_batch(self.windows(offsets, block_size + 1), device)
+
     def windows(self, offsets: torch.Tensor, length: int) -> torch.Tensor:
         """The `length` tokens from each offset, as an int64 tensor (len(offsets), length)."""
         tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
@@ -95,16 +123,82 @@ class TokenFile:
         """Mean bytes of text per token: what turns nats per token into bits per byte, which compares across
         vocabularies. Special tokens (the <|endoftext|> between documents) stand for no text: they count
         0 bytes, so the cost of predicting them is charged to the text's bytes."""
-        lengths = np.array([len(token) for token in vocab], dtype=np.int64)
-        lengths[list(special_ids)] = 0
-        counts = self.token_counts(len(vocab))
-        return float(counts @ lengths / counts.sum())
+        return mean_bytes(self.token_counts(len(vocab)), vocab, special_ids)
+
+
+def mean_bytes(counts: np.ndarray, vocab: list[bytes], special_ids: Iterable[int]) -> float:
+    """Mean bytes of text per token, for tokens occurring `counts` times (per id); special tokens count 0 bytes."""
+    lengths = np.array([len(token) for token in vocab], dtype=np.int64)
+    lengths[list(special_ids)] = 0
+    return float(counts @ lengths / counts.sum())
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """One split of a chat token folder: the tokens, their loss mask (uint8, 1 = a target the loss counts) and
+    the offsets where conversations start (int64, increasing). A window index picks a conversation."""
+
+    tokens: TokenFile
+    mask_path: Path
+    starts: np.ndarray
+
+    @classmethod
+    def open(cls, data_dir: Path, split: str, dtype: np.dtype, block_size: int, padded_for: int) -> "ChatTokens":
+        """Open `split` (train or val) for windows of block_size + 1 tokens; chat_encode padded each file so
+        that every start has `padded_for` + 1 tokens after it."""
+        if block_size > padded_for:
+            raise TinyGPTError(f"--block_size {block_size} is longer than the windows {data_dir / 'meta.json'} was "
+                               f"encoded for (block_size {padded_for}); rerun chat_encode with --block_size "
+                               f"{block_size}, or train with --block_size at most {padded_for}")
+        tokens = TokenFile.open(data_dir / f"{split}.bin", dtype, block_size + 1)
+        mask_path = require_file(data_dir / f"{split}.mask.bin", "loss mask", CHAT_HINT)
+        if mask_path.stat().st_size != len(tokens):
+            raise TinyGPTError(f"{mask_path} has {mask_path.stat().st_size} entries for {len(tokens)} tokens in "
+                               f"{tokens.path}; the folder is not one set, {CHAT_HINT}")
+        starts_path = require_file(data_dir / f"{split}.starts.bin", "conversation starts", CHAT_HINT)
+        starts = np.fromfile(starts_path, dtype="<i8") if starts_path.stat().st_size % 8 == 0 else None
+        if starts is None or len(starts) == 0 or starts[0] < 0 or np.any(np.diff(starts) <= 0) \
+                or starts[-1] + padded_for + 1 > len(tokens):
+            raise TinyGPTError(f"{starts_path} is not a list of increasing int64 conversation starts, each with "
+                               f"{padded_for} + 1 tokens after it in {tokens.path}; {CHAT_HINT}")
+        return cls(tokens, mask_path, starts)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def num_windows(self, block_size: int) -> int:
+        return len(self.starts)
+
+    def batch(self, indices: torch.Tensor, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows from the starts of conversations `indices`; the targets outside the mask, and those of the next
+        conversation (one conversation per row, as it is chatted with), are IGNORE."""
+        windows, counted = self.windows(indices, block_size)
+        targets = torch.where(counted, windows, IGNORE)
+        return to_device(windows[:, :-1], device), to_device(targets[:, 1:], device)
+
+    def windows(self, indices: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block_size + 1 tokens from each conversation's start (int64), and which of them are counted targets
+        (bool; never the first, which is no target)."""
+        idx = indices.numpy()
+        offsets = self.starts[idx]
+        ends = np.append(self.starts[1:], len(self.tokens))[idx]  # the next conversation's start
+        positions = offsets[:, None] + np.arange(block_size + 1)
+        mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r")
+        counted = (mask[positions] == 1) & (positions < ends[:, None])
+        counted[:, 0] = False
+        return self.tokens.windows(torch.from_numpy(offsets), block_size + 1), torch.from_numpy(counted)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` (pinned and asynchronous on CUDA)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def split_batch(windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets of a batch of windows, on `device` (pinned and asynchronous on CUDA)."""
-    if device.type == "cuda":
-        windows = windows.pin_memory().to(device, non_blocking=True)
+    """Inputs and next-token targets of a batch of windows, on `device`."""
+    windows = to_device(windows, device)
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -117,17 +211,18 @@ class RandomBatches:
     """
 
     def __init__(
-        self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self, tokens: TokenFile | ChatTokens, batch_size: int, block_size: int, seed: int, rank: int = 0,
+        world_size: int = 1
     ) -> None:
         self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
         self.rank, self.world_size = rank, world_size
-        self.num_offsets = len(tokens) - block_size  # a window needs block_size + 1 tokens
+        self.num_offsets = tokens.num_windows(block_size)
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         offsets = torch.randint(self.num_offsets, (self.batch_size * self.world_size,), generator=self.generator)
         mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return split_batch(self.tokens.windows(mine, self.block_size + 1), device)
+        return self.tokens.batch(mine, self.block_size, device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -136,8 +231,9 @@ class RandomBatches:
         self.generator.set_state(state["generator"])
 
 
-def fixed_batches(tokens: TokenFile, num_batches: int, batch_size: int, block_size: int) -> list[torch.Tensor]:
-    """Offsets of `num_batches` evaluation batches spread evenly over the file: the same set at every evaluation."""
+def fixed_batches(tokens: TokenFile | ChatTokens, num_batches: int, batch_size: int, block_size: int) -> list[torch.Tensor]:
+    """Window indices of `num_batches` evaluation batches spread evenly over the file (a chat file: over its
+    conversations): the same set at every evaluation."""
     count = num_batches * batch_size
-    offsets = torch.linspace(0, len(tokens) - block_size - 1, count).round().long()
+    offsets = torch.linspace(0, tokens.num_windows(block_size) - 1, count).round().long()
     return list(offsets.split(batch_size))

@@ -3,7 +3,8 @@
 A checkpoint never needs unpickling of arbitrary objects, so loading one from elsewhere cannot run code.
 The final checkpoint (what `--out` of the train stage holds) is self-contained: "model" (state dict),
 "model_config" (GPTConfig fields, the architecture among them), "tokenizer_json" (the tokenizer.json text),
-"step" and "val_loss".
+"step" and "val_loss"; a chat model's (tuned on a chat token folder) also "chat_template", the Jinja text its
+prompts are rendered with (docs/formats.md), which export carries on into tokenizer_config.json and GGUF.
 """
 
 from __future__ import annotations

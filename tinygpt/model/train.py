@@ -3,6 +3,7 @@
     tinygpt train --data_dir data/tokens --tokenizer data/tokenizer/tokenizer.json \\
         --out checkpoints/best.pt --runs_dir checkpoints/runs --preset toy
     torchrun --nproc_per_node 2 -m tinygpt train ...      (same flags; --batch_size is per process)
+    tinygpt train --data_dir data/chat/tokens --init_from checkpoints/best.pt --block_size 512 ...   (chat tuning)
 
 AdamW (weight decay on weight matrices only), linear warmup then cosine decay, gradient accumulation and
 clipping, mixed precision where the hardware is fast at it, DistributedDataParallel under torchrun.
@@ -11,6 +12,11 @@ A run lives in `<runs_dir>/<fingerprint>/`, the fingerprint hashing every settin
 the identity of the data. `last.pt` there holds everything the run's future depends on (weights, optimizer,
 scaler, RNG and data-sampler states), so killing the process at any moment and rerunning the same command
 continues to the very same final weights; a changed setting gets a new folder and a fresh start.
+
+Chat tuning is this loop on a chat token folder (meta.json kind chat, from chat_encode): windows start at
+conversations, the loss counts only the assistant's tokens (the mask), validation loss and bits per byte are over
+those tokens only, and the checkpoints carry the folder's chat_template. A llama (rotary) start may be tuned at a
+longer --block_size than it was trained at; learned positions (gpt2) cannot be extended.
 """
 
 from __future__ import annotations
@@ -28,13 +34,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
 from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
-from tinygpt.model.batches import RandomBatches, TokenFile, fixed_batches, read_meta, split_batch, token_dtype
+from tinygpt.model.batches import (IGNORE, ChatTokens, RandomBatches, TokenFile, fixed_batches, is_chat, mean_bytes,
+                                   read_meta, token_dtype)
 from tinygpt.model.flops import MatmulPeak
 from tinygpt.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, Rotary, config_from_preset
 from tinygpt.model.hardware import (AMP_CHOICES, AMP_DTYPES, DEVICES, Ranks, amp_unsupported, autocast_dtype,
@@ -199,15 +208,39 @@ class Trainer:
         if meta.get("dtype", dtype.name) != dtype.name:
             raise TinyGPTError(f"{data_dir / 'meta.json'} says dtype={meta['dtype']!r} but vocab_size={vocab_size} "
                                f"needs {dtype.name}; rerun the encode stage")
-        window = self.window + 1
-        self.train_tokens = TokenFile.open(data_dir / "train.bin", dtype, window)
-        self.val_tokens = TokenFile.open(data_dir / "val.bin", dtype, window)
         self.meta_sha256 = hashlib.sha256((data_dir / "meta.json").read_bytes()).hexdigest()
-        self.val_bytes_per_token = self.val_tokens.bytes_per_token(self.tokenizer.vocab,  # for bits per byte
-                                                                   self.tokenizer.special_tokens.values())
+        self.chat_template: str | None = meta["chat_template"] if is_chat(meta) else None
+        if self.chat_template is None:
+            window = self.window + 1
+            self.train_tokens = TokenFile.open(data_dir / "train.bin", dtype, window)
+            self.val_tokens = TokenFile.open(data_dir / "val.bin", dtype, window)
+            self.val_bytes_per_token = self.val_tokens.bytes_per_token(self.tokenizer.vocab,  # for bits per byte
+                                                                       self.tokenizer.special_tokens.values())
+        else:
+            self.train_tokens = ChatTokens.open(data_dir, "train", dtype, self.window, meta["block_size"])
+            self.val_tokens = ChatTokens.open(data_dir, "val", dtype, self.window, meta["block_size"])
         # eval_batches global batches, so the validation set does not depend on how many processes share it
         self.val_batches = fixed_batches(self.val_tokens, cfg.eval_batches * self.ranks.world_size, cfg.batch_size,
                                          self.window)
+        if self.chat_template is not None:
+            self.val_bytes_per_token = self._counted_bytes_per_token()
+
+    def _counted_bytes_per_token(self) -> float:
+        """Chat: mean bytes of the validation targets the loss counts (in the fixed batches), so that bits per
+        byte is the counted tokens' loss over their own bytes; special tokens (<|im_end|>) count 0 bytes."""
+        vocab_size = self.tokenizer.vocab_size
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for indices in self.val_batches:
+            _, targets = self.val_tokens.batch(indices, self.window, torch.device("cpu"))
+            counted = targets[targets != IGNORE].numpy()
+            if counted.size and counted.max() >= vocab_size:
+                raise TinyGPTError(f"{self.val_tokens.tokens.path} holds token id {counted.max()}, beyond "
+                                   f"vocab_size={vocab_size}; it was encoded with another tokenizer, rerun chat_encode")
+            counts += np.bincount(counted, minlength=vocab_size)
+        if not counts.sum():
+            raise TinyGPTError(f"the validation conversations in {self.val_tokens.tokens.path} have no assistant "
+                               f"tokens within their first {self.window} tokens; use a longer --block_size")
+        return mean_bytes(counts, self.tokenizer.vocab, self.tokenizer.special_tokens.values())
 
     def _start_config(self) -> tuple[GPTConfig, int]:
         """The starting model's shape (a run may change only its dropout and attention kernel) and the training
@@ -218,8 +251,13 @@ class Trainer:
                 raise TinyGPTError(f"--{name}={getattr(cfg, name)} contradicts --init_from {cfg.init_from}, which has "
                                    f"{name}={getattr(source, name)}; the shape comes from the starting model")
         if cfg.block_size is not None and cfg.block_size > source.block_size:
-            raise TinyGPTError(f"--block_size={cfg.block_size} is beyond the context of --init_from {cfg.init_from} "
-                               f"({source.block_size} tokens); use at most that")
+            if source.arch == "gpt2":
+                raise TinyGPTError(
+                    f"--block_size={cfg.block_size} is beyond the context of --init_from {cfg.init_from} "
+                    f"({source.block_size} tokens), whose learned positions (gpt2) cannot be extended; use at most "
+                    f"that, or train the base with model.block_size >= {cfg.block_size} (the chat context)")
+            # rotary positions have no table: the model extends to the longer window, which tuning then teaches
+            source = dataclasses.replace(source, block_size=cfg.block_size)
         if Tokenizer.from_json_str(self.start.tokenizer_json, source=cfg.init_from) != self.tokenizer:
             raise TinyGPTError(f"{cfg.tokenizer} is not the tokenizer of --init_from {cfg.init_from}; the tokens must "
                                "be encoded with the model's own tokenizer (rerun train_bpe and encode with init_from)")
@@ -238,16 +276,19 @@ class Trainer:
         for key in LATER_MODEL_FIELDS:  # unset, they leave the fingerprint (and so older runs' folders) as it was
             if model[key] is None:
                 del model[key]
+        data = {
+            "meta_sha256": self.meta_sha256,  # a chat folder's meta.json holds its template and conversation counts
+            "train_tokens": len(self.train_tokens),
+            "val_tokens": len(self.val_tokens),
+            "tokenizer_sha256": hashlib.sha256(self.tokenizer_json.encode()).hexdigest(),
+        }
+        if self.chat_template is not None:  # only then: a plain run's fingerprint stays what it was
+            data["conversations"] = {"train": len(self.train_tokens.starts), "val": len(self.val_tokens.starts)}
         return {
             "model": model,
             **start,
             "training": {**training, "world_size": self.ranks.world_size},
-            "data": {
-                "meta_sha256": self.meta_sha256,
-                "train_tokens": len(self.train_tokens),
-                "val_tokens": len(self.val_tokens),
-                "tokenizer_sha256": hashlib.sha256(self.tokenizer_json.encode()).hexdigest(),
-            },
+            "data": data,
         }
 
     def _choose_amp(self) -> torch.dtype | None:
@@ -340,6 +381,7 @@ class Trainer:
             "val_loss": val_loss,
             "best_val_loss": self.best_val_loss,
             "fingerprint": self.run_dir.name,
+            **({} if self.chat_template is None else {"chat_template": self.chat_template}),
         }
 
     def _load_state(self, ckpt: dict) -> None:
@@ -388,38 +430,66 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches, split over the ranks."""
+        """Mean loss over the fixed validation batches, split over the ranks (chat: over their counted tokens)."""
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batch count
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batch (chat: token) count
         for i, offsets in enumerate(self.val_batches):
             if i % self.ranks.world_size == self.ranks.rank:
-                x, y = split_batch(self.val_tokens.windows(offsets, self.window + 1), self.device)
+                x, y = self.val_tokens.batch(offsets, self.window, self.device)
                 with self._autocast():
-                    _, loss = self.fast_model(x, y)
-                total += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
+                    if self.chat_template is None:
+                        _, loss = self.fast_model(x, y)
+                        count = loss.new_ones((), dtype=torch.float64)
+                    else:
+                        loss, count = self._summed_loss(self.fast_model, x, y), (y != IGNORE).sum()
+                total += torch.stack([loss.double(), count.double()])
         self.model.train()
         loss_sum, count = self.ranks.all_reduce_sum(total).tolist()
         return loss_sum / count
+
+    @staticmethod
+    def _summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Chat: the cross-entropy summed over the counted targets (a micro-batch may count none: 0, not nan)."""
+        logits, _ = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE,
+                               reduction="sum")
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean training loss over all ranks."""
         cfg = self.cfg
         set_learning_rates(self.optimizers, cosine_lr(self.step, lr=1.0, min_lr=cfg.min_lr / cfg.lr,
                                                       warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps))
+        batches = [self.sampler.next(self.device) for _ in range(cfg.grad_accum)]
+        if self.chat_template is None:
+            # every micro-batch has batch_size * window targets: the mean of the means is the mean per token
+            per_micro, per_step = cfg.grad_accum, cfg.grad_accum * self.ranks.world_size
+        else:
+            # micro-batches count different numbers of assistant tokens: each backpropagates its summed loss over
+            # the global batch's count (times world_size, which DDP's gradient average divides by again), so
+            # that every counted token of the step weighs the same on any split into micro-batches and ranks
+            counted = sum((y != IGNORE).sum() for _, y in batches).double()
+            per_step = self.ranks.all_reduce_sum(counted).item()
+            if not per_step:
+                raise TinyGPTError(f"no assistant tokens in the {cfg.grad_accum * cfg.batch_size * self.ranks.world_size} "
+                                   f"conversations of step {self.step} within {self.window} tokens; use a longer "
+                                   "--block_size")
+            per_micro = per_step / self.ranks.world_size
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            x, y = self.sampler.next(self.device)
+        for micro, (x, y) in enumerate(batches):
             # gradients are averaged across ranks on the last micro-step only
             skip_sync = self.ranks.distributed and micro < cfg.grad_accum - 1
             with self.train_model.no_sync() if skip_sync else contextlib.nullcontext():
                 with self._autocast():
-                    _, loss = self.train_model(x, y)
-                self.scaler.scale(loss / cfg.grad_accum).backward()
+                    if self.chat_template is None:
+                        _, loss = self.train_model(x, y)
+                    else:
+                        loss = self._summed_loss(self.train_model, x, y)
+                self.scaler.scale(loss / per_micro).backward()
             loss_sum += loss.detach()
         # one all-reduce carries the loss and whether any process was asked to stop, so all stop at this step
         stop = loss_sum.new_tensor(float(self.stop_signal is not None))
         loss_total, stops = self.ranks.all_reduce_sum(torch.stack([loss_sum, stop])).tolist()
-        train_loss, self.stopping = loss_total / (cfg.grad_accum * self.ranks.world_size), stops > 0
+        train_loss, self.stopping = loss_total / per_step, stops > 0
         if not math.isfinite(train_loss):
             raise self._diverged(f"the training loss is {train_loss}")
         if cfg.grad_clip > 0:
@@ -518,7 +588,8 @@ class Trainer:
     def write_final(self) -> Path:
         """The best checkpoint's model, config and tokenizer (no training state), atomically to --out."""
         best = load_checkpoint(self.best_path)
-        final = {key: best[key] for key in ("model_config", "tokenizer_json", "step", "val_loss")}
+        final = {key: best[key] for key in ("model_config", "tokenizer_json", "step", "val_loss", "chat_template")
+                 if key in best}
         if self.cfg.lora_rank:  # the adapters folded into the weights: a plain model from here on
             self._load_weights(best)
             final["model"] = merge_lora(self.model).state_dict()

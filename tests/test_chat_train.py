@@ -1,0 +1,236 @@
+"""Chat tuning in the training loop: on a chat token folder (CHAT_SPEC's format: tokens, loss mask, conversation
+starts) windows start at conversations, the loss and validation count only the assistant's tokens (checked against
+a cross-entropy computed by hand from the files), bits per byte is over those tokens' bytes, a kill -9 resumes to
+bit-identical weights, the checkpoints carry the chat template, and a llama start extends its context."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builders import killed_and_resumed, run_dirs
+from test_lora import args
+from test_train import write_token_dir
+from tinygpt.common import EOT, TinyGPTError
+from tinygpt.data.stories.generator import story
+from tinygpt.model.batches import ChatTokens, RandomBatches
+from tinygpt.model.checkpoint import load_checkpoint, load_model
+from tinygpt.model.hardware import Ranks
+from tinygpt.model.train import TrainConfig, Trainer, build_parser, main
+from tinygpt.tokenizer.bpe import Tokenizer
+from tinygpt.tokenizer.chat import CHATML_TEMPLATE, IM_END, IM_START, encode_chat
+
+TEMPLATE = CHATML_TEMPLATE
+CHAT_BLOCK = 64  # the chat context: four times the base's 16 tokens
+NAMES = ["Pip", "Tom", "Lily", "Max", "Sue", "Ben", "Mia", "Sam"]
+
+
+def conversation(i: int) -> list[dict]:
+    rng = random.Random(i)
+    name = rng.choice(NAMES)
+    first = story(rng).split(". ")[0][:60]
+    return [{"role": "user", "content": f"Tell me about {name}."}, {"role": "assistant", "content": f"{name}: {first}."}]
+
+
+def write_chat_dir(path: Path, tokenizer: Tokenizer, n: int = 60, n_val: int = 12) -> Path:
+    """A chat token folder in CHAT_SPEC's format, written from the spec with numpy."""
+    path.mkdir(parents=True)
+    rendered = [encode_chat(tokenizer, conversation(i)) for i in range(n)]
+    kept = [r for r in rendered if len(r[0]) <= CHAT_BLOCK + 1]
+    splits = {"train": kept[:-n_val], "val": kept[-n_val:]}
+    for split, convs in splits.items():
+        starts = np.cumsum([0] + [len(ids) for ids, _ in convs[:-1]])
+        ids = [i for c, _ in convs for i in c]
+        mask = [m for _, c in convs for m in c]
+        pad = starts[-1] + CHAT_BLOCK + 1 - len(ids)  # every start has block_size + 1 tokens after it
+        ids += [tokenizer.eot_id] * max(pad, 0)
+        mask += [0] * max(pad, 0)
+        np.array(ids, dtype=np.uint16).tofile(path / f"{split}.bin")
+        np.array(mask, dtype=np.uint8).tofile(path / f"{split}.mask.bin")
+        starts.astype("<i8").tofile(path / f"{split}.starts.bin")
+    meta = {"kind": "chat", "vocab_size": tokenizer.vocab_size, "dtype": "uint16", "chat_template": TEMPLATE,
+            "block_size": CHAT_BLOCK, "conversations": {k: len(v) for k, v in splits.items()},
+            "dropped": len(rendered) - len(kept)}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("TINYGPT_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Story tokens and a tokenizer with ChatML's special tokens (the base model's vocabulary is the chat's)."""
+    path = write_token_dir(tmp_path_factory.mktemp("tokens"), n_stories=80)
+    tokenizer = Tokenizer.from_json_str((path / "tokenizer.json").read_text())
+    if IM_START not in tokenizer.special_tokens:  # train_bpe without the reserved chat tokens: add them after EOT
+        tokenizer = Tokenizer(tokenizer.merges, specials=(EOT, IM_START, IM_END))
+        tokenizer.save(path / "tokenizer.json")
+        (path / "meta.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size, "dtype": "uint16"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_dir(data_dir, tmp_path_factory) -> Path:
+    tokenizer = Tokenizer.from_json_str((data_dir / "tokenizer.json").read_text())
+    return write_chat_dir(tmp_path_factory.mktemp("chat") / "tokens", tokenizer)
+
+
+def base_model(data_dir: Path, out: Path, arch: str) -> Path:
+    main(args(data_dir, out, "--arch", arch, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
+              "--max_steps", "16", "--eval_interval", "16", "--lr", "1e-2", "--warmup_steps", "2"))
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def base(data_dir, tmp_path_factory) -> Path:
+    """A tiny llama trained at a 16-token context."""
+    return base_model(data_dir, tmp_path_factory.mktemp("base"), "llama")
+
+
+def chat_args(chat_dir: Path, data_dir: Path, base: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data_dir", str(chat_dir), "--tokenizer", str(data_dir / "tokenizer.json"), "--out", str(out / "best.pt"),
+            "--runs_dir", str(out / "runs"), "--init_from", str(base), "--block_size", str(CHAT_BLOCK),
+            "--batch_size", "4", "--eval_batches", "2", "--threads", "1", "--amp", "off", "--warmup_steps", "2", *extra]
+
+
+def trainer_for(argv: list[str]) -> Trainer:
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    cfg.check()
+    return Trainer(cfg, Ranks(), torch.device("cpu"))
+
+
+def read_split(chat_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.fromfile(chat_dir / f"{split}.bin", dtype=np.uint16).astype(np.int64),
+            np.fromfile(chat_dir / f"{split}.mask.bin", dtype=np.uint8),
+            np.fromfile(chat_dir / f"{split}.starts.bin", dtype="<i8"))
+
+
+def hand_losses(model, chat_dir: Path, split: str, conversations: list[int]) -> dict:
+    """Summed cross-entropy (float64) over the targets the mask counts within each window's own conversation, and
+    over every target, with their counts and the counted targets' bytes: computed from the files, not the trainer."""
+    tokens, mask, starts = read_split(chat_dir, split)
+    out = {"masked": 0.0, "all": 0.0, "count": 0, "all_count": 0, "targets": []}
+    with torch.no_grad():
+        for c in conversations:
+            s = int(starts[c])
+            end = int(starts[c + 1]) if c + 1 < len(starts) else len(tokens)
+            window = torch.from_numpy(tokens[s : s + CHAT_BLOCK + 1])
+            logits, _ = model(window[None, :-1])
+            nll = -torch.log_softmax(logits[0].double(), -1).gather(1, window[1:, None])[:, 0]
+            positions = np.arange(s + 1, s + CHAT_BLOCK + 1)
+            counted = torch.from_numpy((mask[positions] == 1) & (positions < end))
+            out["masked"] += nll[counted].sum().item()
+            out["count"] += int(counted.sum())
+            out["all"] += nll.sum().item()
+            out["all_count"] += len(nll)
+            out["targets"] += window[1:][counted].tolist()
+    return out
+
+
+def test_the_training_loss_counts_only_the_assistant_tokens(chat_dir, data_dir, base, tmp_path):
+    """Fails if the loss also counted user tokens, or weighed micro-batches instead of tokens."""
+    batch, accum = 2, 3
+    trainer = trainer_for(chat_args(chat_dir, data_dir, base, tmp_path, "--batch_size", str(batch),
+                                    "--grad_accum", str(accum), "--max_steps", "2"))
+    model = copy.deepcopy(trainer.model).eval()
+    starts = read_split(chat_dir, "train")[2]
+    generator = torch.Generator().manual_seed(trainer.cfg.seed)  # the windows the seeded sampler picks
+    picked = torch.cat([torch.randint(len(starts), (batch,), generator=generator) for _ in range(accum)]).tolist()
+    expected = hand_losses(model, chat_dir, "train", picked)
+    masked, unmasked = expected["masked"] / expected["count"], expected["all"] / expected["all_count"]
+    # the tolerance below is a hundred times finer than the gap between counting the assistant's tokens and all
+    assert expected["count"] < expected["all_count"] / 2 and abs(masked - unmasked) > 1e-3 * masked
+    assert trainer.train_step() == pytest.approx(masked, rel=1e-5)
+
+
+def test_validation_loss_and_bits_per_byte_count_only_the_assistant_tokens(chat_dir, data_dir, base, tmp_path):
+    trainer = trainer_for(chat_args(chat_dir, data_dir, base, tmp_path, "--max_steps", "2"))
+    n_val = len(read_split(chat_dir, "val")[2])
+    spread = torch.linspace(0, n_val - 1, 2 * 4).round().long().tolist()  # eval_batches * batch_size, evenly
+    assert torch.cat(trainer.val_batches).tolist() == spread
+    expected = hand_losses(copy.deepcopy(trainer.model).eval(), chat_dir, "val", spread)
+    val_loss = trainer.evaluate()
+    assert val_loss == pytest.approx(expected["masked"] / expected["count"], rel=1e-5)
+    tokenizer = trainer.tokenizer
+    specials = set(tokenizer.special_tokens.values())
+    counted_bytes = sum(0 if t in specials else len(tokenizer.vocab[t]) for t in expected["targets"])
+    assert counted_bytes < sum(len(tokenizer.vocab[t]) for t in read_split(chat_dir, "val")[0][:200])  # sanity
+    bpb = trainer._bits_per_byte(val_loss)
+    assert bpb == pytest.approx(expected["masked"] / math.log(2) / counted_bytes, rel=1e-5)
+
+
+def test_windows_start_at_conversation_starts_and_ranks_split_the_global_batch(chat_dir):
+    tokens, mask, starts = read_split(chat_dir, "train")
+    chat = ChatTokens.open(chat_dir, "train", np.dtype(np.uint16), CHAT_BLOCK, CHAT_BLOCK)
+    single = RandomBatches(chat, batch_size=6, block_size=CHAT_BLOCK, seed=5)
+    ranks = [RandomBatches(chat, batch_size=3, block_size=CHAT_BLOCK, seed=5, rank=r, world_size=2) for r in range(2)]
+    cpu, seen = torch.device("cpu"), set()
+    for _ in range(20):
+        x, y = single.next(cpu)
+        parts = [r.next(cpu) for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        for row_x, row_y in zip(x, y):
+            [s] = [s for s in starts if np.array_equal(tokens[s : s + CHAT_BLOCK], row_x.numpy())]
+            seen.add(int(s))
+            counted = row_y != -1
+            assert torch.equal(row_y[counted], torch.from_numpy(tokens[s + 1 : s + CHAT_BLOCK + 1])[counted])
+            assert counted.any() and not counted[0]  # a conversation opens with the user's turn
+    assert len(seen) > len(starts) / 2
+
+
+def test_a_micro_batch_with_no_assistant_token_adds_nothing(chat_dir, data_dir, base, tmp_path):
+    """Summed losses: a window cut before the assistant's turn contributes 0 (a mean would give nan)."""
+    trainer = trainer_for(chat_args(chat_dir, data_dir, base, tmp_path, "--max_steps", "2"))
+    x, y = trainer.sampler.next(torch.device("cpu"))
+    none = torch.full_like(y, -1)
+    assert trainer._summed_loss(trainer.model, x, none).item() == 0.0
+
+
+def test_chat_tuning_extends_a_llama_context_and_its_checkpoints_carry_the_template(chat_dir, data_dir, base, tmp_path):
+    main(chat_args(chat_dir, data_dir, base, tmp_path, "--max_steps", "4", "--eval_interval", "2"))
+    [run_dir] = run_dirs(tmp_path)
+    for path in (run_dir / "last.pt", run_dir / "best.pt", tmp_path / "best.pt"):
+        ckpt = load_checkpoint(path)
+        assert ckpt["chat_template"] == TEMPLATE and ckpt["model_config"]["block_size"] == CHAT_BLOCK, path
+    assert "chat_template" not in load_checkpoint(base)  # a plain run's checkpoint has none
+    model, _ = load_model(tmp_path / "best.pt")
+    assert model(torch.zeros(1, CHAT_BLOCK, dtype=torch.long))[0].shape[1] == CHAT_BLOCK
+    settings = json.loads((run_dir / "config.json").read_text())
+    meta_sha = hashlib.sha256((chat_dir / "meta.json").read_bytes()).hexdigest()
+    assert settings["data"]["meta_sha256"] == meta_sha and "sha256" in settings["start"]
+    assert settings["data"]["conversations"] == json.loads((chat_dir / "meta.json").read_text())["conversations"]
+
+
+def test_a_gpt2_start_cannot_extend_its_learned_positions(chat_dir, data_dir, tmp_path):
+    gpt2 = base_model(data_dir, tmp_path / "gpt2", "gpt2")
+    with pytest.raises(TinyGPTError, match=f"learned positions .*train the base with model.block_size >= {CHAT_BLOCK}"):
+        main(chat_args(chat_dir, data_dir, gpt2, tmp_path / "chat", "--max_steps", "2"))
+
+
+def test_a_window_longer_than_the_folder_was_padded_for_is_a_clear_error(chat_dir, data_dir, base, tmp_path):
+    with pytest.raises(TinyGPTError, match="rerun chat_encode with --block_size 80"):
+        main(chat_args(chat_dir, data_dir, base, tmp_path, "--max_steps", "2", "--block_size", "80"))
+
+
+@pytest.mark.slow
+def test_killed_chat_tuning_resumes_to_bit_identical_weights(chat_dir, data_dir, base, tmp_path):
+    settings = ["--max_steps", "60", "--ckpt_interval", "5", "--eval_interval", "20", "--grad_accum", "2",
+                "--dropout", "0.1"]
+    whole_run, run_dir = killed_and_resumed(lambda out: chat_args(chat_dir, data_dir, base, out, *settings), tmp_path, 60)
+    final_whole, final_resumed = load_checkpoint(tmp_path / "whole/best.pt"), load_checkpoint(tmp_path / "killed/best.pt")
+    assert final_whole["step"] == final_resumed["step"] and final_whole["chat_template"] == TEMPLATE
+    for name, tensor in final_whole["model"].items():
+        assert torch.equal(tensor, final_resumed["model"][name]), name
+    last_whole, last_resumed = load_checkpoint(whole_run / "last.pt"), load_checkpoint(run_dir / "last.pt")
+    assert all(torch.equal(t, last_resumed["model"][n]) for n, t in last_whole["model"].items())
