@@ -100,6 +100,25 @@ def test_the_reply_streams_while_it_is_generated(files):
     assert out.getvalue() == hf_reply(files, [{"role": "user", "content": "Hello there."}]) + "\n"
 
 
+def test_ctrl_c_stops_the_reply_not_the_chat(files):
+    model = chat_model(files["tokenizer"])
+    calls = []
+
+    def interrupt_once(*_):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    model.register_forward_hook(interrupt_once)
+    chat, out, notes = session(files, model=model), io.StringIO(), io.StringIO()
+    converse(chat, ["Hello there.\n", "Hello there.\n"], out, notes)
+    partial, full, end = out.getvalue().split("\n")
+    expected = hf_reply(files, [{"role": "user", "content": "Hello there."}])
+    assert expected.startswith(partial) and len(partial) < len(expected) and full == expected and end == ""
+    assert "reply interrupted" in notes.getvalue()
+    assert chat.messages() == [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": full}]
+
+
 def test_history_stays_within_the_context_and_keeps_the_system_prompt(files):
     tokenizer = files["tokenizer"]
     model = chat_model(tokenizer, block_size=96)  # reply_room = MAX_TOKENS: prompts up to 86 tokens

@@ -14,7 +14,8 @@ system prompt always stays. A model whose files carry no chat template (a base m
 ChatML anyway.
 
 Interactive use reads one message per line from stdin; /reset forgets the conversation, /system TEXT starts a
-new one with that system prompt (no TEXT: none), /quit or the end of input leaves. --message (repeatable)
+new one with that system prompt (no TEXT: none), /quit or the end of input leaves; Ctrl-C during a reply stops
+that reply only. --message (repeatable)
 sends scripted turns instead, prints each reply and exits.
 """
 
@@ -146,6 +147,10 @@ def converse(session: ChatSession, lines: Iterable[str], out: TextIO, notes: Tex
                 say(session, text, out)
             except TinyGPTError as e:  # one message too long: the conversation goes on
                 notes.write(f"error: {e}\n")
+            except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the exchange is not kept
+                out.write("\n")
+                out.flush()
+                notes.write("(reply interrupted; the message and the partial reply are forgotten)\n")
 
 
 def warn_template(template: str | None, source: str, notes: TextIO) -> None:
