@@ -3,10 +3,18 @@ this behaviour survived the rest of the suite."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from test_train import metrics, train_args, write_token_dir
 from tinygpt.common import TinyGPTError
 from tinygpt.data import clean
+from tinygpt.model.checkpoint import load_checkpoint
+from tinygpt.model.train import TrainConfig, build_parser, main
 from tinygpt.tokenizer.bpe import Tokenizer
 
 
@@ -76,3 +84,100 @@ def test_a_missing_raw_corpus_says_which_file_and_how_to_get_it(tmp_path):
     # mutant: the hint's text changed (upper case) and no test read it
     with pytest.raises(TinyGPTError, match=r"raw\.txt.*run `tinygpt download` first"):
         clean.clean_corpus(tmp_path / "raw.txt", tmp_path / "clean.txt")
+
+
+# --- training (tinygpt/model/train.py, optim.py) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_token_dir(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(autouse=True)
+def constant_matmul_peak(monkeypatch):
+    """MFU's yardstick measures a 2048x2048 matmul, seconds per run on a small CPU; only MFU depends on it."""
+    from tinygpt.model import flops
+
+    monkeypatch.setattr(flops, "matmul_peak", lambda *args, **kwargs: 1e12)
+
+
+def fast_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return train_args(data_dir, out_dir, "--amp", "off", "--threads", "1", *extra)
+
+
+def the_run(out_dir: Path) -> Path:
+    [run_dir] = [p for p in (out_dir / "runs").iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_train_flags_give_the_config_defaults_and_typed_values():
+    # mutants: a flag's default dropped (--runs_dir, --lora_rank, --eval_batches, --optimizer: the config then
+    # held None) or its type (--weight_decay, --ckpt_interval: a string), `--tie_embeddings` without a value or
+    # with `false` refused; tests pass most flags explicitly, so none noticed
+    required = ["--data_dir", "d", "--tokenizer", "t", "--out", "o"]
+    assert TrainConfig(**vars(build_parser().parse_args(required))) == TrainConfig("d", "t", "o")
+    given = {"runs_dir": "r", "preset": "small", "arch": "llama", "n_layer": 3, "n_head": 4, "n_kv_head": 2,
+             "n_embd": 48, "block_size": 24, "dropout": 0.25, "norm_eps": 1e-6, "rope_theta": 5e5, "attention": "explicit",
+             "init_from": "m.pt", "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "q,v", "lora_dropout": 0.125,
+             "max_steps": 7, "batch_size": 3, "grad_accum": 2, "lr": 0.5, "min_lr": 0.25, "warmup_steps": 5,
+             "weight_decay": 0.05, "optimizer": "muon", "muon_lr": 0.02, "muon_momentum": 0.9, "beta1": 0.8,
+             "beta2": 0.99, "grad_clip": 0.5, "eval_interval": 11, "eval_batches": 3, "ckpt_interval": 13,
+             "log_interval": 17, "seed": 19, "device": "cpu", "amp": "bf16", "threads": 2}
+    argv = required + [part for name, value in given.items() for part in (f"--{name}", str(value))]
+    expected = TrainConfig("d", "t", "o", **given)
+    assert TrainConfig(**vars(build_parser().parse_args(argv))) == expected
+    flags = {"--tie_embeddings false": False, "--tie_embeddings FALSE": False, "--tie_embeddings true": True,
+             "--tie_embeddings": True, "--compile --tensorboard --no_amp": None}
+    for flag, tied in flags.items():
+        parsed = TrainConfig(**vars(build_parser().parse_args(required + flag.split())))
+        if tied is None:
+            assert (parsed.compile, parsed.tensorboard, parsed.amp) == (True, True, "off")
+        else:
+            assert parsed.tie_embeddings is tied, flag
+
+
+def test_fine_tuning_trains_with_the_dropout_flag(data_dir, tmp_path):
+    # mutant: the starting model's config kept its own dropout, and --dropout was silently ignored
+    main(fast_args(data_dir, tmp_path / "base", "--max_steps", "1", "--eval_interval", "1"))
+    main(fast_args(data_dir, tmp_path / "tuned", "--init_from", str(tmp_path / "base" / "best.pt"), "--dropout",
+                   "0.25", "--max_steps", "1", "--eval_interval", "1"))
+    recorded = json.loads((the_run(tmp_path / "tuned") / "config.json").read_text())["model"]
+    assert recorded["dropout"] == 0.25
+    assert load_checkpoint(tmp_path / "tuned" / "best.pt")["model_config"]["dropout"] == 0.25
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_logged_learning_rates_follow_warmup_then_cosine(data_dir, tmp_path, optimizer):
+    # mutants: the metrics key "lr" renamed, Muon's peak or a group's peak_lr lost: no test read the log's rates
+    lr, min_lr, warmup, steps, muon_lr = 1e-2, 1e-3, 2, 6, 3e-2
+    main(fast_args(data_dir, tmp_path, "--max_steps", str(steps), "--eval_interval", "100", "--log_interval", "1",
+                   "--lr", str(lr), "--min_lr", str(min_lr), "--warmup_steps", str(warmup), "--optimizer", optimizer,
+                   "--muon_lr", str(muon_lr)))
+
+    def expected(step: int, peak: float) -> float:  # the rate the optimizer step `step` (1-based) was taken at
+        if step <= warmup:
+            return peak * step / warmup
+        return (min_lr + 0.5 * (1 + math.cos(math.pi * (step - 1 - warmup) / (steps - warmup))) * (lr - min_lr)) * peak / lr
+
+    logged = [m for m in metrics(the_run(tmp_path)) if "lr" in m]
+    assert [m["step"] for m in logged] == list(range(1, steps + 1))
+    assert [m["lr"] for m in logged] == pytest.approx([expected(s, lr) for s in range(1, steps + 1)], rel=1e-9)
+    if optimizer == "muon":
+        assert [m["muon_lr"] for m in logged] == pytest.approx([expected(s, muon_lr) for s in range(1, steps + 1)],
+                                                               rel=1e-9)
+    else:
+        assert not any("muon_lr" in m for m in logged)
+
+
+def test_bits_per_byte_count_the_end_of_text_token_as_no_bytes(data_dir, tmp_path):
+    # mutant: the special tokens were left out of bytes_per_token's arguments, so each <|endoftext|> in the
+    # validation text counted as its 13 characters and every logged bits-per-byte came out too low
+    main(fast_args(data_dir, tmp_path, "--max_steps", "1", "--eval_interval", "1"))
+    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    ids = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
+    eot = tokenizer.encode("<|endoftext|>")
+    assert len(eot) == 1 and (ids == eot[0]).any()
+    text_bytes = sum(len(tokenizer.vocab[i]) for i in ids.tolist() if i != eot[0])
+    for line in metrics(the_run(tmp_path)):
+        assert line["val_bpb"] == pytest.approx(line["val_loss"] / math.log(2) * len(ids) / text_bytes, rel=1e-9)
