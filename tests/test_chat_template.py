@@ -4,6 +4,10 @@ mask covers exactly the assistant's replies, and special-token text inside a mes
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import shutil
+import subprocess
 
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -11,8 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 from tinygpt.common import EOT, TinyGPTError
 from tinygpt.tokenizer.bpe import Tokenizer
-from tinygpt.tokenizer.chat import (CHATML_TEMPLATE, IM_END, IM_START, ROLES, chat_token_ids, encode_chat,
-                                    render_chat)
+from tinygpt.tokenizer.chat import (CHATML_TEMPLATE, IM_END, IM_START, OLLAMA_TEMPLATE, ROLES, chat_token_ids,
+                                    encode_chat, render_chat)
 from tinygpt.tokenizer.train_bpe import train_bpe
 
 TEXTS = [
@@ -164,3 +168,77 @@ def test_a_malformed_message_is_one_error(tok, message):
 
 def test_roles():
     assert ROLES == ("system", "user", "assistant")
+
+
+# Go's text/template executing a template as Ollama does for a chat (template/template.go, Template.Execute):
+# the system messages joined into .System and kept in .Messages, missing keys zero, .Response empty.
+OLLAMA_RENDERER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	var in struct {
+		Template string    `json:"template"`
+		Messages []Message `json:"messages"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	var system []string
+	messages := []*Message{}
+	for i := range in.Messages {
+		if in.Messages[i].Role == "system" {
+			system = append(system, in.Messages[i].Content)
+		}
+		messages = append(messages, &in.Messages[i])
+	}
+	tmpl := template.Must(template.New("").Option("missingkey=zero").Parse(in.Template))
+	data := map[string]any{"System": strings.Join(system, "\\n\\n"), "Messages": messages, "Response": ""}
+	if err := tmpl.Execute(os.Stdout, data); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ollama_render(tmp_path_factory):
+    """messages -> the text Ollama's template engine renders from OLLAMA_TEMPLATE (needs a Go toolchain)."""
+    if shutil.which("go") is None:
+        pytest.skip("go not found: the Ollama template is rendered by Go's text/template")
+    folder = tmp_path_factory.mktemp("ollama")
+    (folder / "main.go").write_text(OLLAMA_RENDERER)
+    env = {**os.environ, "GOCACHE": str(folder / "cache"), "GOPATH": str(folder / "gopath"), "GO111MODULE": "off"}
+    subprocess.run(["go", "build", "-o", str(folder / "render"), str(folder / "main.go")], check=True, env=env,
+                   cwd=folder)
+
+    def render(messages):
+        data = json.dumps({"template": OLLAMA_TEMPLATE, "messages": messages})
+        out = subprocess.run([str(folder / "render")], input=data.encode(), capture_output=True, check=True)
+        return out.stdout.decode("utf-8")  # bytes: text mode would turn "\r\n" into "\n"
+
+    return render
+
+
+@settings(max_examples=40, deadline=None)
+@given(messages=conversations(), open_reply=st.booleans())
+def test_ollama_template_renders_our_chat(ollama_render, messages, open_reply):
+    """After a user message Ollama's prompt ends with the generation prompt, as ours; a last assistant message
+    is left open, to be continued."""
+    if open_reply:
+        messages = messages[:-1] if messages[-1]["role"] == "user" else messages
+        expected = render_chat(messages).removesuffix(IM_END + "\n")
+    else:
+        messages = messages if messages[-1]["role"] == "user" else messages + [{"role": "user", "content": "Hi"}]
+        expected = render_chat(messages, add_generation_prompt=True)
+    assert ollama_render(messages) == expected

@@ -37,23 +37,21 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# The same format in Ollama's Go-template syntax (the Modelfile's TEMPLATE). Ollama gathers the system messages
-# (the Modelfile's SYSTEM, unless the request has its own) into .System and keeps them in .Messages too, so the
-# system turn is rendered once from .System and skipped in the loop (as Ollama's Qwen2.5 template does). The
-# template itself opens the assistant's turn after a last user message; a last assistant message is left open
-# (Ollama continues it). Without .Messages (a legacy prompt) it renders .System, .Prompt and .Response alike.
+# The same format in Ollama's Go-template syntax (the Modelfile's TEMPLATE). For a chat, Ollama passes every
+# message as .Messages, the Modelfile's SYSTEM prepended as a system message unless the request has one (it also
+# joins the system messages into .System, which this template does not use, so an empty one is kept as ours
+# is). The template itself opens the assistant's turn after a last message that is not the assistant's; a last
+# assistant message is left open (Ollama continues it). Without .Messages (a legacy prompt) it renders .System,
+# .Prompt and .Response alike. Checked with Go's text/template in tests/test_chat_template.py.
 OLLAMA_TEMPLATE = """{{- if .Messages }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<|im_start|>user
+{{- if eq .Role "assistant" }}<|im_start|>assistant
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- else }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
 {{ if $last }}<|im_start|>assistant
-{{ end }}
-{{- else if eq .Role "assistant" }}<|im_start|>assistant
-{{ .Content }}{{ if not $last }}<|im_end|>
 {{ end }}
 {{- end }}
 {{- end }}
