@@ -498,14 +498,22 @@ def _k_scales_weighted(rows: np.ndarray, qw: np.ndarray, nmax: int, cap63: bool)
     return xs, L, ls, lm, _fp16(d_block), _fp16(m_block)
 
 
+def _keep_search_where_zero(q: np.ndarray, L: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """np.where(sd != 0, q, L) for values (n, sub-blocks) and scales sd (sub-blocks,): a sub-block whose stored
+    scale is 0 keeps the search's L. Such sub-blocks are few, so they are patched instead of selecting everywhere."""
+    zero = np.flatnonzero(sd == 0)
+    if zero.size:
+        q[:, zero] = L[:, zero]
+    return q
+
+
 def _k_requantize(xs: np.ndarray, L: np.ndarray, ls, lm, d, dmin, nmax: int) -> np.ndarray:
     """Recompute L with the stored (rounded) scales; returns L as (blocks, 256) uint8 in value order."""
     sd = (d[:, None] * ls.astype(F32)).reshape(-1)  # per sub-block, float32 like the C code
     sm = (dmin[:, None] * lm.astype(F32)).reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.clip(_nearest_int((xs + sm) / sd), 0, F32(nmax))
-    L = np.where(sd != 0, q, L)  # a zero scale keeps the search's L
-    return L.T.reshape(-1, QK_K).astype(np.uint8)
+    return _keep_search_where_zero(q, L, sd).T.reshape(-1, QK_K).astype(np.uint8)
 
 
 def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -575,7 +583,7 @@ def quantize_q6_k(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     sd = (d[:, None] * sc.astype(F32)).reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.clip(_nearest_int(xs / sd), F32(-32), F32(31)) + F32(32)
-    L = np.where(sd != 0, q, L).T.reshape(nb, 2, 4, 32).astype(np.uint8)  # (block, half, quarter, l)
+    L = _keep_search_where_zero(q, L, sd).T.reshape(nb, 2, 4, 32).astype(np.uint8)  # (block, half, quarter, l)
     L[zero_block] = 0
 
     ql = np.concatenate([L[:, :, 0] & 15 | (L[:, :, 2] & 15) << 4,
