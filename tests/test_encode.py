@@ -321,3 +321,13 @@ def test_workers_never_fork_beside_a_thread_nor_exceed_the_usable_cpus(tmp_path,
     assert started == ["spawn" if monitor else "fork"] * 2, "one worker per usable CPU"
     assert forks == ([] if monitor else [[], []]), "no other thread alive at a fork"
     assert (tmp_path / "out" / "meta.json").exists()
+
+
+def test_chat_token_text_in_the_corpus_stays_text(tmp_path, tokenizer_path, tok):
+    """The tokenizer reserves <|im_start|> and <|im_end|> (train_bpe); corpus text never becomes them."""
+    documents = ["A chat: <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>", "plain text"] * 4
+    meta = encode_corpus(write_corpus(tmp_path / "c.txt", documents), tokenizer_path, tmp_path / "out")
+    ids = np.concatenate([read_split(tmp_path / "out", name, meta) for name in ("train", "val")]).tolist()
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tok.special_tokens)
+    assert set(ids).isdisjoint(tok.special_tokens[t] for t in ("<|im_start|>", "<|im_end|>"))
+    assert ids == expected_ids(tok, documents)
