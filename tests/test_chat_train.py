@@ -10,15 +10,17 @@ import hashlib
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from builders import killed_and_resumed, run_dirs
+from builders import killed_and_resumed, run_dirs, subprocess_env
 from test_lora import args
-from test_train import write_token_dir
+from test_train import metrics, write_token_dir
 from tinygpt.common import EOT, TinyGPTError
 from tinygpt.data.stories.generator import story
 from tinygpt.model.batches import ChatTokens, RandomBatches
@@ -234,3 +236,34 @@ def test_killed_chat_tuning_resumes_to_bit_identical_weights(chat_dir, data_dir,
         assert torch.equal(tensor, final_resumed["model"][name]), name
     last_whole, last_resumed = load_checkpoint(whole_run / "last.pt"), load_checkpoint(run_dir / "last.pt")
     assert all(torch.equal(t, last_resumed["model"][n]) for n, t in last_whole["model"].items())
+
+
+def test_micro_batches_weigh_every_counted_token_alike(chat_dir, data_dir, base, tmp_path, monkeypatch):
+    """Batch 4 in one micro-step and batch 1 in four read the same windows (one sampler stream); their conversations
+    count different numbers of assistant tokens, so a mean of per-micro-batch means would change the gradient. The
+    norm before clipping is compared: AdamW's first steps would hide a mis-weighting in the weights."""
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: norms.append(float(clip(*a, **k))) or 0.0)
+    losses = []
+    for batch, accum in ((4, 1), (1, 4)):
+        trainer = trainer_for(chat_args(chat_dir, data_dir, base, tmp_path / str(batch), "--batch_size", str(batch),
+                                        "--grad_accum", str(accum), "--max_steps", "3"))
+        losses.append([trainer.train_step() for _ in range(3)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and norms[3:] == pytest.approx(norms[:3], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_chat_tuning_matches_one_process_with_the_same_global_batch(chat_dir, data_dir, base, tmp_path):
+    common = ["--max_steps", "4", "--eval_interval", "2", "--log_interval", "1", "--grad_accum", "2"]
+    env = subprocess_env()
+    single = chat_args(chat_dir, data_dir, base, tmp_path / "single", *common, "--batch_size", "4")
+    subprocess.run([sys.executable, "-m", "tinygpt.model.train", *single], env=env, check=True, capture_output=True)
+    pair = chat_args(chat_dir, data_dir, base, tmp_path / "ddp", *common, "--batch_size", "2")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tinygpt.model.train", *pair], env=env, check=True, capture_output=True)
+    one, two = metrics(run_dirs(tmp_path / "single")[0]), metrics(run_dirs(tmp_path / "ddp")[0])
+    assert [m.get("train_loss") for m in two[1:]] == pytest.approx([m.get("train_loss") for m in one[1:]], rel=1e-5)
+    val_one, val_two = ([m["val_loss"] for m in run if "val_loss" in m] for run in (one, two))
+    assert len(val_one) == 3 and val_two == pytest.approx(val_one, rel=1e-5)
+    a, b = (load_checkpoint(tmp_path / name / "best.pt")["model"] for name in ("single", "ddp"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
