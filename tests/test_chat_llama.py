@@ -14,20 +14,49 @@ from pathlib import Path
 
 import pytest
 from llama_tools import llama_tool
-from test_chat_export import CONVERSATIONS, build_chat_files, chat_tokenizer, save_chat_checkpoint, stopping_model
+from test_chat_export import (CONVERSATIONS, build_chat_files, chat_model, chat_tokenizer, save_chat_checkpoint,
+                              stopping_model)
 
 from tinygpt.export.gguf_convert import convert_to_gguf
 from tinygpt.export.hf import export_hf
 from tinygpt.model.chat import main as chat_main
-from tinygpt.tokenizer.chat import CHATML_TEMPLATE, encode_chat, render_chat
+from tinygpt.model.gpt import GPT
+from tinygpt.model.sample import generate
+from tinygpt.tokenizer.bpe import Tokenizer
+from tinygpt.tokenizer.chat import CHATML_TEMPLATE, IM_END, encode_chat, render_chat
 
 MAX_TOKENS = 16
 SYSTEM, MESSAGE, FOLLOW_UP = "You tell short stories.", "Tell me a story about a fox named Pip.", "Who is Pip?"
 
 
-@pytest.fixture(scope="module")
-def chat_files(tmp_path_factory) -> dict:
-    return build_chat_files(tmp_path_factory.mktemp("chat_llama"))
+# the default model is llama (grouped-query attention here); gpt2 is the seed's
+ARCHS = {"llama": dict(arch="llama", n_kv_head=2), "gpt2": {}}
+# llama.cpp computes the f16 file's matmuls with f16 activations: its logits differ from ours by up to ~0.015
+# here, so a greedy step whose best two tokens are closer than this could go either way
+MARGIN = 0.04
+
+
+def greedy_margin(model: GPT, tokenizer: Tokenizer) -> float:
+    """The smallest gap between the best and second-best logit over the greedy replies the tests ask for."""
+    gaps = []
+    model.register_forward_hook(lambda _m, _i, out: gaps.append(float(out[0][0, -1].topk(2).values.diff().abs())))
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": MESSAGE}]
+    for _ in range(2):
+        ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0]
+        reply = tokenizer.decode(generate(model, ids, MAX_TOKENS, temperature=0,
+                                          eot_id=tokenizer.special_tokens[IM_END]))
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": FOLLOW_UP}]
+    return min(gaps)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def chat_files(tmp_path_factory, request) -> dict:
+    """The chat model of the first seed without a near tie in the replies compared (random weights have them)."""
+    tokenizer, arch = chat_tokenizer(), ARCHS[request.param]
+    seed = next((s for s in range(40) if greedy_margin(chat_model(tokenizer, seed=s, **arch), tokenizer) > MARGIN),
+                None)
+    assert seed is not None, f"no seed gives greedy replies without near ties (margin {MARGIN})"
+    return build_chat_files(tmp_path_factory.mktemp(f"chat_llama_{request.param}"), seed=seed, **arch)
 
 
 def free_port() -> int:
