@@ -170,9 +170,10 @@ def test_bytes_per_token_and_data_table(tmp_path):
     assert bytes_per_token > 2  # the merges did something
 
     stats = {"input": "raw.txt", "output": "corpus.txt", "split": "eot", "documents_out": 1234, "truncated": False}
-    rows = dict(report.data_rows(meta, bytes_per_token, stats))
-    assert rows["vocabulary size (with <|endoftext|>)"] == "270"
-    assert rows["merges learned"] == "13"
+    rows = dict(report.data_rows(meta, bytes_per_token, stats, tokenizer))
+    assert rows["vocabulary size (with special tokens)"] == "270"
+    assert rows["special tokens"] == "<|im_start|> <|im_end|> <|endoftext|>"
+    assert rows["merges learned"] == "11"  # 270 ids: 256 bytes, 11 merges, 3 special tokens
     assert rows["bytes per token (validation split)"] == f"{bytes_per_token:.3f}"
     assert rows["training tokens"] == "12,345" and rows["validation documents"] == "2"
     assert rows["cleaning: documents out"] == "1,234" and rows["cleaning: truncated"] == "False"

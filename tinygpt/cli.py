@@ -24,6 +24,7 @@ COMMANDS = {
     "evaluate": ("tinygpt.model.evaluate", "bits per byte of a checkpoint or GGUF file on any text"),
     "sample": ("tinygpt.model.sample", "generate text from a checkpoint or a GGUF file"),
     "chat": ("tinygpt.model.chat", "talk to a chat model (checkpoint, GGUF or Hugging Face folder)"),
+    "chat_eval": ("tinygpt.model.chat_eval", "score a chat model on held-out requests and questions"),
     "export": ("tinygpt.export.hf", "write a Hugging Face folder, GPT-2 or Llama (safetensors)"),
     "gguf_convert": ("tinygpt.export.gguf_convert", "convert the export folder to a GGUF file"),
     "imatrix": ("tinygpt.export.calibrate", "importance matrix of the float model on training text"),

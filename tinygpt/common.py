@@ -27,7 +27,7 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-# Ends every document in our text files and is the tokenizer's one special token (id vocab_size - 1).
+# Ends every document in our text files; the last of the tokenizer's special tokens (id vocab_size - 1).
 EOT = "<|endoftext|>"
 
 

@@ -222,11 +222,12 @@ def val_bytes_per_token(tokens: str | Path, tokenizer_path: str | Path, vocab_si
                                                                    tokenizer.special_tokens.values())
 
 
-def data_rows(meta: dict, bytes_per_token: float, corpus_stats: dict) -> list[tuple[str, str]]:
+def data_rows(meta: dict, bytes_per_token: float, corpus_stats: dict, tokenizer: Tokenizer) -> list[tuple[str, str]]:
     tokens, documents = meta.get("tokens", {}), meta.get("documents", {})
     rows = [
-        ("vocabulary size (with <|endoftext|>)", f"{meta['vocab_size']:,}"),
-        ("merges learned", f"{meta['vocab_size'] - 257:,}"),
+        ("vocabulary size (with special tokens)", f"{meta['vocab_size']:,}"),
+        ("special tokens", " ".join(tokenizer.special_tokens)),
+        ("merges learned", f"{len(tokenizer.merges):,}"),
         ("bytes per token (validation split)", f"{bytes_per_token:.3f}"),
         ("training tokens", f"{tokens.get('train', 0):,}"),
         ("validation tokens", f"{tokens.get('val', 0):,}"),
@@ -333,6 +334,23 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+def chat_page(scores: dict) -> str:
+    """The chat model's scores per task (tinygpt chat_eval) and the sample conversations, replies marked right or
+    wrong."""
+    rows = [(task, f["asked"], f["right"], f"{f['rate']:.0%}") for task, f in sorted(scores["tasks"].items())]
+    shown = []
+    for sample in scores["samples"]:
+        turns = "".join(f"<b>{html.escape(m['role'])}:</b> {html.escape(m['content'])}<br>\n" for m in sample["messages"])
+        verdict = "right" if sample["correct"] else "wrong"
+        shown.append(f"<i>{html.escape(sample['task'])}</i><br>\n{turns}<b>assistant ({verdict}):</b> "
+                     f"{html.escape(sample['reply'])}")
+    intro = [f"Greedy replies of the chat model to prompts from evaluation seeds that no training conversation came "
+             f"from ({sum(r[1] for r in rows)} in all); story requests are right when the reply names every part "
+             "asked for, questions when the answer is exact."]
+    return html_page("Chat", intro, html_table(("task", "asked", "right", "rate"), rows)
+                     + "\n<h3>Sample conversations</h3>\n" + "".join(f"<p>{s}</p>\n" for s in shown))
+
+
 # --- the stage -----------------------------------------------------------------------------------------------
 
 
@@ -344,10 +362,12 @@ def write_report(args: argparse.Namespace) -> None:
     evaluation = args.evaluation and read_json(args.evaluation, "evaluation", "rerun the evaluate rule")
     meta = read_meta(args.data_dir)
     bytes_per_token = val_bytes_per_token(Path(args.data_dir) / "val.bin", args.tokenizer, meta["vocab_size"])
-    data = data_rows(meta, bytes_per_token, read_json(args.corpus_stats, "corpus statistics", "rerun the clean stage"))
+    data = data_rows(meta, bytes_per_token, read_json(args.corpus_stats, "corpus statistics", "rerun the clean stage"),
+                     Tokenizer.load(args.tokenizer))
     ggufs = gguf_rows(args.gguf_dir)
     quality = quality_rows(args.gguf_dir, args.kl_dir) if args.kl_dir else []
     timings = timing_rows(args.benchmarks, args.skip)
+    chat = args.chat and read_json(args.chat, "chat scores", "rerun the chat_eval rule")
 
     write_text(args.loss_svg, loss_curve_svg(records))
     write_text(args.training, training_page(records, run_config, evaluation))
@@ -362,6 +382,8 @@ def write_report(args: argparse.Namespace) -> None:
         "Time per rule", [f"From Snakemake's benchmark files in {html.escape(str(args.benchmarks))}, "
                           "in the order the rules finished."],
         html_table(("rule", "wall clock (s)", "CPU (s)", "peak memory (MiB)"), timings)))
+    if chat:
+        write_text(args.chat_page, chat_page(chat))
     print(f"report: best validation loss {best_evaluation(records)['val_loss']:.4f} in run {run.name}; "
           f"{len(ggufs)} GGUF files; {len(timings) - 1} timed rules")
 
@@ -377,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     inputs.add_argument("--gguf_dir", required=True, help="folder with the model-*.gguf files")
     inputs.add_argument("--evaluation", help="JSON of tinygpt evaluate on the validation tokens (optional)")
     inputs.add_argument("--kl_dir", help="folder of tinygpt evaluate --reference results, model-<type>.json (optional)")
+    inputs.add_argument("--chat", help="JSON of tinygpt chat_eval on the chat model (optional; needs --chat_page)")
     inputs.add_argument("--benchmarks", required=True, help="folder of Snakemake's benchmark files (<rule>.tsv)")
     inputs.add_argument("--skip", action="append", default=[], metavar="RULE",
                         help="leave this rule's benchmark out of the timings (repeatable)")
@@ -386,7 +409,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     outputs.add_argument("--data", required=True, help="tokenizer and corpus statistics (HTML)")
     outputs.add_argument("--gguf", required=True, help="GGUF file sizes (HTML)")
     outputs.add_argument("--timings", required=True, help="time per rule (HTML)")
-    write_report(parser.parse_args(argv))
+    outputs.add_argument("--chat_page", help="the chat model's scores and sample conversations (HTML)")
+    args = parser.parse_args(argv)
+    if bool(args.chat) != bool(args.chat_page):
+        parser.error("--chat and --chat_page go together: the scores and the page they make")
+    write_report(args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ rule report:
         q4_k_m="exports/tinygpt/model-q4_k_m.gguf",
         evaluation=rules.evaluate.output.json,
         kl="reports/kl/model-q4_k_m.json",
+        chat=rules.chat_eval.output.json,
         code=sources("report"),
     output:
         loss=report("reports/loss.svg", category="Training", caption="../report/loss.rst"),
@@ -22,6 +23,7 @@ rule report:
         data=report("reports/data.html", category="Data", caption="../report/data.rst"),
         gguf=report("reports/gguf.html", category="GGUF files", caption="../report/gguf.rst"),
         timings=report("reports/timings.html", category="Timings", caption="../report/timings.rst"),
+        chat=report("reports/chat.html", category="Chat", caption="../report/chat.rst"),
     params:
         runs=rules.train.params.runs,
         benchmarks="benchmarks",
@@ -36,4 +38,5 @@ rule report:
         "python -m tinygpt report --checkpoint {input.checkpoint} --runs_dir {params.runs} --data_dir $(dirname {input.meta})"
         " --tokenizer {input.tokenizer} --corpus_stats {input.corpus_stats} --gguf_dir $(dirname {input.q4_k_m})"
         " --evaluation {input.evaluation} --kl_dir $(dirname {input.kl}) --benchmarks {params.benchmarks} --skip report --loss_svg {output.loss} --training {output.training}"
-        " --data {output.data} --gguf {output.gguf} --timings {output.timings} 2>&1 | tee {log}"
+        " --data {output.data} --gguf {output.gguf} --timings {output.timings} --chat {input.chat}"
+        " --chat_page {output.chat} 2>&1 | tee {log}"

@@ -1,0 +1,101 @@
+"""How well a chat model does the built-in tasks, scored automatically on conversations it never saw.
+
+    tinygpt chat_eval --checkpoint checkpoints/chat/best.pt --json reports/chat.json
+
+The prompts come from the built-in conversation generator with evaluation seeds, which no training conversation
+is drawn from (tinygpt.data.stories.chat_tasks): story requests (does the reply contain every part asked for?) and
+questions about a story (is the answer exact?). Replies are greedy, so the figures are a property of the model.
+`--plain` prompts a base model with the same words as plain text (the messages' contents, one per line), the
+baseline that shows what chat tuning adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+
+from tinygpt.common import TinyGPTError, atomic_open, progress, run_cli
+from tinygpt.data.stories.chat_tasks import eval_prompts, score_reply
+from tinygpt.model.gpt import GPT
+from tinygpt.model.hardware import pick_device
+from tinygpt.model.sample import generate, load
+from tinygpt.tokenizer.bpe import Tokenizer
+from tinygpt.tokenizer.chat import IM_END, encode_chat
+
+EVAL_SEED = 1  # the evaluation seeds are their own namespace in chat_tasks: any value is unseen in training
+SAMPLES = 6  # conversations shown in the report
+
+
+def chat_reply(model: GPT, tokenizer: Tokenizer, messages: list[dict], max_tokens: int | None = None) -> str:
+    """The model's greedy reply to `messages` in ChatML, up to <|im_end|> or the end of its context."""
+    ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+    room = model.config.block_size - len(ids)
+    if room <= 0:
+        raise TinyGPTError(f"the prompt takes {len(ids)} tokens, the model's whole context ({model.config.block_size})")
+    max_tokens = room if max_tokens is None else min(max_tokens, room)
+    reply = generate(model, ids, max_tokens, temperature=0, eot_id=tokenizer.special_tokens[IM_END])
+    return tokenizer.decode(list(reply))
+
+
+def plain_reply(model: GPT, tokenizer: Tokenizer, messages: list[dict], max_tokens: int | None = None) -> str:
+    """A base model's greedy continuation of the messages' contents as plain text, one per line."""
+    ids = tokenizer.encode("\n".join(m["content"] for m in messages) + "\n", bos=True)
+    room = model.config.block_size - len(ids)
+    max_tokens = room if max_tokens is None else min(max_tokens, max(room, 1))
+    return tokenizer.decode(list(generate(model, ids, max_tokens, temperature=0, eot_id=tokenizer.eot_id)))
+
+
+def score(reply: Callable[[list[dict]], str], count: int, seed: int = EVAL_SEED) -> dict:
+    """Ask `count` evaluation prompts through `reply` (messages -> text); per task: asked, right, rate; and the
+    first SAMPLES conversations with their replies."""
+    asked, right, samples = Counter(), Counter(), []
+    for task, messages, check in progress(eval_prompts(seed, count), total=count, desc="chat_eval"):
+        text = reply(messages)
+        ok = score_reply(check, text)
+        asked[task] += 1
+        right[task] += ok
+        if len(samples) < SAMPLES:
+            samples.append({"task": task, "messages": messages, "reply": text, "correct": ok})
+    tasks = {task: {"asked": asked[task], "right": right[task], "rate": right[task] / asked[task]} for task in asked}
+    return {"tasks": tasks, "samples": samples, "seed": seed}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tinygpt chat_eval", description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="chat model checkpoint (.pt)")
+    source.add_argument("--gguf", help="GGUF file (dequantized into our model)")
+    source.add_argument("--hf_dir", help="Hugging Face folder written by tinygpt export")
+    parser.add_argument("--count", type=int, default=100, help="evaluation prompts (default 100)")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation seed (never a training seed)")
+    parser.add_argument("--plain", action="store_true", help="prompt with the plain text of the messages (a base model)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu: the same figures everywhere)")
+    parser.add_argument("--json", help="write the scores and sample conversations here")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error(f"--count must be at least 1, not {args.count}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    model, tokenizer = load(args.checkpoint, args.gguf, pick_device(args.device), args.hf_dir)
+    answer = plain_reply if args.plain else chat_reply
+    result = score(lambda messages: answer(model, tokenizer, messages), args.count, args.seed)
+    result["model"] = args.checkpoint or args.gguf or args.hf_dir
+    result["prompt"] = "plain" if args.plain else "chatml"
+    for task, figures in result["tasks"].items():
+        print(f"{task}: {figures['right']}/{figures['asked']} right ({figures['rate']:.0%})")
+    if args.json:
+        with atomic_open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
