@@ -156,6 +156,20 @@ def test_end_of_input_exits_cleanly(files, capsys, monkeypatch):
     assert err == "" and out == hf_reply(files, [{"role": "user", "content": "Hello there."}]) + "\n"
 
 
+def test_checkpoint_folder_and_gguf_give_the_same_reply(files, capsys):
+    """The three sources of one model, each with its chat template (no warning): the same greedy reply."""
+    from tinygpt.export.gguf_convert import convert_to_gguf
+
+    f32 = convert_to_gguf(files["hf"], files["tmp"] / "chat-f32.gguf", "f32")
+    replies = set()
+    for flag, path in (("--checkpoint", files["checkpoint"]), ("--hf_dir", files["hf"]), ("--gguf", f32)):
+        main([flag, str(path), "--message", "Hello there.", "--temperature", "0", "--max_tokens", str(MAX_TOKENS)])
+        out, err = capsys.readouterr()
+        assert err == "", flag
+        replies.add(out)
+    assert replies == {hf_reply(files, [{"role": "user", "content": "Hello there."}]) + "\n"}
+
+
 def test_a_base_model_gets_one_warning_and_chatml(files, capsys):
     base = save_chat_checkpoint(files["tmp"] / "base.pt", files["model"], files["tokenizer"], template=None)
     main(["--checkpoint", str(base), "--message", "Hello there.", "--message", "Again.", "--temperature", "0",
