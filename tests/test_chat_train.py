@@ -28,7 +28,8 @@ from tinygpt.model.checkpoint import load_checkpoint, load_model
 from tinygpt.model.hardware import Ranks
 from tinygpt.model.train import TrainConfig, Trainer, build_parser, main
 from tinygpt.tokenizer.bpe import Tokenizer
-from tinygpt.tokenizer.chat import CHATML_TEMPLATE, IM_END, IM_START, encode_chat
+from tinygpt.tokenizer.chat import CHATML_TEMPLATE, IM_END, IM_START
+from tinygpt.tokenizer.encode_chat import encode_conversations
 
 TEMPLATE = CHATML_TEMPLATE
 CHAT_BLOCK = 64  # the chat context: four times the base's 16 tokens
@@ -42,27 +43,13 @@ def conversation(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Tell me about {name}."}, {"role": "assistant", "content": f"{name}: {first}."}]
 
 
-def write_chat_dir(path: Path, tokenizer: Tokenizer, n: int = 60, n_val: int = 12) -> Path:
-    """A chat token folder in CHAT_SPEC's format, written from the spec with numpy."""
+def write_chat_dir(path: Path, tokenizer_path: Path, n: int = 60) -> Path:
+    """A chat token folder written by the chat_encode stage from `n` tiny conversations (the last fifth: validation)."""
     path.mkdir(parents=True)
-    rendered = [encode_chat(tokenizer, conversation(i)) for i in range(n)]
-    kept = [r for r in rendered if len(r[0]) <= CHAT_BLOCK + 1]
-    splits = {"train": kept[:-n_val], "val": kept[-n_val:]}
-    for split, convs in splits.items():
-        starts = np.cumsum([0] + [len(ids) for ids, _ in convs[:-1]])
-        ids = [i for c, _ in convs for i in c]
-        mask = [m for _, c in convs for m in c]
-        pad = starts[-1] + CHAT_BLOCK + 1 - len(ids)  # every start has block_size + 1 tokens after it
-        ids += [tokenizer.eot_id] * max(pad, 0)
-        mask += [0] * max(pad, 0)
-        np.array(ids, dtype=np.uint16).tofile(path / f"{split}.bin")
-        np.array(mask, dtype=np.uint8).tofile(path / f"{split}.mask.bin")
-        starts.astype("<i8").tofile(path / f"{split}.starts.bin")
-    meta = {"kind": "chat", "vocab_size": tokenizer.vocab_size, "dtype": "uint16", "chat_template": TEMPLATE,
-            "block_size": CHAT_BLOCK, "conversations": {k: len(v) for k, v in splits.items()},
-            "dropped": len(rendered) - len(kept)}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
+    lines = [json.dumps({"messages": conversation(i)}) for i in range(n)]
+    (path / "conversations.jsonl").write_text("\n".join(lines) + "\n")
+    encode_conversations(path / "conversations.jsonl", tokenizer_path, path / "tokens", CHAT_BLOCK, val_fraction=0.2)
+    return path / "tokens"
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +71,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_dir(data_dir, tmp_path_factory) -> Path:
-    tokenizer = Tokenizer.from_json_str((data_dir / "tokenizer.json").read_text())
-    return write_chat_dir(tmp_path_factory.mktemp("chat") / "tokens", tokenizer)
+    return write_chat_dir(tmp_path_factory.mktemp("chat") / "chat", data_dir / "tokenizer.json")
 
 
 def base_model(data_dir: Path, out: Path, arch: str) -> Path:
@@ -152,7 +138,7 @@ def test_the_training_loss_counts_only_the_assistant_tokens(chat_dir, data_dir, 
     expected = hand_losses(model, chat_dir, "train", picked)
     masked, unmasked = expected["masked"] / expected["count"], expected["all"] / expected["all_count"]
     # the tolerance below is a hundred times finer than the gap between counting the assistant's tokens and all
-    assert expected["count"] < expected["all_count"] / 2 and abs(masked - unmasked) > 1e-3 * masked
+    assert 0 < expected["count"] < expected["all_count"] and abs(masked - unmasked) > 1e-3 * masked
     assert trainer.train_step() == pytest.approx(masked, rel=1e-5)
 
 

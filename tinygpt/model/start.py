@@ -21,6 +21,8 @@ RECIPES = {
     "finetune": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "max_steps": 200},
 }
 # Training windows when the source's context is longer: a laptop-sized default (model.block_size overrides it).
+# A longer model.block_size than the source's context extends a rotary (llama, qwen2) model to it (chat tuning at
+# the chat context); learned positions (gpt2) cannot be extended (tinygpt.model.train: Trainer._start_config).
 FINETUNE_WINDOW = 512
 # An HF folder's files that make the model: configuration, weights (sharded or not, with the index), tokenizer.
 HF_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json")
