@@ -76,7 +76,9 @@ def read_raw_gguf(path: str | os.PathLike, hint: str) -> RawGGUF:
     path = require_file(path, "GGUF file", "create it with tinygpt gguf_convert")
     try:
         header = GGUFFile(path)
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        # a plain ndarray view of the map: arrays derived from an np.memmap stay memmaps, and each numpy operation
+        # on one then runs memmap's Python __array_finalize__ (thousands of calls in a quantization)
+        data = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
         tensors = []
         for t in header.tensors:
             ne = tuple(int(n) for n in t.shape)

@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 
 from tinygpt.common import TinyGPTError, atomic_path, require_file
+from tinygpt.weights.gguf_file import GGUFFile
 
 IN_SUM2, COUNTS = ".in_sum2", ".counts"
 HINT = "make it with tinygpt imatrix (or llama-imatrix)"
@@ -46,7 +47,11 @@ def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     GGUF files: in_sum2 / count in float32, per expert; an expert with count 0 gets all ones.
     Legacy .dat files: the stored values / ncall (kept as they are when ncall is 0)."""
-    data = load_imatrix(path)
+    return imatrix_values(load_imatrix(path))
+
+
+def imatrix_values(data: ImatrixData) -> dict[str, np.ndarray]:
+    """read_imatrix's per-column importance from a loaded file (load_imatrix)."""
     result: dict[str, np.ndarray] = {}
     for name, sums in data.sums.items():
         counts = data.counts[name]
@@ -74,8 +79,8 @@ def load_imatrix(path: str | os.PathLike) -> ImatrixData:
     if _is_legacy(path):
         return _load_legacy(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
+        reader = GGUFFile(path)  # the package's header reader: gguf.GGUFReader makes a numpy view of every field
+    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, struct.error) as e:
         raise TinyGPTError(f"{path} is not a readable GGUF importance matrix ({type(e).__name__}: {e}); {HINT}") from None
 
     def value(key: str):
