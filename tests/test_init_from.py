@@ -70,7 +70,6 @@ def test_a_new_source_starts_a_new_run_and_the_same_source_resumes(data_dir, bas
 
 @pytest.mark.parametrize("extra, message", [
     (["--n_layer", "3"], "--n_layer=3 contradicts --init_from"),
-    (["--block_size", "32"], "--block_size=32 is beyond the context"),
 ])
 def test_settings_contradicting_the_source_are_clear_errors(data_dir, base, tmp_path, extra, message):
     with pytest.raises(TinyGPTError, match=message):
