@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from tinygpt.common import TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli
 from tinygpt.export.gguf_raw import RawTensor, encode_value, read_raw_gguf, write_raw_gguf
-from tinygpt.export.imatrix import load_imatrix, read_imatrix
+from tinygpt.export.imatrix import imatrix_values, load_imatrix
 from tinygpt.export.quants import quantize
 
 QT = GGMLQuantizationType
@@ -149,12 +149,11 @@ def _convert(t: RawTensor, qtype: GGMLQuantizationType, threads: int, importance
     if t.type not in FLOAT_TYPES:
         raise TinyGPTError(f"tensor {t.name} is already {t.type.name} and would need {qtype.name}; "
                            "quantize from the f16 (or f32/bf16) GGUF instead")
-    values = _as_float32(t)
-    if qtype == QT.F16:
-        return values.astype(np.float16)
-    if qtype == QT.F32:
-        return values
-    return quantize(values, qtype, threads=threads, imatrix=importance)
+    if qtype in (QT.F16, QT.F32):
+        return _as_float32(t).astype(np.float16 if qtype == QT.F16 else np.float32, copy=False)
+    # F16 and F32 go in as stored: the quantizer widens F16 chunk by chunk in its threads
+    values = _as_float32(t) if t.type == QT.BF16 else t.data.view(np.float16 if t.type == QT.F16 else np.float32)
+    return quantize(values.reshape(t.shape), qtype, threads=threads, imatrix=importance)
 
 
 # ------------------------------------------------------------------------------------------------ importance matrix
@@ -188,7 +187,7 @@ def _importance_values(imatrix, info: ImatrixInfo | None):
         data = load_imatrix(imatrix)
         if info is None:
             info = ImatrixInfo(os.fspath(imatrix), data.datasets[0] if data.datasets else None, data.chunk_count)
-        imatrix = read_imatrix(imatrix)
+        imatrix = imatrix_values(data)
     values = {name: np.asarray(v, np.float32).reshape(-1) for name, v in imatrix.items()}
     for name, v in values.items():
         bad = v[~np.isfinite(v)]
