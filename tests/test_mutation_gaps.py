@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from test_train import metrics, train_args, write_token_dir
 from tinygpt.common import TinyGPTError
 from tinygpt.data import clean
 from tinygpt.model.checkpoint import load_checkpoint
+from tinygpt.model.gpt import GPT, GPTConfig
+from tinygpt.model.optim import configure_optimizers
 from tinygpt.model.train import TrainConfig, build_parser, main
 from tinygpt.tokenizer.bpe import Tokenizer
 
@@ -181,3 +184,26 @@ def test_bits_per_byte_count_the_end_of_text_token_as_no_bytes(data_dir, tmp_pat
     text_bytes = sum(len(tokenizer.vocab[i]) for i in ids.tolist() if i != eot[0])
     for line in metrics(the_run(tmp_path)):
         assert line["val_bpb"] == pytest.approx(line["val_loss"] / math.log(2) * len(ids) / text_bytes, rel=1e-9)
+
+
+def test_muon_leaves_an_untied_head_to_adamw_with_decay_and_takes_its_momentum():
+    # mutants: the untied LM head not recognised (so Muon orthogonalised it as a hidden matrix), and
+    # --muon_momentum not passed to Muon (its default, 0.95, is ours too, so only another value shows it)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8, arch="llama",
+                          tie_embeddings=False))
+    adamw, muon = configure_optimizers(model, optimizer="muon", lr=1e-3, betas=(0.8, 0.9), weight_decay=0.1,
+                                       device=torch.device("cpu"), muon_momentum=0.7)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "lm_head.weight" not in {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    decayed = [names[id(p)] for g in adamw.param_groups if g["weight_decay"] == 0.1 for p in g["params"]]
+    assert decayed == ["lm_head.weight"]
+    assert [(g["momentum"], g["weight_decay"]) for g in muon.param_groups] == [(0.7, 0.1)]
+    assert [g["betas"] for g in adamw.param_groups] == [(0.8, 0.9)] * 2
+
+
+def test_an_unknown_optimizer_is_an_error_naming_the_choices():
+    # mutant: the list of choices garbled (argparse and the config schema stop such a name first)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    with pytest.raises(ValueError, match=r"^unknown optimizer 'sgd'; choose one of adamw, muon$"):
+        configure_optimizers(model, optimizer="sgd", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                             device=torch.device("cpu"))
