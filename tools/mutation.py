@@ -44,7 +44,8 @@ GROUPS = {
     # stop signal), which take minutes per mutant and do not see the mutant when run under torchrun, and the
     # snakemake rerun test of init_from.
     "model": (["tinygpt/model/train.py", "tinygpt/model/optim.py"],
-              ["tests/test_train.py", "tests/test_checkpoint.py", "tests/test_init_from.py", "tests/test_lora.py", GAPS],
+              ["tests/test_train.py", "tests/test_checkpoint.py", "tests/test_init_from.py", "tests/test_lora.py",
+               "tests/test_chat_train.py", GAPS],
               ["-p", "mutation_fast_peak", "-k", "not killed and not ddp and not stop_signal and not ranks_take "
                "and not reruns_what_depends"]),
 }
