@@ -125,7 +125,7 @@ def _where(cond: np.ndarray, a, b) -> np.ndarray:
 def _block_reduce(blocks: np.ndarray, op: np.ufunc) -> np.ndarray:
     """op (np.maximum, np.minimum) over each row of blocks (n, 2^k), as a tree of 1-D strided halvings: a
     reduction along short rows pays numpy's per-row cost (~50 ns a row), this pays none. Max and min are exact
-    in any order (signed zeros aside, which no caller tells apart)."""
+    in any order (signed zeros aside: Q8_0 takes it of absolute values)."""
     flat = blocks.reshape(-1)
     for _ in range(blocks.shape[1].bit_length() - 1):
         flat = op(flat[0::2], flat[1::2])
@@ -137,13 +137,8 @@ def _absmax_signed(blocks: np.ndarray) -> np.ndarray:
 
     An all-zero block gives +0.0 even if it holds -0.0: the C loop starts from 0.0f and never replaces it.
     """
-    hi, lo = _block_reduce(blocks, np.maximum), _block_reduce(blocks, np.minimum)
-    peak = _where(hi >= -lo, hi, lo)
-    tie = np.flatnonzero((hi == -lo) & (hi != 0))  # +a and -a both present (rare): the first one wins
-    if tie.size:
-        ties = blocks[tie]
-        peak[tie] = ties[np.arange(len(tie)), np.abs(ties).argmax(axis=1)]  # argmax along short rows is slow
-    return _where(peak == 0, F32(0), peak)
+    peak = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
+    return np.where(peak == 0, F32(0), peak)
 
 
 def _first_extremes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
