@@ -3,9 +3,12 @@ importance matrix, and how fast conversion is.
 
     python bench/bench_gguf.py                          # toy llama, ~400 steps on bench_quality's Python docs
     python bench/bench_gguf.py --max_steps 200 --types q4_k_m q8_0 --arch gpt2
+    python bench/bench_gguf.py --f16 exports/tinygpt/model-f16.gguf --tokens data/tokens --types q4_k_m
 
 1. Train the toy preset on the Python documentation corpus of bench_quality.py (the same download, training
    documents only; the last 10% of the documents are held out and never seen), export it, convert it to f16.
+   Or, with --f16 and --tokens, take a model already trained (the pipeline's) and its token folder: the
+   importance matrix from train.bin, the divergence on val.bin; steps 1 and 2 are skipped.
 2. Conversion speed: gguf_convert f16 against numpy writing the same tensor bytes (the floor for any converter).
 3. The importance matrix (tinygpt imatrix) on the first chunks of the training tokens, never the held-out text.
 4. Every file type, quantized without and with the importance matrix (as far as quantize_gguf supports it), is
@@ -75,16 +78,8 @@ def train_model(work: Path, corpus: Path, arch: str, max_steps: int) -> tuple[Pa
     return folder / "best.pt", data
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="bench-quality", help="bench_quality's folder (corpus reused)")
-    parser.add_argument("--arch", default="llama", choices=["gpt2", "llama"])
-    parser.add_argument("--max_steps", type=int, default=400, help="training steps of the toy model")
-    parser.add_argument("--types", nargs="+", default=list(FILE_TYPES), choices=list(FILE_TYPES))
-    parser.add_argument("--imatrix_chunks", type=int, default=100, help="training chunks for the importance matrix")
-    parser.add_argument("--eval_chunks", type=int, default=256, help="held-out chunks of the context for KL")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best taken")
-    args = parser.parse_args()
+def trained_f16(args) -> tuple[Path, Path, Path, dict]:
+    """Steps 1 and 2: train the toy on the Python docs, export, convert (timed); (f16, token folder, folder, info)."""
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     corpus, held_out, info = prepare_corpus(work, 0.1, 600_000)
@@ -99,6 +94,35 @@ def main() -> None:
     (out / "raw.bin").unlink()
     print(f"gguf_convert f16: {t_convert * 1e3:.1f} ms, numpy writing the same bytes {t_raw * 1e3:.1f} ms "
           f"({t_convert / t_raw:.1f}x the time)")
+    return f16, data, out, {**info, "held_out": held_out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="bench-quality", help="bench_quality's folder (corpus reused)")
+    parser.add_argument("--arch", default="llama", choices=["gpt2", "llama"])
+    parser.add_argument("--max_steps", type=int, default=400, help="training steps of the toy model")
+    parser.add_argument("--types", nargs="+", default=list(FILE_TYPES), choices=list(FILE_TYPES))
+    parser.add_argument("--imatrix_chunks", type=int, default=100, help="training chunks for the importance matrix")
+    parser.add_argument("--eval_chunks", type=int, default=256, help="held-out chunks of the context for KL")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best taken")
+    parser.add_argument("--f16", help="instead of training: an f16 GGUF already trained (e.g. the pipeline's "
+                        "exports/tinygpt/model-f16.gguf), with --tokens")
+    parser.add_argument("--tokens", help="with --f16: its token folder (data/tokens: train.bin for the importance "
+                        "matrix, val.bin held out for the KL divergence, meta.json for the dtype)")
+    parser.add_argument("--out", default="bench-gguf", help="with --f16: folder for the files this writes")
+    args = parser.parse_args()
+    if bool(args.f16) != bool(args.tokens):
+        parser.error("--f16 and --tokens go together")
+    if args.f16:
+        f16, data, out = Path(args.f16).resolve(), Path(args.tokens).resolve(), Path(args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        meta = json.loads((data / "meta.json").read_text())
+        held_out_tokens = np.fromfile(data / "val.bin", dtype=np.dtype(meta["dtype"])).astype(np.int64)
+        info = {"f16": str(f16), "tokens": str(data), "held_out": "val.bin", "val_tokens": len(held_out_tokens)}
+    else:
+        f16, data, out, info = trained_f16(args)
+        held_out_tokens = None
 
     imatrix = out / "imatrix.gguf"
     started = time.perf_counter()
@@ -110,9 +134,13 @@ def main() -> None:
         print("quantize_gguf takes no importance matrix yet: the with-imatrix rows are skipped")
 
     reference, tokenizer = load_gguf(f16)
-    tokens = np.array(tokenizer.encode(held_out.read_text(encoding="utf-8")), dtype=np.int64)
+    if held_out_tokens is None:
+        tokens = np.array(tokenizer.encode(info["held_out"].read_text(encoding="utf-8")), dtype=np.int64)
+        what = f"{info['scored_documents']} documents never trained on"
+    else:
+        tokens, what = held_out_tokens, f"{data / 'val.bin'}"
     n_ctx = reference.config.block_size
-    print(f"held out: {info['scored_documents']} documents never trained on, {len(tokens):,} tokens; "
+    print(f"held out: {what}, {len(tokens):,} tokens; "
           f"KL over the second half of the first {args.eval_chunks} chunks of {n_ctx}")
     header = (f"{'type':<8} {'imatrix':<7} {'MiB':>6} {'bpw':>6} {'PPL':>8} {'vs f16':>8} {'mean KLD':>9} "
               f"{'99% KLD':>8} {'same top':>8} {'KLD without/with':>16}")
@@ -133,7 +161,8 @@ def main() -> None:
             print(f"{qtype:<8} {'yes' if with_imatrix else 'no':<7} {row['mib']:>6.2f} {row['bpw']:>6.2f} "
                   f"{kl.ppl:>8.3f} {kl.ppl_ratio - 1:>+8.2%} {kl.mean_kld:>9.5f} {kl.kld_p99:>8.4f} "
                   f"{kl.same_top:>8.2%} {gain:>16}", flush=True)
-    (out / "results.json").write_text(json.dumps({"corpus": info, "arch": args.arch, "max_steps": args.max_steps,
+    trained = {} if args.f16 else {"arch": args.arch, "max_steps": args.max_steps}
+    (out / "results.json").write_text(json.dumps({"source": {k: str(v) for k, v in info.items()}, **trained,
                                                   "imatrix_chunks": args.imatrix_chunks, "n_ctx": n_ctx,
                                                   "threads": torch.get_num_threads(), "results": results}, indent=2))
     print(f"results in {out / 'results.json'}")
