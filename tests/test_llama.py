@@ -79,8 +79,12 @@ def test_llama_cpp_logits_match_ours_on_f16(gguf_files):
     ids = tokenizer.encode(" ".join(corpus(1)))[:64]
     theirs, ours = llama_logits(files["narrow"], ids), our_logits(files["narrow"], ids)
     # same fp16 weights; llama.cpp rounds activations to fp16 inside its matmuls
-    np.testing.assert_allclose(theirs, ours, rtol=0, atol=5e-3 * np.abs(ours).max())
-    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+    tolerance = 5e-3 * np.abs(ours).max()
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=tolerance)
+    # the same top token wherever ours leads by more than the two may differ (a random model has near ties)
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
+    assert clear.mean() > 0.5 and (theirs.argmax(-1) == ours.argmax(-1))[clear].all()
 
 
 def test_llama_cpp_greedy_continuation_equals_ours(gguf_files):
