@@ -215,7 +215,8 @@ func main() {
 def ollama_render(tmp_path_factory):
     """messages -> the text Ollama's template engine renders from OLLAMA_TEMPLATE (needs a Go toolchain)."""
     if shutil.which("go") is None:
-        pytest.skip("go not found: the Ollama template is rendered by Go's text/template")
+        message = "go not found: the Ollama template is rendered by Go's text/template (apt-get install golang-go)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     folder = tmp_path_factory.mktemp("ollama")
     (folder / "main.go").write_text(OLLAMA_RENDERER)
     env = {**os.environ, "GOCACHE": str(folder / "cache"), "GOPATH": str(folder / "gopath"), "GO111MODULE": "off"}
