@@ -48,8 +48,12 @@ def build(work: Path) -> float | None:
     return time.perf_counter() - start
 
 
-def rule_seconds(work: Path, rule: str) -> float:
-    with open(work / "benchmarks" / f"{rule}.tsv") as f:
+def rule_seconds(work: Path, rule: str) -> float | None:
+    """The wall clock Snakemake's benchmark file records for `rule` (the mean of its runs); None if it never ran."""
+    path = work / "benchmarks" / f"{rule}.tsv"
+    if not path.exists():
+        return None
+    with open(path) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     return sum(float(r["s"]) for r in rows) / len(rows)
 
@@ -104,7 +108,8 @@ def main() -> None:
     work = args.work
     print(f"build: {'already built' if wall is None else f'{wall:.0f} s for {TARGET} on a fresh clone'}")
     for rule in ("train", "chat_data", "chat_encode", "chat_train", "chat_export"):
-        print(f"  {rule:12s} {rule_seconds(work, rule):7.1f} s")
+        seconds = rule_seconds(work, rule)
+        print(f"  {rule:12s} " + ("not run by Snakemake here" if seconds is None else f"{seconds:7.1f} s"))
     base_rate, chat_rate = tokens_per_s(work / "checkpoints/runs"), tokens_per_s(work / "checkpoints/chat/runs")
     print(f"fine-tuning: {chat_rate:,.0f} tokens/s at the chat context vs the base training's {base_rate:,.0f} "
           f"({chat_rate / base_rate:.2f}x)")

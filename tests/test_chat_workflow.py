@@ -13,16 +13,14 @@ import gguf
 import pytest
 
 from llama_tools import llama_tool
-from test_workflow import TARGET, copy_project, edit_config, jobs_that_would_run, snakemake
+from test_workflow import TARGET, TINY, copy_project, edit_config, jobs_that_would_run, snakemake
 from tinygpt.model.checkpoint import load_checkpoint
 from tinygpt.tokenizer.chat import CHATML_TEMPLATE
 
 pytestmark = pytest.mark.slow
 
 CHAT_TARGET = "exports/tinygpt-chat/model-q4_k_m.gguf"
-# conversations of a 400-token vocabulary take up to ~700 tokens: a 640-token context keeps most of them
-TINY_CHAT = {"conversations": 60, "block_size": 640, "max_steps": 4, "batch_size": 2, "warmup_steps": 1,
-             "eval_prompts": 2}
+TINY_CHAT = TINY["chat"]  # copy_project's tiny settings, chat included
 CHAT_RULES = {"chat_data", "chat_encode", "chat_train", "chat_eval", "chat_export", "chat_gguf_convert",
               "chat_quantize"}
 
@@ -30,8 +28,6 @@ CHAT_RULES = {"chat_data", "chat_encode", "chat_train", "chat_eval", "chat_expor
 @pytest.fixture(scope="module")
 def chat_built(tmp_path_factory) -> Path:
     workdir = copy_project(tmp_path_factory.mktemp("chat"))
-    for key, value in TINY_CHAT.items():
-        edit_config(workdir, "chat", key, value)
     snakemake(workdir, CHAT_TARGET, "reports/chat.json")
     return workdir
 

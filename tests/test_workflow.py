@@ -23,6 +23,9 @@ TINY = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
     "train": {"max_steps": 12, "batch_size": 4, "warmup_steps": 2, "eval_interval": 6, "eval_batches": 2, "ckpt_interval": 6},
     "sample": {"max_tokens": 16, "count": 1},
+    # conversations of a 400-token vocabulary take up to ~700 tokens: a 640-token context keeps most of them
+    "chat": {"conversations": 60, "block_size": 640, "max_steps": 4, "batch_size": 2, "warmup_steps": 1,
+             "eval_prompts": 2},
 }
 
 

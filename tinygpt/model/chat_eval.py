@@ -33,20 +33,24 @@ SAMPLES = 6  # conversations shown in the report
 def chat_reply(model: GPT, tokenizer: Tokenizer, messages: list[dict], max_tokens: int | None = None) -> str:
     """The model's greedy reply to `messages` in ChatML, up to <|im_end|> or the end of its context."""
     ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
-    room = model.config.block_size - len(ids)
-    if room <= 0:
-        raise TinyGPTError(f"the prompt takes {len(ids)} tokens, the model's whole context ({model.config.block_size})")
-    max_tokens = room if max_tokens is None else min(max_tokens, room)
-    reply = generate(model, ids, max_tokens, temperature=0, eot_id=tokenizer.special_tokens[IM_END])
-    return tokenizer.decode(list(reply))
+    return _greedy(model, tokenizer, ids, max_tokens, tokenizer.special_tokens[IM_END])
 
 
 def plain_reply(model: GPT, tokenizer: Tokenizer, messages: list[dict], max_tokens: int | None = None) -> str:
     """A base model's greedy continuation of the messages' contents as plain text, one per line."""
     ids = tokenizer.encode("\n".join(m["content"] for m in messages) + "\n", bos=True)
-    room = model.config.block_size - len(ids)
-    max_tokens = room if max_tokens is None else min(max_tokens, max(room, 1))
-    return tokenizer.decode(list(generate(model, ids, max_tokens, temperature=0, eot_id=tokenizer.eot_id)))
+    return _greedy(model, tokenizer, ids, max_tokens, tokenizer.eot_id)
+
+
+def _greedy(model: GPT, tokenizer: Tokenizer, ids: list[int], max_tokens: int | None, stop: int) -> str:
+    """Greedy text after `ids` up to `stop`: by default what fits in the model's context; with max_tokens, that
+    many at most, sliding the window over a prompt longer than the context (a base model's 128 tokens)."""
+    if max_tokens is None:
+        max_tokens = model.config.block_size - len(ids)
+        if max_tokens <= 0:
+            raise TinyGPTError(f"the prompt takes {len(ids)} tokens, the model's whole context "
+                               f"({model.config.block_size})")
+    return tokenizer.decode(list(generate(model, ids, max_tokens, temperature=0, eot_id=stop)))
 
 
 def score(reply: Callable[[list[dict]], str], count: int, seed: int = EVAL_SEED) -> dict:

@@ -10,21 +10,6 @@ CHAT = config["chat"]
 CHAT_EXPORT = "exports/tinygpt-chat"
 
 
-def chat_data_flags(chat):
-    """The chat_data stage's flags for the chosen source, only what that source uses."""
-    if chat["source"] == "builtin":
-        return flags({"source": "builtin", "count": chat["conversations"], "seed": chat["seed"]})
-    return flags({"source": "file", "path": chat["paths"], "format": chat["format"]})
-
-
-def chat_train_flags(model, train, chat):
-    """The base training's settings (optimizer, precision, device, evaluation), with the chat schedule and the chat
-    context, starting from the trained base model: full fine-tuning, never the base run's LoRA."""
-    schedule = {key: chat[key] for key in ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps")}
-    train = {**train, **schedule, "init_from": rules.train.output.checkpoint, "lora": {"rank": 0}}
-    return train_flags({**model, "block_size": chat["block_size"]}, train)
-
-
 rule chat_data:
     input:
         code=sources("chat_data"),
@@ -81,7 +66,7 @@ use rule train as chat_train with:
         checkpoint="checkpoints/chat/best.pt",
     params:
         launcher=train_launcher(config["train"]),
-        args=chat_train_flags(config["model"], config["train"], CHAT),
+        args=chat_train_flags(config["model"], config["train"], CHAT, start=rules.train.output.checkpoint),
         runs="checkpoints/chat/runs",
     log:
         "logs/chat_train.log",

@@ -171,3 +171,18 @@ def train_flags(model, train):
 def start_files(train):
     """The starting model's files (train.init_from), inputs of the rules that read it: a new model reruns them."""
     return [] if is_scratch(train["init_from"]) else [os.path.relpath(p) for p in source_files(train["init_from"])]
+
+
+def chat_data_flags(chat):
+    """The chat_data stage's flags for the chosen source, only what that source uses."""
+    if chat["source"] == "builtin":
+        return flags({"source": "builtin", "count": chat["conversations"], "seed": chat["seed"]})
+    return flags({"source": "file", "path": chat["paths"], "format": chat["format"]})
+
+
+def chat_train_flags(model, train, chat, start):
+    """The base training's settings (optimizer, precision, device, evaluation), with the chat schedule and the chat
+    context, starting from the trained base model (`start`): full fine-tuning, never the base run's LoRA."""
+    schedule = {key: chat[key] for key in ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps")}
+    train = {**train, **schedule, "init_from": start, "lora": {"rank": 0}}
+    return train_flags({**model, "block_size": chat["block_size"]}, train)
