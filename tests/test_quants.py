@@ -93,6 +93,14 @@ def test_threads_and_chunks_do_not_change_bytes(monkeypatch):
     np.testing.assert_array_equal(quants.quantize(x, QT.Q4_K, threads=3), single)
 
 
+def test_fp16_rows_widen_to_float32_exactly():
+    # every fp16 bit pattern (subnormals, zeros, infinities, NaNs) against numpy's own conversion
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    np.testing.assert_array_equal(quants._widen(every).view(np.uint32), every.astype(np.float32).view(np.uint32))
+    finite = every[np.isfinite(every)]  # the fast path, without the fallback infinities take
+    np.testing.assert_array_equal(quants._widen(finite).view(np.uint32), finite.astype(np.float32).view(np.uint32))
+
+
 def test_keeps_leading_shape_and_rejects_bad_rows():
     x = weights(4, 6, 256).reshape(2, 3, 256)
     assert quants.quantize(x, QT.Q6_K).shape == (2, 3, 210)

@@ -67,6 +67,27 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
     return v.astype("<f2").view(np.uint8).reshape(-1, 2)
 
 
+_F16_SCALE = np.float32(2.0 ** 112)  # float32 exponent bias 127 minus fp16's 15
+_F16_KEEP = np.int32(-0x70002000)  # 0x8FFFE000: the sign and the 15 bits below it, shifted into float32 place
+
+
+def _widen(rows: np.ndarray) -> np.ndarray:
+    """rows as contiguous float32, fp16 converted exactly as numpy (and ggml) do, in four passes instead of
+    numpy's scalar conversion loop (~3 ns a value here): an fp16's bits shifted left by 13 are a float32 2**112
+    times smaller (subnormals included), so a multiply by 2**112 finishes it. Infinities and NaNs, which that
+    leaves finite (at least 2**16 in magnitude), are left to numpy."""
+    if rows.dtype != np.float16:
+        return np.ascontiguousarray(rows, dtype=F32)
+    bits = np.ascontiguousarray(rows).view(np.int16).astype(np.int32)  # sign-extended: bit 31 is the sign
+    np.left_shift(bits, 13, out=bits)
+    np.bitwise_and(bits, _F16_KEEP, out=bits)
+    out = bits.view(F32)
+    out *= _F16_SCALE
+    if out.size and (out.max() >= 65536 or out.min() <= -65536):
+        return rows.astype(F32)
+    return out
+
+
 def _blocks(x: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=F32).reshape(-1, size)
 
@@ -659,7 +680,7 @@ def _quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, threads: int, 
     quantizer = QUANTIZERS[qtype]
 
     def fn(chunk: np.ndarray) -> np.ndarray:
-        return quantizer(np.ascontiguousarray(chunk, dtype=F32), qw)
+        return quantizer(_widen(chunk), qw)
 
     if threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(threads) as pool:
