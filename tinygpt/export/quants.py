@@ -156,10 +156,15 @@ def _block_reduce(blocks: np.ndarray, op: np.ufunc) -> np.ndarray:
 def _absmax_signed(blocks: np.ndarray) -> np.ndarray:
     """The value with the largest magnitude in each block (the first one on ties), as ggml picks it.
 
-    An all-zero block gives +0.0 even if it holds -0.0: the C loop starts from 0.0f and never replaces it.
+    The argmax runs on the magnitudes' bits as int32, which order like the magnitudes and take numpy's faster
+    integer argmax. An all-zero block gives +0.0 even if it holds -0.0: the C loop starts from 0.0f and never
+    replaces it.
     """
-    peak = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
-    return np.where(peak == 0, F32(0), peak)
+    first = np.bitwise_and(blocks.view(np.int32), np.int32(0x7FFFFFFF)).argmax(axis=1)
+    first += np.arange(0, blocks.size, blocks.shape[1], dtype=first.dtype)
+    peak = blocks.reshape(-1)[first]
+    peak += F32(0)  # -0.0 + 0.0 is +0.0; every other value stays as it is
+    return peak
 
 
 def _first_extremes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,16 +179,38 @@ def _safe_inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
 
 
-def _pack_nibbles_32(q: np.ndarray) -> np.ndarray:
-    """(n, 32) 4-bit values -> (n, 16) bytes: low nibble value j, high nibble value j+16. Eight bytes at a time:
-    values below 16 shifted left by 4 inside a uint64 stay in their own byte."""
-    words = np.ascontiguousarray(q, dtype=np.uint8).view("<u8")  # (n, 4): values 0-7, 8-15, 16-23, 24-31
-    return (words[:, :2] | (words[:, 2:] << np.uint64(4))).view(np.uint8)
+def _legacy_blocks(q: np.ndarray, *fields: np.ndarray) -> np.ndarray:
+    """(n, 32) quants and the block's leading fields (each (n,) of 2 or 4 bytes, e.g. fp16 d, m and the u32 of
+    high bits) -> (n, fields + 16) bytes: the fields, then 16 bytes holding value j in the low nibble of byte j and
+    value j+16 in the high one (bits above the fourth are dropped).
+
+    Numpy pays per row for anything shaped (blocks, a few bytes), so the nibbles are packed by one contiguous pass
+    over uint64 words of the whole chunk (values below 16 shifted left by 4 inside a word stay in their byte)
+    into the second half of 32-byte rows, the fields are written just before them as strided words, and the rows'
+    tail is returned as a view: the one per-row copy left is the caller's concatenation of chunks."""
+    words = np.ascontiguousarray(q, dtype=np.uint8).view("<u8").reshape(-1)  # values 0-7, 8-15, 16-23, 24-31
+    nibbles = np.uint64(0x0F0F0F0F0F0F0F0F)
+    rows = np.empty((len(q), 4), "<u8")
+    flat = rows.reshape(-1)
+    np.bitwise_and(words[2:], nibbles, out=flat[2:])
+    flat[2:] <<= np.uint64(4)
+    flat[2:] |= words[:-2] & nibbles  # word 4k+2 (4k+3) = values 0-7 (8-15) | values 16-23 (24-31) << 4
+    row_bytes = rows.view(np.uint8)
+    start = 16
+    for field in reversed(fields):
+        start -= field.itemsize
+        row_bytes.view(field.dtype)[:, start // field.itemsize] = field
+    return row_bytes[:, start:]
 
 
 def _high_bits_32(q: np.ndarray) -> np.ndarray:
-    """(n, 32) 5-bit values -> (n, 4) bytes of the little-endian u32 holding bit 4 of value j at bit j."""
-    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")  # byte k: values 8k..8k+7, value 8k+j at bit j
+    """(n, 32) 5-bit values -> (n,) little-endian u32 holding bit 4 of value j at bit j."""
+    return np.packbits(np.ascontiguousarray(q >> 4, np.uint8).reshape(-1), bitorder="little").view("<u4")
+
+
+def _f16(v: np.ndarray) -> np.ndarray:
+    """(n,) float32 -> (n,) little-endian fp16 (for `_legacy_blocks`)."""
+    return v.astype("<f2")
 
 
 def _row_sigma2(rows: np.ndarray) -> np.ndarray:
@@ -219,11 +246,13 @@ def quantize_q8_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
 
 
 def _offset_trunc(b: np.ndarray, d: np.ndarray, offset: float, top: int) -> np.ndarray:
-    """The reference Q4_0/Q5_0 quants: MIN(top, (int8_t)(x/d + offset)), the sum >= 0 so a truncating cast."""
+    """The reference Q4_0/Q5_0 quants: MIN(top, (int8_t)(x/d + offset)), the sum >= 0 so a truncating cast.
+    |x/d| is at most (top + 1)/2 up to rounding, so the cast gives at most top + 1, and MIN subtracts the bit above top."""
     v = b * _safe_inverse(d)[:, None]
     v += F32(offset)
     q = v.astype(np.uint8)
-    return np.minimum(q, np.uint8(top), out=q)
+    q -= q >> top.bit_length()
+    return q
 
 
 def _quantize_qx_0(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,10 +267,11 @@ def quantize_q4_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     """Q4_0: d = max/-8 for the signed absolute maximum; q = min(15, trunc(x/d + 8.5)); weighted: a search."""
     if qw is not None:
         d, q = _quantize_qx_0(x, qw, 8)
-        return np.concatenate([_f16_bytes(d), _pack_nibbles_32(q)], axis=1)
-    b = _blocks(x, 32)
-    d = _absmax_signed(b) / F32(-8)
-    return np.concatenate([_f16_bytes(d), _pack_nibbles_32(_offset_trunc(b, d, 8.5, 15))], axis=1)
+    else:
+        b = _blocks(x, 32)
+        d = _absmax_signed(b) / F32(-8)
+        q = _offset_trunc(b, d, 8.5, 15)
+    return _legacy_blocks(q, _f16(d))
 
 
 def quantize_q5_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
@@ -252,7 +282,7 @@ def quantize_q5_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
         b = _blocks(x, 32)
         d = _absmax_signed(b) / F32(-16)
         q = _offset_trunc(b, d, 16.5, 31)
-    return np.concatenate([_f16_bytes(d), _high_bits_32(q), _pack_nibbles_32(q & 15)], axis=1)
+    return _legacy_blocks(q, _f16(d), _high_bits_32(q))
 
 
 def _min_max_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -278,7 +308,7 @@ def quantize_q4_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     else:
         d, lo, v = _min_max_ref(x, 15)
         q = np.minimum(15, np.trunc(v).astype(np.int8)).astype(np.uint8)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles_32(q)], axis=1)
+    return _legacy_blocks(q, _f16(d), _f16(lo))
 
 
 def quantize_q5_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
@@ -288,7 +318,7 @@ def quantize_q5_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     else:
         d, lo, v = _min_max_ref(x, 31)
         q = np.trunc(v).astype(np.uint8)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _high_bits_32(q), _pack_nibbles_32(q & 15)], axis=1)
+    return _legacy_blocks(q, _f16(d), _f16(lo), _high_bits_32(q))
 
 
 # ------------------------------------------------------------------------------------------------- searches
