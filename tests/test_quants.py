@@ -101,6 +101,22 @@ def test_fp16_rows_widen_to_float32_exactly():
     np.testing.assert_array_equal(quants._widen(finite).view(np.uint32), finite.astype(np.float32).view(np.uint32))
 
 
+def test_signed_peak_is_the_first_largest_magnitude():
+    # make_qx_quants' scan keeps the first value whose magnitude beats all before it (+0.0 if none does); small
+    # integers give many columns whose extremes are +a and -a, where only the order decides
+    rng = np.random.default_rng(7)
+    x = np.round(rng.standard_normal((16, 500)) * 3).astype(np.float32)
+    x[:, 0], x[:, 1], x[::2, 2] = 0.0, -0.0, -0.0
+    expected = []
+    for column in x.T:
+        amax = peak = np.float32(0)
+        for v in column:
+            if abs(v) > amax:
+                amax, peak = abs(v), v
+        expected.append(peak)
+    np.testing.assert_array_equal(quants._signed_peak(x).view(np.int32), np.array(expected, np.float32).view(np.int32))
+
+
 def test_keeps_leading_shape_and_rejects_bad_rows():
     x = weights(4, 6, 256).reshape(2, 3, 256)
     assert quants.quantize(x, QT.Q6_K).shape == (2, 3, 210)
