@@ -261,8 +261,8 @@ def _quantize_qx_0(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray
     """quantize_row_q4_0_impl / q5_0_impl: make_qx_quants per block with the row's weights; (d as float32,
     L (blocks, 32) as uint8, nmax + l). The quants come from the search itself, not requantized with fp16(d)."""
     xs, w = _legacy_weights(x, qw)
-    L, scale = _make_qx_quants(xs, w, nmax)
-    return scale, L.T.astype(np.uint8)
+    iscale, scale, zero = _make_qx_quants(xs, w, nmax)
+    return scale, _qx_levels(xs, iscale, zero, nmax).T.astype(np.uint8)
 
 
 def quantize_q4_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
@@ -427,10 +427,13 @@ def _signed_peak(x: np.ndarray) -> np.ndarray:
     return peak
 
 
-def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, rmse_type=1) with weights w on each column of x (n, columns): (L + nmax as
-    float32, scale). The reference Q6_K passes w = x^2 (what C computes when given no weights).
-    As in _make_qkx_quants, only the best trial's iscale is kept and L rebuilt from it at the end."""
+def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, rmse_type=1) with weights w on each column of x (n, columns). The reference Q6_K
+    passes w = x^2 (what C computes when given no weights).
+
+    Returns (iscale, scale, zero): the best trial's iscale, from which `_qx_levels` rebuilds C's L (only the
+    columns that need it: Q6_K keeps the search's L only where its stored scale is 0), the scale, and the
+    all-zero columns (scale 0, L 0)."""
     fnmax = F32(nmax)
     peak = _signed_peak(x)
     zero = np.abs(peak) < GROUP_MAX_EPS
@@ -460,11 +463,16 @@ def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
             L_iscale = _select(m, iscale, L_iscale)
             scale = _select(m, sumlx / suml2, scale)
             best = _select(m, scale * sumlx, best)
-    L = _levels(x, None, L_iscale, -fnmax, fnmax - 1, out=t)
-    L += fnmax
+    return L_iscale, _where(zero, F32(0), scale), zero
+
+
+def _qx_levels(x: np.ndarray, iscale: np.ndarray, zero: np.ndarray, nmax: int) -> np.ndarray:
+    """make_qx_quants' L (nmax + l, as float32) for the columns of x from `_make_qx_quants`'s iscale and zero."""
+    L = _levels(x, None, iscale, -F32(nmax), F32(nmax - 1))
+    L += F32(nmax)
     if zero.any():
         L[:, zero] = 0  # an all-zero sub-block keeps L = 0, not the offset nmax
-    return L, _where(zero, F32(0), scale)
+    return L
 
 
 def _make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -645,26 +653,52 @@ def quantize_q6_k(x: np.ndarray, qw: Weights = None) -> np.ndarray:
     nb = len(b)
     xs = _element_major(b, 16)  # (16, sub-blocks)
     w = xs * xs if qw is None else _importance_columns(qw, 16, b.size // len(qw))
-    L, scales = _make_qx_quants(xs, w, 32)
+    iscale, scales, zero = _make_qx_quants(xs, w, 32)
     scales = scales.reshape(nb, 16)
 
     peak = scales[np.arange(nb), np.abs(scales).argmax(axis=1)]
     zero_block = np.abs(peak) < GROUP_MAX_EPS
-    iscale = F32(-128) / np.where(zero_block, F32(1), peak)
-    d = np.where(zero_block, F32(0), _fp16(F32(1) / iscale))
-    sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int64).astype(np.int8)
+    block_iscale = F32(-128) / np.where(zero_block, F32(1), peak)
+    d = np.where(zero_block, F32(0), _fp16(F32(1) / block_iscale))
+    sc = np.minimum(127, _nearest_int(block_iscale[:, None] * scales)).astype(np.int64).astype(np.int8)
     sc[zero_block] = 0
 
+    # requantized in value order (no transpose back): x / d per sub-block, d = fp16(d) * scale
     sd = (d[:, None] * sc.astype(F32)).reshape(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.clip(_nearest_int(xs / sd), F32(-32), F32(31)) + F32(32)
-    L = _keep_search_where_zero(q, L, sd).T.reshape(nb, 2, 4, 32).astype(np.uint8)  # (block, half, quarter, l)
+    with np.errstate(divide="ignore", invalid="ignore"):  # where sd is 0, patched below
+        q = np.divide(b.reshape(-1), np.repeat(sd, 16))
+        np.rint(q, out=q)
+        np.clip(q, F32(-32), F32(31), out=q)
+        q += F32(32)
+        L = q.astype(np.uint8).reshape(nb, QK_K)
+    keep = np.flatnonzero(sd == 0)  # C skips these sub-blocks: they keep the search's L
+    if keep.size:
+        L.reshape(-1, 16)[keep] = _qx_levels(xs[:, keep], iscale[keep], zero[keep], 32).T
     L[zero_block] = 0
+    return np.concatenate([*_pack_q6_k(L), sc.view(np.uint8), _f16_bytes(d)], axis=1)
 
-    ql = np.concatenate([L[:, :, 0] & 15 | (L[:, :, 2] & 15) << 4,
-                         L[:, :, 1] & 15 | (L[:, :, 3] & 15) << 4], axis=2).reshape(nb, 128)
-    qh = (L[:, :, 0] >> 4 | (L[:, :, 1] >> 4) << 2 | (L[:, :, 2] >> 4) << 4 | (L[:, :, 3] >> 4) << 6).reshape(nb, 64)
-    return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
+
+def _pack_q6_k(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks, 256) 6-bit values -> ql (blocks, 128) and qh (blocks, 64) as quantize_row_q6_K_ref lays them out:
+    per half h of 128 values, ql[64h + l] holds values l (low nibble) and l + 64 (high), ql[64h + 32 + l] values
+    l + 32 and l + 96, qh[32h + l] the top two bits of values l, l + 32, l + 64, l + 96 (bits 0-1, 2-3, 4-5,
+    6-7). Computed on uint64 words (8 values) of the whole chunk at once, word 16h + 4*quarter + k of a block
+    holding values 32*quarter + 8k..+7 of the half; the strided views of the wanted words are returned."""
+    nb = len(L)
+    words = L.view("<u8").reshape(-1)
+    low = words & np.uint64(0x0F0F0F0F0F0F0F0F)
+    ql = np.empty_like(words)
+    np.left_shift(low[8:], np.uint64(4), out=ql[:-8])
+    ql[:-8] |= low[:-8]  # quarter q (0 or 1) | quarter q + 2 << 4
+    top = (words >> np.uint64(4)) & np.uint64(0x0303030303030303)
+    qh = np.empty_like(words)
+    np.left_shift(top[12:], np.uint64(6), out=qh[:-12])
+    for quarter in (2, 1):
+        qh[:-12] |= top[4 * quarter:len(top) - 12 + 4 * quarter] << np.uint64(2 * quarter)
+    qh[:-12] |= top[:-12]  # quarter 0, of 1 << 2, of 2 << 4, of 3 << 6
+    ql = ql.reshape(nb, 2, 2, 8)[:, :, 0].view(np.uint8).reshape(nb, 128)
+    qh = qh.reshape(nb, 2, 4, 4)[:, :, 0].view(np.uint8).reshape(nb, 64)
+    return ql, qh
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
