@@ -44,8 +44,9 @@ def _seq_sum(terms: np.ndarray) -> np.ndarray:
 
 
 def _row_seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum float32 `terms` of shape (rows, n) along each row, strictly left to right (accumulate is sequential)."""
-    return np.add.accumulate(terms, axis=1)[:, -1]
+    """Sum float32 `terms` of shape (rows, n) along each row, strictly left to right: `_seq_sum` of the
+    transpose (a copy, ~2 ns a value here, where np.add.accumulate along the rows runs a scalar loop at ~4)."""
+    return _seq_sum(np.ascontiguousarray(terms.T))
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
@@ -190,14 +191,18 @@ def _legacy_blocks(q: np.ndarray, *fields: np.ndarray) -> np.ndarray:
     over uint64 words of the whole chunk (values below 16 shifted left by 4 inside a word stay in their byte)
     into the second half of 32-byte rows, the fields are written just before them as strided words, and the rows'
     tail is returned as a view: the one per-row copy left is the caller's concatenation of chunks."""
-    words = np.ascontiguousarray(q, dtype=np.uint8).view("<u8").reshape(-1)  # values 0-7, 8-15, 16-23, 24-31
-    nibbles = np.uint64(0x0F0F0F0F0F0F0F0F)
     rows = np.empty((len(q), 4), "<u8")
-    flat = rows.reshape(-1)
-    np.bitwise_and(words[2:], nibbles, out=flat[2:])
-    flat[2:] <<= np.uint64(4)
-    flat[2:] |= words[:-2] & nibbles  # word 4k+2 (4k+3) = values 0-7 (8-15) | values 16-23 (24-31) << 4
     row_bytes = rows.view(np.uint8)
+    if _is_element_major(q):  # the weighted paths: pack (16, blocks) there, then transpose 16 bytes a block
+        values = q.T
+        row_bytes[:, 16:] = ((values[:16] & np.uint8(15)) | (values[16:] << np.uint8(4))).T
+    else:
+        words = np.ascontiguousarray(q, dtype=np.uint8).view("<u8").reshape(-1)  # values 0-7, 8-15, 16-23, 24-31
+        nibbles = np.uint64(0x0F0F0F0F0F0F0F0F)
+        flat = rows.reshape(-1)
+        np.bitwise_and(words[2:], nibbles, out=flat[2:])
+        flat[2:] <<= np.uint64(4)
+        flat[2:] |= words[:-2] & nibbles  # word 4k+2 (4k+3) = values 0-7 (8-15) | values 16-23 (24-31) << 4
     start = 16
     for field in reversed(fields):
         start -= field.itemsize
@@ -207,7 +212,16 @@ def _legacy_blocks(q: np.ndarray, *fields: np.ndarray) -> np.ndarray:
 
 def _high_bits_32(q: np.ndarray) -> np.ndarray:
     """(n, 32) 5-bit values -> (n,) little-endian u32 holding bit 4 of value j at bit j."""
+    if _is_element_major(q):
+        packed = np.packbits(q.T >> np.uint8(4), axis=0, bitorder="little")  # (4, n): byte k of each u32
+        return np.ascontiguousarray(packed.T).view("<u4").reshape(-1)
     return np.packbits(np.ascontiguousarray(q >> 4, np.uint8).reshape(-1), bitorder="little").view("<u4")
+
+
+def _is_element_major(q: np.ndarray) -> bool:
+    """Whether (n, 32) uint8 quants are the transposed view of an element-major (32, n) array, as the weighted
+    paths' searches leave them: packing them there costs less than making them row-major first."""
+    return q.T.flags.c_contiguous and not q.flags.c_contiguous
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
@@ -259,10 +273,10 @@ def _offset_trunc(b: np.ndarray, d: np.ndarray, offset: float, top: int) -> np.n
 
 def _quantize_qx_0(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """quantize_row_q4_0_impl / q5_0_impl: make_qx_quants per block with the row's weights; (d as float32,
-    L (blocks, 32) as uint8, nmax + l). The quants come from the search itself, not requantized with fp16(d)."""
+    L (blocks, 32) as uint8, nmax + l, a transposed view of element-major values). The quants come from the search itself, not requantized with fp16(d)."""
     xs, w = _legacy_weights(x, qw)
     iscale, scale, zero = _make_qx_quants(xs, w, nmax)
-    return scale, _qx_levels(xs, iscale, zero, nmax).T.astype(np.uint8)
+    return scale, _qx_levels(xs, iscale, zero, nmax).astype(np.uint8).T
 
 
 def quantize_q4_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
@@ -296,10 +310,11 @@ def _min_max_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _quantize_qx_1(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants per block with the row's weights; (d, m, L uint8)."""
+    """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants per block with the row's weights; (d, m, L uint8,
+    a transposed view as in _quantize_qx_0)."""
     xs, w = _legacy_weights(x, qw)
     L, scale, the_min = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36)
-    return scale, -the_min, L.T.astype(np.uint8)
+    return scale, -the_min, L.astype(np.uint8).T
 
 
 def quantize_q4_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
