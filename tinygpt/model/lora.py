@@ -51,7 +51,12 @@ class LoRALinear(nn.Module):
             base = F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x.dtype)
         else:
             base = F.linear(x, w, self.bias)
-        return base + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+        down = F.linear(self.dropout(x), self.lora_a)
+        # the update added into the base output in place (the frozen linear's backward does not read its
+        # output): one output-sized tensor per layer instead of four (base, B(A(x)), scaled, sum)
+        flat = base.view(-1, self.out_features)
+        flat.addmm_(down.reshape(-1, down.size(-1)).to(base.dtype), self.lora_b.T.to(base.dtype), alpha=self.scale)
+        return base
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear (float32) computing what this layer computes (without dropout)."""
