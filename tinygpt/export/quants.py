@@ -183,19 +183,21 @@ def _safe_inverse(d: np.ndarray) -> np.ndarray:
 
 
 def _legacy_blocks(q: np.ndarray, *fields: np.ndarray) -> np.ndarray:
-    """(n, 32) quants and the block's leading fields (each (n,) of 2 or 4 bytes, e.g. fp16 d, m and the u32 of
-    high bits) -> (n, fields + 16) bytes: the fields, then 16 bytes holding value j in the low nibble of byte j and
-    value j+16 in the high one (bits above the fourth are dropped).
+    """(n, 32) quants and the block's leading fields (each n values of 2 or 4 bytes, e.g. fp16 d, m and the u32
+    of high bits) -> (n, fields + 16) bytes: the fields, then 16 bytes holding value j in the low nibble of byte j
+    and value j+16 in the high one (bits above the fourth are dropped). The weighted paths pass their quants as
+    the search leaves them, element-major (32, blocks per row, rows), and fields shaped (rows, blocks per row).
 
     Numpy pays per row for anything shaped (blocks, a few bytes), so the nibbles are packed by one contiguous pass
     over uint64 words of the whole chunk (values below 16 shifted left by 4 inside a word stay in their byte)
     into the second half of 32-byte rows, the fields are written just before them as strided words, and the rows'
     tail is returned as a view: the one per-row copy left is the caller's concatenation of chunks."""
-    rows = np.empty((len(q), 4), "<u8")
+    n = len(q) if q.ndim == 2 else q.shape[1] * q.shape[2]
+    rows = np.empty((n, 4), "<u8")
     row_bytes = rows.view(np.uint8)
-    if _is_element_major(q):  # the weighted paths: pack (16, blocks) there, then transpose 16 bytes a block
-        values = q.T
-        row_bytes[:, 16:] = ((values[:16] & np.uint8(15)) | (values[16:] << np.uint8(4))).T
+    if q.ndim == 3:  # element-major: pack (16, blocks per row, rows) there, then transpose 16 bytes a block
+        packed = (q[:16] & np.uint8(15)) | (q[16:] << np.uint8(4))
+        row_bytes.reshape(q.shape[2], q.shape[1], 32)[:, :, 16:] = packed.transpose(2, 1, 0)
     else:
         words = np.ascontiguousarray(q, dtype=np.uint8).view("<u8").reshape(-1)  # values 0-7, 8-15, 16-23, 24-31
         nibbles = np.uint64(0x0F0F0F0F0F0F0F0F)
@@ -206,22 +208,17 @@ def _legacy_blocks(q: np.ndarray, *fields: np.ndarray) -> np.ndarray:
     start = 16
     for field in reversed(fields):
         start -= field.itemsize
-        row_bytes.view(field.dtype)[:, start // field.itemsize] = field
+        row_bytes.view(field.dtype)[:, start // field.itemsize] = field.reshape(-1)
     return row_bytes[:, start:]
 
 
 def _high_bits_32(q: np.ndarray) -> np.ndarray:
-    """(n, 32) 5-bit values -> (n,) little-endian u32 holding bit 4 of value j at bit j."""
-    if _is_element_major(q):
-        packed = np.packbits(q.T >> np.uint8(4), axis=0, bitorder="little")  # (4, n): byte k of each u32
-        return np.ascontiguousarray(packed.T).view("<u4").reshape(-1)
+    """(n, 32) 5-bit values -> (n,) little-endian u32 holding bit 4 of value j at bit j; element-major (32, blocks
+    per row, rows) -> (rows, blocks per row), as `_legacy_blocks` takes them."""
+    if q.ndim == 3:
+        packed = np.packbits(q >> np.uint8(4), axis=0, bitorder="little")  # (4, ...): byte k of each u32
+        return np.ascontiguousarray(packed.transpose(2, 1, 0)).view("<u4")[..., 0]
     return np.packbits(np.ascontiguousarray(q >> 4, np.uint8).reshape(-1), bitorder="little").view("<u4")
-
-
-def _is_element_major(q: np.ndarray) -> bool:
-    """Whether (n, 32) uint8 quants are the transposed view of an element-major (32, n) array, as the weighted
-    paths' searches leave them: packing them there costs less than making them row-major first."""
-    return q.T.flags.c_contiguous and not q.flags.c_contiguous
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
@@ -229,20 +226,35 @@ def _f16(v: np.ndarray) -> np.ndarray:
     return v.astype("<f2")
 
 
-def _row_sigma2(rows: np.ndarray) -> np.ndarray:
-    """The legacy types' weighted paths: mean square of each whole row (sum_x2 / n_per_row), one per row."""
-    rows = np.asarray(rows, F32).reshape(-1, rows.shape[-1])
-    return _row_seq_sum(rows * rows) / F32(rows.shape[1])
-
-
 def _legacy_weights(rows: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(x, w) element-major over 32-value blocks, w = qw * sqrt(sigma2 + x^2) with the row's sigma2."""
+    """(x, w) element-major over 32-value blocks, w = qw * sqrt(sigma2 + x^2) with the row's sigma2 (its mean
+    square, sum_x2 / n_per_row), both (32, blocks per row * rows): the columns go block by block, each across
+    the rows (column b * rows + r: block b of row r).
+
+    That order comes from one transpose of the rows, which both sums each row's squares left to right (a
+    reduction over its first axis) and, reordered without moving values within a row of it, gives the blocks
+    element-major."""
     rows = np.asarray(rows, F32).reshape(-1, rows.shape[-1])
     n_rows, n = rows.shape
-    xs = _element_major(rows, 32)
-    sigma2 = np.repeat(_row_sigma2(rows), n // 32)
-    w = _importance_columns(qw, 32, n_rows) * np.sqrt(sigma2 + xs * xs)
-    return xs, w
+    by_column = np.ascontiguousarray(rows.T)  # (n, rows): value k of every row
+    sigma2 = _seq_sum(by_column * by_column) / F32(n)
+    xs = np.ascontiguousarray(by_column.reshape(n // 32, 32, n_rows).transpose(1, 0, 2))  # (32, blocks, rows)
+    w = xs * xs
+    w += sigma2
+    np.sqrt(w, out=w)
+    w *= np.asarray(qw, F32).reshape(n // 32, 32).T[:, :, None]
+    return xs.reshape(32, -1), w.reshape(32, -1)
+
+
+def _by_row(q: np.ndarray, n_rows: int) -> np.ndarray:
+    """Element-major (32, blocks per row * rows) in `_legacy_weights`' column order -> (32, blocks per row,
+    rows), as `_legacy_blocks` takes it."""
+    return q.reshape(len(q), -1, n_rows)
+
+
+def _per_block(v: np.ndarray, n_rows: int) -> np.ndarray:
+    """One value per column of `_legacy_weights` -> (rows, blocks per row): row-major block order."""
+    return v.reshape(-1, n_rows).T
 
 
 # The largest float32 below 0.5. trunc(v + copysign(0.5, v)) is not roundf: for v = 0.49999997 the sum rounds
@@ -273,10 +285,11 @@ def _offset_trunc(b: np.ndarray, d: np.ndarray, offset: float, top: int) -> np.n
 
 def _quantize_qx_0(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """quantize_row_q4_0_impl / q5_0_impl: make_qx_quants per block with the row's weights; (d as float32,
-    L (blocks, 32) as uint8, nmax + l, a transposed view of element-major values). The quants come from the search itself, not requantized with fp16(d)."""
+    L as uint8, nmax + l, element-major (32, blocks per row, rows); d (rows, blocks per row)). The quants come from the search itself, not requantized with fp16(d)."""
     xs, w = _legacy_weights(x, qw)
     iscale, scale, zero = _make_qx_quants(xs, w, nmax)
-    return scale, _qx_levels(xs, iscale, zero, nmax).astype(np.uint8).T
+    n_rows = x.size // x.shape[-1]
+    return _per_block(scale, n_rows), _by_row(_qx_levels(xs, iscale, zero, nmax).astype(np.uint8), n_rows)
 
 
 def quantize_q4_0(x: np.ndarray, qw: Weights = None) -> np.ndarray:
@@ -311,10 +324,11 @@ def _min_max_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _quantize_qx_1(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants per block with the row's weights; (d, m, L uint8,
-    a transposed view as in _quantize_qx_0)."""
+    shaped as in _quantize_qx_0)."""
     xs, w = _legacy_weights(x, qw)
     L, scale, the_min = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36)
-    return scale, -the_min, L.astype(np.uint8).T
+    n_rows = x.size // x.shape[-1]
+    return _per_block(scale, n_rows), _per_block(-the_min, n_rows), _by_row(L.astype(np.uint8), n_rows)
 
 
 def quantize_q4_1(x: np.ndarray, qw: Weights = None) -> np.ndarray:
