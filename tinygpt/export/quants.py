@@ -470,8 +470,11 @@ def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
     wx = w * x
     t, u = np.empty_like(x), np.empty_like(x)
 
-    def trial(iscale: np.ndarray):
-        l = _levels(x, None, iscale, -fnmax, fnmax - 1, out=t)
+    def trial(iscale: np.ndarray, step: int = 0):
+        if step <= -6:  # |iscale * x| <= (nmax - 0.6)(1 + 3 eps) < nmax - 0.5: the clamp would change nothing
+            l = np.rint(np.multiply(x, iscale, out=t), out=t)
+        else:
+            l = _levels(x, None, iscale, -fnmax, fnmax - 1, out=t)
         sumlx = _seq_sum(np.multiply(wx, l, out=u))
         np.multiply(w, l, out=u)
         return sumlx, _seq_sum(np.multiply(u, l, out=u))
@@ -486,7 +489,7 @@ def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
             if step == 0:
                 continue
             iscale = -(fnmax + F32(0.1) * F32(step)) / peak
-            sumlx, suml2 = trial(iscale)
+            sumlx, suml2 = trial(iscale, step)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             m = _mask(better)
             L_iscale = _select(m, iscale, L_iscale)
