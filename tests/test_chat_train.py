@@ -23,7 +23,7 @@ from test_lora import args
 from test_train import metrics, write_token_dir
 from tinygpt.common import EOT, TinyGPTError
 from tinygpt.data.stories.generator import story
-from tinygpt.model.batches import ChatTokens, RandomBatches
+from tinygpt.model.batches import PACK_LOOKAHEAD, ChatTokens, RandomBatches
 from tinygpt.model.checkpoint import load_checkpoint, load_model
 from tinygpt.model.hardware import Ranks
 from tinygpt.model.train import TrainConfig, Trainer, build_parser, main
@@ -39,6 +39,8 @@ NAMES = ["Pip", "Tom", "Lily", "Max", "Sue", "Ben", "Mia", "Sam"]
 def conversation(i: int) -> list[dict]:
     rng = random.Random(i)
     name = rng.choice(NAMES)
+    if i % 3 == 0:  # short enough that windows pack several
+        return [{"role": "user", "content": f"{name}?"}, {"role": "assistant", "content": f"{name}."}]
     first = story(rng).split(". ")[0][:60]
     return [{"role": "user", "content": f"Tell me about {name}."}, {"role": "assistant", "content": f"{name}: {first}."}]
 
@@ -104,25 +106,42 @@ def read_split(chat_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.n
             np.fromfile(chat_dir / f"{split}.starts.bin", dtype="<i8"))
 
 
-def hand_losses(model, chat_dir: Path, split: str, conversations: list[int]) -> dict:
-    """Summed cross-entropy (float64) over the targets the mask counts within each window's own conversation, and
-    over every target, with their counts and the counted targets' bytes: computed from the files, not the trainer."""
-    tokens, mask, starts = read_split(chat_dir, split)
-    out = {"masked": 0.0, "all": 0.0, "count": 0, "all_count": 0, "targets": []}
+def packed_rows(chat_dir: Path, split: str, first: int) -> list[tuple[int, int]]:
+    """(start, stop) in the token file of each conversation the window from conversation `first` holds, written
+    from the rule (docs/formats.md), not the trainer: `first`, cut to CHAT_BLOCK + 1 tokens, then first fit the
+    next PACK_LOOKAHEAD conversations into the room left. A conversation ends where the next starts; the last one
+    at its last token that is not the <|endoftext|> padding."""
+    tokens, _, starts = read_split(chat_dir, split)
+    eot = json.loads((chat_dir / "meta.json").read_text())["eot_id"]
+    ends = [int(e) for e in starts[1:]] + [int(np.nonzero(tokens != eot)[0][-1]) + 1]
+    s = int(starts[first])
+    chosen, room = [(s, min(ends[first], s + CHAT_BLOCK + 1))], CHAT_BLOCK + 1 - (ends[first] - s)
+    for c in range(first + 1, min(first + 1 + PACK_LOOKAHEAD, len(starts))):
+        if ends[c] - starts[c] <= room:
+            chosen.append((int(starts[c]), ends[c]))
+            room -= ends[c] - int(starts[c])
+    return chosen
+
+
+def hand_losses(model, chat_dir: Path, split: str, rows: list[int]) -> dict:
+    """Summed cross-entropy (float64) over the targets the mask counts in each packed window, and over every target,
+    with their counts and the counted targets' bytes: computed from the files, not the trainer, each conversation
+    run through the model alone."""
+    tokens, mask, _ = read_split(chat_dir, split)
+    out = {"masked": 0.0, "all": 0.0, "count": 0, "all_count": 0, "targets": [], "conversations": 0}
     with torch.no_grad():
-        for c in conversations:
-            s = int(starts[c])
-            end = int(starts[c + 1]) if c + 1 < len(starts) else len(tokens)
-            window = torch.from_numpy(tokens[s : s + CHAT_BLOCK + 1])
-            logits, _ = model(window[None, :-1])
-            nll = -torch.log_softmax(logits[0].double(), -1).gather(1, window[1:, None])[:, 0]
-            positions = np.arange(s + 1, s + CHAT_BLOCK + 1)
-            counted = torch.from_numpy((mask[positions] == 1) & (positions < end))
-            out["masked"] += nll[counted].sum().item()
-            out["count"] += int(counted.sum())
-            out["all"] += nll.sum().item()
-            out["all_count"] += len(nll)
-            out["targets"] += window[1:][counted].tolist()
+        for first in rows:
+            for s, stop in packed_rows(chat_dir, split, first):
+                sequence = torch.from_numpy(tokens[s:stop])
+                logits, _ = model(sequence[None, :-1])
+                nll = -torch.log_softmax(logits[0].double(), -1).gather(1, sequence[1:, None])[:, 0]
+                counted = torch.from_numpy(mask[s + 1 : stop] == 1)
+                out["masked"] += nll[counted].sum().item()
+                out["count"] += int(counted.sum())
+                out["all"] += nll.sum().item()
+                out["all_count"] += len(nll)
+                out["targets"] += sequence[1:][counted].tolist()
+                out["conversations"] += 1
     return out
 
 
@@ -139,6 +158,7 @@ def test_the_training_loss_counts_only_the_assistant_tokens(chat_dir, data_dir, 
     masked, unmasked = expected["masked"] / expected["count"], expected["all"] / expected["all_count"]
     # the tolerance below is a hundred times finer than the gap between counting the assistant's tokens and all
     assert 0 < expected["count"] < expected["all_count"] and abs(masked - unmasked) > 1e-3 * masked
+    assert expected["conversations"] > len(picked)  # rows are packed: some hold more than one conversation
     assert trainer.train_step() == pytest.approx(masked, rel=1e-5)
 
 
@@ -164,25 +184,39 @@ def test_windows_start_at_conversation_starts_and_ranks_split_the_global_batch(c
     single = RandomBatches(chat, batch_size=6, block_size=CHAT_BLOCK, seed=5)
     ranks = [RandomBatches(chat, batch_size=3, block_size=CHAT_BLOCK, seed=5, rank=r, world_size=2) for r in range(2)]
     cpu, seen = torch.device("cpu"), set()
+    eot = json.loads((chat_dir / "meta.json").read_text())["eot_id"]
+
+    def expected_row(first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs, targets and segments of the window from conversation `first`, built by packed_rows' rule."""
+        x, y, seg = [], [], []
+        for segment, (s, stop) in enumerate(packed_rows(chat_dir, "train", first)):
+            x += tokens[s:stop].tolist()
+            y += [-1] + np.where(mask[s + 1 : stop] == 1, tokens[s + 1 : stop], -1).tolist()  # no first target
+            seg += [segment] * (stop - s)
+        pad = CHAT_BLOCK + 1 - len(x)
+        x, y, seg = x + [eot] * pad, y + [-1] * pad, seg + [seg[-1] + 1] * pad
+        return torch.tensor(x[:-1]), torch.tensor(y[1:]), torch.tensor(seg[:-1])
+
+    packed = 0
     for _ in range(20):
-        x, y = single.next(cpu)
+        x, y, segments = single.next(cpu)
         parts = [r.next(cpu) for r in ranks]
-        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
-        for row_x, row_y in zip(x, y):
-            [s] = [s for s in starts if np.array_equal(tokens[s : s + CHAT_BLOCK], row_x.numpy())]
-            seen.add(int(s))
-            counted = row_y != -1
-            assert torch.equal(row_y[counted], torch.from_numpy(tokens[s + 1 : s + CHAT_BLOCK + 1])[counted])
-            assert counted.any() and not counted[0]  # a conversation opens with the user's turn
-    assert len(seen) > len(starts) / 2
+        for field in range(3):
+            assert torch.equal((x, y, segments)[field], torch.cat([p[field] for p in parts])), field
+        for row in zip(x, y, segments):
+            matches = [c for c in range(len(starts)) if all(map(torch.equal, expected_row(c), row))]
+            assert matches, "a row that no conversation's packing gives"
+            seen.add(matches[0])
+            packed += bool(row[2][row[1] != -1].max() > 0)
+    assert len(seen) > len(starts) / 2 and packed > 10  # many rows count a second conversation
 
 
 def test_a_micro_batch_with_no_assistant_token_adds_nothing(chat_dir, data_dir, base, tmp_path):
     """Summed losses: a window cut before the assistant's turn contributes 0 (a mean would give nan)."""
     trainer = trainer_for(chat_args(chat_dir, data_dir, base, tmp_path, "--max_steps", "2"))
-    x, y = trainer.sampler.next(torch.device("cpu"))
+    x, y, segments = trainer.sampler.next(torch.device("cpu"))
     none = torch.full_like(y, -1)
-    assert trainer._summed_loss(trainer.model, x, none).item() == 0.0
+    assert trainer._summed_loss(trainer.model, x, none, segments).item() == 0.0
 
 
 def test_chat_tuning_extends_a_llama_context_and_its_checkpoints_carry_the_template(chat_dir, data_dir, base, tmp_path):

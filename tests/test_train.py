@@ -130,10 +130,10 @@ def test_batches_are_windows_of_the_token_file_and_ranks_split_the_global_batch(
     ranks = [RandomBatches(file, batch_size=3, block_size=16, seed=3, rank=r, world_size=2) for r in range(2)]
     cpu = torch.device("cpu")
     for _ in range(3):
-        x, y = single.next(cpu)
+        x, y, segments = single.next(cpu)
         parts = [r.next(cpu) for r in ranks]
         assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
-        assert x.shape == (6, 16) and x.dtype == torch.int64
+        assert x.shape == (6, 16) and x.dtype == torch.int64 and segments is None  # plain text is not packed
         for row_x, row_y in zip(x, y):  # each row is a contiguous slice of the file, targets shifted by one
             start = np.flatnonzero(tokens == row_x[0].item())[0]
             assert row_x.tolist() == tokens[start : start + 16].tolist()

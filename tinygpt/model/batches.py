@@ -5,9 +5,12 @@ A batch is `batch_size` windows of `block_size + 1` tokens at random offsets: in
 whose state goes into the checkpoint, so a resumed run reads exactly the batches it would have read.
 
 A chat token folder (meta.json "kind": "chat", written by chat_encode; docs/formats.md) adds a loss mask and the
-conversations' first tokens: its windows start at conversations (the generator draws which one), and targets
-the mask does not count, or that belong to the next conversation, are -1, which the model's loss ignores.
-Both kinds are window sources: `num_windows(block_size)` and `batch(indices, block_size, device)`.
+conversations' first tokens: its windows start at conversations (the generator draws which one) and are packed:
+a window holds that conversation and the whole ones after it that fit, each a segment of its own that attends only
+to itself, at positions from 0 (GPT.forward's `segments`), so a row computes what the conversations would alone.
+Targets the mask does not count, or in a conversation the window cuts, are -1, which the model's loss ignores.
+Both kinds are window sources: `num_windows(block_size)` and `batch(indices, block_size, device)` -> inputs,
+targets and segments (None for plain tokens).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -95,9 +98,9 @@ class TokenFile:
     def num_windows(self, block_size: int) -> int:
         return len(self) - block_size  # a window needs block_size + 1 tokens
 
-    def batch(self, offsets: torch.Tensor, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, offsets: torch.Tensor, block_size: int, device: torch.device) -> Batch:
         """Inputs and targets of the windows at `offsets` (window indices are token offsets here)."""
-        return split_batch(self.windows(offsets, block_size + 1), device)
+        return Batch(*split_batch(self.windows(offsets, block_size + 1), device))
 
     def windows(self, offsets: torch.Tensor, length: int) -> torch.Tensor:
         """The `length` tokens from each offset, as an int64 tensor (len(offsets), length)."""
@@ -133,14 +136,20 @@ def mean_bytes(counts: np.ndarray, vocab: list[bytes], special_ids: Iterable[int
     return float(counts @ lengths / counts.sum())
 
 
+PACK_LOOKAHEAD = 16  # conversations after a window's first that may fill its room (first fit, in file order)
+
+
 @dataclass(frozen=True)
 class ChatTokens:
-    """One split of a chat token folder: the tokens, their loss mask (uint8, 1 = a target the loss counts) and
-    the offsets where conversations start (int64, increasing). A window index picks a conversation."""
+    """One split of a chat token folder: the tokens, their loss mask (uint8, 1 = a target the loss counts), the
+    offsets where conversations start (int64, increasing) and their lengths, and the id the files are padded
+    with. A window index picks a conversation."""
 
     tokens: TokenFile
     mask_path: Path
     starts: np.ndarray
+    lengths: np.ndarray
+    pad_id: int
 
     @classmethod
     def open(cls, data_dir: Path, split: str, dtype: np.dtype, block_size: int, padded_for: int) -> "ChatTokens":
@@ -161,7 +170,11 @@ class ChatTokens:
                 or starts[-1] + padded_for + 1 > len(tokens):
             raise TinyGPTError(f"{starts_path} is not a list of increasing int64 conversation starts, each with "
                                f"{padded_for} + 1 tokens after it in {tokens.path}; {CHAT_HINT}")
-        return cls(tokens, mask_path, starts)
+        # the end padding is <|endoftext|>, which no conversation holds: the last one ends where it begins
+        pad_id = read_meta(data_dir)["eot_id"]
+        tail = np.memmap(tokens.path, dtype=dtype, mode="r")[starts[-1]:]
+        last = len(tail) - int(np.argmax(tail[::-1] != pad_id)) if np.any(tail != pad_id) else len(tail)
+        return cls(tokens, mask_path, starts, np.diff(np.append(starts, starts[-1] + last)), pad_id)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -169,24 +182,52 @@ class ChatTokens:
     def num_windows(self, block_size: int) -> int:
         return len(self.starts)
 
-    def batch(self, indices: torch.Tensor, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Windows from the starts of conversations `indices`; the targets outside the mask, and those of the next
-        conversation (one conversation per row, as it is chatted with), are IGNORE."""
-        windows, counted = self.windows(indices, block_size)
+    def batch(self, indices: torch.Tensor, block_size: int, device: torch.device) -> Batch:
+        """Packed windows from conversations `indices` (see `windows`)."""
+        windows, counted, segments = self.windows(indices, block_size)
         targets = torch.where(counted, windows, IGNORE)
-        return to_device(windows[:, :-1], device), to_device(targets[:, 1:], device)
+        return Batch(to_device(windows[:, :-1], device), to_device(targets[:, 1:], device),
+                     to_device(segments[:, :-1], device))
 
-    def windows(self, indices: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block_size + 1 tokens from each conversation's start (int64), and which of them are counted targets
-        (bool; never the first, which is no target)."""
-        idx = indices.numpy()
-        offsets = self.starts[idx]
-        ends = np.append(self.starts[1:], len(self.tokens))[idx]  # the next conversation's start
-        positions = offsets[:, None] + np.arange(block_size + 1)
+    def windows(self, indices: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows of block_size + 1 tokens (int64), packed: conversation i (cut at the window's end if longer),
+        then, first fit, the following conversations that fit whole into the room left; the rest is padding.
+        Also which tokens are counted targets (bool: in the mask, never a conversation's first token), and each
+        token's segment (int64: 0 for conversation i, 1 for the next one packed, ...; the padding one more)."""
+        length = block_size + 1
+        tokens = np.memmap(self.tokens.path, dtype=self.tokens.dtype, mode="r")
         mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r")
-        counted = (mask[positions] == 1) & (positions < ends[:, None])
-        counted[:, 0] = False
-        return self.tokens.windows(torch.from_numpy(offsets), block_size + 1), torch.from_numpy(counted)
+        rows = np.full((len(indices), length), self.pad_id, dtype=np.int64)
+        counted = np.zeros((len(indices), length), dtype=bool)
+        segments = np.empty((len(indices), length), dtype=np.int64)
+        for row, first in enumerate(indices.tolist()):
+            filled = 0
+            for segment, c in enumerate(self.packed(first, length)):
+                start, n = self.starts[c], min(int(self.lengths[c]), length - filled)
+                rows[row, filled : filled + n] = tokens[start : start + n]
+                counted[row, filled + 1 : filled + n] = mask[start + 1 : start + n] == 1
+                segments[row, filled : filled + n] = segment
+                filled += n
+            segments[row, filled:] = segment + 1
+        return torch.from_numpy(rows), torch.from_numpy(counted), torch.from_numpy(segments)
+
+    def packed(self, first: int, length: int) -> list[int]:
+        """The conversations a window of `length` tokens from conversation `first` holds, in order."""
+        chosen, room = [first], length - int(self.lengths[first])
+        for c in range(first + 1, min(first + 1 + PACK_LOOKAHEAD, len(self.starts))):
+            if self.lengths[c] <= room:
+                chosen.append(c)
+                room -= int(self.lengths[c])
+        return chosen
+
+
+class Batch(NamedTuple):
+    """Model inputs (B, T), next-token targets (B, T; IGNORE where not counted) and, for packed chat windows,
+    each input's segment (B, T), else None."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    segments: torch.Tensor | None = None
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -219,7 +260,7 @@ class RandomBatches:
         self.num_offsets = tokens.num_windows(block_size)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, device: torch.device) -> Batch:
         offsets = torch.randint(self.num_offsets, (self.batch_size * self.world_size,), generator=self.generator)
         mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return self.tokens.batch(mine, self.block_size, device)
