@@ -172,7 +172,16 @@ class Trainer:
             return GPT(self.model_config)
         with torch.device("meta"):  # no random initialisation of weights that are replaced next
             model = GPT(self.model_config)
-        model.load_state_dict(self.start.state, assign=True)
+        # float32 tensor by tensor, each source (bf16) tensor let go once widened, and the source's state not kept
+        # beside the model for the whole run: the peak is the model plus one tensor (a tied head widened once)
+        state, self.start.state = self.start.state, {}
+        widened: dict[int, torch.Tensor] = {}  # by source tensor: a tied embedding and head stay one tensor
+        for name, tensor in state.items():
+            if id(tensor) not in widened:
+                widened[id(tensor)] = tensor.float()
+            state[name] = widened[id(tensor)]
+        del widened
+        model.load_state_dict(state, assign=True)
         if model.rotary is not None:  # a buffer computed from the config, not stored: compute it for real
             model.rotary = Rotary(self.model_config)
         if self.model_config.tie_embeddings:  # assigned one by one, the two names became two parameters
