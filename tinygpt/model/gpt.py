@@ -192,6 +192,10 @@ class Rotary(nn.Module):
         """The tables of positions start..start+length-1 in `dtype` (the attention's, autocast's under autocast)."""
         return self.cos[start : start + length].to(dtype), self.sin[start : start + length].to(dtype)
 
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of each row's own `positions` (B, T), shaped (B, 1, T, d/2) to broadcast over the heads."""
+        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+
 
 def llama3_freq_factors(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     """Llama 3.1's divisors of the rotary frequencies: 1 for wavelengths shorter than the original context /
@@ -204,6 +208,18 @@ def llama3_freq_factors(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     blended = 1 / ((1 - smooth) / factor + smooth)
     return torch.where(wavelen < context / high, torch.ones_like(inv_freq),
                        torch.where(wavelen > context / low, torch.full_like(inv_freq, factor), blended))
+
+
+def segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of packed sequences (`segments` (B, T): equal values in a run mark one sequence): each token's
+    position within its sequence (B, T), and the attention mask (B, 1, T, T) that lets a token see the earlier
+    tokens of its own sequence only."""
+    t = torch.arange(segments.shape[1], device=segments.device)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    positions = t - torch.where(first, t, 0).cummax(dim=1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    return positions, (same & (t[:, None] >= t[None, :]))[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -233,7 +249,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, segment_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2) if self.fused else (self.q(x), self.k(x), self.v(x))
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -247,14 +263,14 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.append(self.layer_idx, k, v)
         # new queries sit at positions start..start+T-1 and see every key up to their own position (made when
         # needed: a (block_size, block_size) table per layer would take GBs at the contexts of imported models)
-        mask = None
-        if self.attention == "explicit" or (start and T > 1):
+        mask = segment_mask  # packed rows: (B, 1, T, T), causal within each segment
+        if mask is None and (self.attention == "explicit" or (start and T > 1)):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         grouped = self.n_kv_head != self.n_head  # query head h reads key/value head h // (n_head / n_kv_head)
 
         if self.attention == "sdpa":
             kwargs = dict(dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped)
-            if start == 0:
+            if start == 0 and mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
             elif T == 1:  # one new query sees every key: no mask keeps the fastest kernels available
                 y = F.scaled_dot_product_attention(q, k, v, **kwargs)
@@ -308,8 +324,8 @@ class Block(nn.Module):
         self.mlp = MLP(config) if config.arch == "gpt2" else SwiGLU(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+                kv_cache: KVCache | None = None, segment_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, segment_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -349,6 +365,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         last_only: bool = False,
         reduction: str = "mean",
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for the token ids `idx` (B, T); or, when `targets` is given, no logits and the
         cross-entropy (`reduction` mean or sum over the targets that are not -1), computed in row chunks so that
@@ -357,6 +374,9 @@ class GPT(nn.Module):
         With `kv_cache`, `idx` holds only the new tokens: they take positions from `kv_cache.length` on and
         are appended to the cache. `last_only` returns logits (B, 1, V) for the last position only, which
         spares the vocabulary-sized head on a prompt when decoding.
+
+        `segments` (B, T) packs several sequences into a row (chat tuning, tinygpt.model.batches): each run of
+        equal values is a sequence of its own, at positions from 0, attending only to itself.
         """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -365,18 +385,21 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens exceeds the model's block_size={self.config.block_size}; "
                 "crop the context to the last block_size tokens"
             )
+        positions, segment_mask = (None, None) if segments is None else segment_layout(segments)
+        if positions is not None and kv_cache is not None:
+            raise TinyGPTError("packed segments are for training: decoding with a cache takes one sequence a row")
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
         else:  # the tables once per forward, in the dtype the attention computes in
             device_type = idx.device.type
             dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else self.tok_emb.weight.dtype)
-            rope = self.rotary(start, T, dtype)
+            rope = self.rotary(start, T, dtype) if positions is None else self.rotary.at(positions, dtype)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, segment_mask)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.ln_f(x)

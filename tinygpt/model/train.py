@@ -239,7 +239,7 @@ class Trainer:
         vocab_size = self.tokenizer.vocab_size
         counts = np.zeros(vocab_size, dtype=np.int64)
         for indices in self.val_batches:
-            _, targets = self.val_tokens.batch(indices, self.window, torch.device("cpu"))
+            targets = self.val_tokens.batch(indices, self.window, torch.device("cpu")).y
             counted = targets[targets != IGNORE].numpy()
             if counted.size and counted.max() >= vocab_size:
                 raise TinyGPTError(f"{self.val_tokens.tokens.path} holds token id {counted.max()}, beyond "
@@ -443,22 +443,24 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batch (chat: token) count
         for i, offsets in enumerate(self.val_batches):
             if i % self.ranks.world_size == self.ranks.rank:
-                x, y = self.val_tokens.batch(offsets, self.window, self.device)
+                x, y, segments = self.val_tokens.batch(offsets, self.window, self.device)
                 with self._autocast():
                     if self.chat_template is None:
                         _, loss = self.fast_model(x, y)
                         count = loss.new_ones((), dtype=torch.float64)
                     else:
-                        loss, count = self._summed_loss(self.fast_model, x, y), (y != IGNORE).sum()
+                        loss, count = self._summed_loss(self.fast_model, x, y, segments), (y != IGNORE).sum()
                 total += torch.stack([loss.double(), count.double()])
         self.model.train()
         loss_sum, count = self.ranks.all_reduce_sum(total).tolist()
         return loss_sum / count
 
     @staticmethod
-    def _summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Chat: the cross-entropy summed over the counted targets (a micro-batch may count none: 0, not nan)."""
-        return model(x, y, reduction="sum")[1]  # IGNORE is GPT.forward's ignored target
+    def _summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     segments: torch.Tensor | None) -> torch.Tensor:
+        """Chat: the cross-entropy summed over the counted targets (a micro-batch may count none: 0, not nan) of
+        packed rows."""
+        return model(x, y, reduction="sum", segments=segments)[1]  # IGNORE is GPT.forward's ignored target
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean training loss over all ranks."""
@@ -473,7 +475,7 @@ class Trainer:
             # micro-batches count different numbers of assistant tokens: each backpropagates its summed loss over
             # the global batch's count (times world_size, which DDP's gradient average divides by again), so
             # that every counted token of the step weighs the same on any split into micro-batches and ranks
-            counted = sum((y != IGNORE).sum() for _, y in batches).double()
+            counted = sum((batch.y != IGNORE).sum() for batch in batches).double()
             per_step = self.ranks.all_reduce_sum(counted).item()
             if not per_step:
                 raise TinyGPTError(f"no assistant tokens in the {cfg.grad_accum * cfg.batch_size * self.ranks.world_size} "
@@ -481,7 +483,7 @@ class Trainer:
                                    "--block_size")
             per_micro = per_step / self.ranks.world_size
         loss_sum = torch.zeros((), device=self.device)
-        for micro, (x, y) in enumerate(batches):
+        for micro, (x, y, segments) in enumerate(batches):
             # gradients are averaged across ranks on the last micro-step only
             skip_sync = self.ranks.distributed and micro < cfg.grad_accum - 1
             with self.train_model.no_sync() if skip_sync else contextlib.nullcontext():
@@ -489,7 +491,7 @@ class Trainer:
                     if self.chat_template is None:
                         _, loss = self.train_model(x, y)
                     else:
-                        loss = self._summed_loss(self.train_model, x, y)
+                        loss = self._summed_loss(self.train_model, x, y, segments)
                 self.scaler.scale(loss / per_micro).backward()
             loss_sum += loss.detach()
         # one all-reduce carries the loss and whether any process was asked to stop, so all stop at this step
