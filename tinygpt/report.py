@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tinygpt.model.chat_eval import describe_copying
 from tinygpt.model.checkpoint import load_checkpoint
 from tinygpt.common import TinyGPTError, atomic_open, require_file, run_cli
 from tinygpt.model.batches import TokenFile, read_meta, token_dtype
@@ -347,6 +348,8 @@ def chat_page(scores: dict) -> str:
     intro = [f"Greedy replies of the chat model to prompts from evaluation seeds that no training conversation came "
              f"from ({sum(r[1] for r in rows)} in all); story requests are right when the reply names every part "
              "asked for, questions when the answer is exact."]
+    if "copying" in scores:  # what both tasks need (tinygpt.model.chat_eval.copying)
+        intro.append(f"In-context {describe_copying(scores['copying'])}.")
     return html_page("Chat", intro, html_table(("task", "asked", "right", "rate"), rows)
                      + "\n<h3>Sample conversations</h3>\n" + "".join(f"<p>{s}</p>\n" for s in shown))
 

@@ -7,6 +7,12 @@ is drawn from (tinygpt.data.stories.chat_tasks): story requests (does the reply 
 questions about a story (is the answer exact?). Replies are greedy, so the figures are a property of the model.
 `--plain` prompts a base model with the same words as plain text (the messages' contents, one per line), the
 baseline that shows what chat tuning adds.
+
+Beside the scores, `copying`: whether the model copies from its context at all (an induction test, after Olsson
+et al. 2022), which both tasks need (a requested name in the story, the answer from the story). Random sequences
+of ordinary tokens are shown twice; a model that copies predicts the second showing almost exactly (near 0 nats a
+token), one that does not, no better than the first (about ln(vocab)). A small model trained briefly can tell
+stories in the right form long before it copies: the chat scores stay near 0 until this moves.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from tinygpt.common import TinyGPTError, atomic_open, progress, run_cli
 from tinygpt.data.stories.chat_tasks import eval_prompts, score_reply
@@ -28,6 +35,7 @@ from tinygpt.tokenizer.chat import IM_END, encode_chat
 
 EVAL_SEED = 1  # the evaluation seeds are their own namespace in chat_tasks: any value is unseen in training
 SAMPLES = 6  # conversations shown in the report
+COPY_ROWS, COPY_LENGTH = 16, 48  # the copying test: sequences, and tokens in each (at most half the context)
 
 
 def chat_reply(model: GPT, tokenizer: Tokenizer, messages: list[dict], max_tokens: int | None = None) -> str:
@@ -53,6 +61,20 @@ def _greedy(model: GPT, tokenizer: Tokenizer, ids: list[int], max_tokens: int | 
     return tokenizer.decode(list(generate(model, ids, max_tokens, temperature=0, eot_id=stop)))
 
 
+def copying(model: GPT, tokenizer: Tokenizer, seed: int = EVAL_SEED) -> dict:
+    """Mean loss (nats a token) on the first and on the second showing of COPY_ROWS random sequences of ordinary
+    tokens, each shown twice in a row (see the module docstring); the first showing's first token is no target."""
+    length = min(COPY_LENGTH, model.config.block_size // 2)
+    ordinary = torch.tensor(sorted(set(range(tokenizer.vocab_size)) - set(tokenizer.added_tokens.values())))
+    picks = torch.randint(len(ordinary), (COPY_ROWS, length), generator=torch.Generator().manual_seed(seed))
+    sequence = ordinary[picks]
+    ids = torch.cat([sequence, sequence], dim=1).to(model.tok_emb.weight.device)
+    logits = model(ids[:, :-1])[0].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return {"first": nll[:, : length - 1].mean().item(), "second": nll[:, length - 1 :].mean().item(),
+            "length": length, "rows": COPY_ROWS}
+
+
 def score(reply: Callable[[list[dict]], str], count: int, seed: int = EVAL_SEED) -> dict:
     """Ask `count` evaluation prompts through `reply` (messages -> text); per task: asked, right, rate; and the
     first SAMPLES conversations with their replies."""
@@ -66,6 +88,11 @@ def score(reply: Callable[[list[dict]], str], count: int, seed: int = EVAL_SEED)
             samples.append({"task": task, "messages": messages, "reply": text, "correct": ok})
     tasks = {task: {"asked": asked[task], "right": right[task], "rate": right[task] / asked[task]} for task in asked}
     return {"tasks": tasks, "samples": samples, "seed": seed}
+
+
+def describe_copying(figures: dict) -> str:
+    return (f"copying: {figures['second']:.2f} nats a token on the second showing of a random sequence, "
+            f"{figures['first']:.2f} on the first (a model that copies: near 0)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -93,8 +120,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = score(lambda messages: answer(model, tokenizer, messages), args.count, args.seed)
     result["model"] = args.checkpoint or args.gguf or args.hf_dir
     result["prompt"] = "plain" if args.plain else "chatml"
+    result["copying"] = copying(model, tokenizer, args.seed)
     for task, figures in result["tasks"].items():
         print(f"{task}: {figures['right']}/{figures['asked']} right ({figures['rate']:.0%})")
+    print(describe_copying(result["copying"]))
     if args.json:
         with atomic_open(args.json, "w") as f:
             json.dump(result, f, indent=2)
