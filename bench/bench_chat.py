@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tinygpt.model.chat_eval import chat_reply, plain_reply, score  # noqa: E402
+from tinygpt.model.chat_eval import chat_reply, copying, describe_copying, plain_reply, score  # noqa: E402
 from tinygpt.model.gpt import GPT, config_from_preset  # noqa: E402
 from tinygpt.model.sample import load  # noqa: E402
 
@@ -124,6 +124,8 @@ def main() -> None:
         "base model, plain text": lambda m: plain_reply(base, tokenizer, m, max_tokens=300),
         "base model, ChatML": lambda m: chat_reply(base, tokenizer, m, max_tokens=300),
     }
+    for name, model in (("base", base), ("chat", chat)):  # what both tasks need (chat_eval's docstring)
+        print(f"{name} model {describe_copying(copying(model, tokenizer))}")
     if not args.skip_llama_cpp:
         rows["chat model, q4_k_m (llama.cpp)"] = llama_cpp_reply(work / TARGET, chat.config.block_size)
     print(f"\n{'':34s} {'requests honoured':>18s} {'questions exact':>16s}   ({args.count} prompts, greedy)")

@@ -23,6 +23,7 @@ from tinygpt.config import check_config, load_schema
 from tinygpt.export.gguf_convert import convert_to_gguf
 from tinygpt.export.hf import export_hf
 from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.model.gpt import GPT, GPTConfig
 from tinygpt.model.start import RECIPES, source_shape
 from tinygpt.model.train import LATER_MODEL_FIELDS, main
 from tinygpt.weights.read import read_model
@@ -105,12 +106,23 @@ def config_with(base: Path | str, **sections) -> dict:
     ({"model": {"n_layer": 3}}, "model.n_layer is 3 but train.init_from .* decides the model's shape \\(the model has 2\\)"),
     ({"model": {"preset": "small"}}, "model.preset is small but train.init_from"),
     ({"model": {"arch": "gpt2"}}, "model.arch is gpt2 .*\\(the model has llama\\)"),
-    ({"model": {"block_size": 64}}, "model.block_size 64 is beyond the context of train.init_from .* \\(16 tokens\\)"),
     ({"train_bpe": {"vocab_size": 500}}, "train_bpe.vocab_size 500 contradicts train.init_from"),
 ])
 def test_config_contradicting_the_source_stops_before_any_job(base_folder, sections, message):
     with pytest.raises(TinyGPTError, match=message):
         check_config(config_with(base_folder, **sections), SCHEMA)
+
+
+def test_a_longer_context_extends_a_rotary_source_and_stops_a_gpt2_one(base, base_folder, tmp_path):
+    checked = check_config(config_with(base_folder, model={"block_size": 64}), SCHEMA)  # the llama: 16 tokens
+    assert checked["model"]["block_size"] == 64
+    ckpt = load_checkpoint(base)
+    config = GPTConfig(**{**ckpt["model_config"], "arch": "gpt2", "n_kv_head": None})
+    ckpt["model_config"], ckpt["model"] = asdict(config), GPT(config).state_dict()
+    save_checkpoint(tmp_path / "gpt2.pt", ckpt)
+    with pytest.raises(TinyGPTError, match="model.block_size 64 is beyond the context of train.init_from .* "
+                                           "\\(16 tokens\\), whose positions are learned"):
+        check_config(config_with(tmp_path / "gpt2.pt", model={"block_size": 64}), SCHEMA)
 
 
 def test_config_with_a_starting_model_takes_the_fine_tuning_recipe(base_folder):

@@ -101,9 +101,11 @@ def start_contradiction(config: dict, schema: dict) -> str | None:
             has = "" if key == "preset" else f" (the model has {source[key]})"
             return (f"model.{key} is {value} but train.init_from {init_from} decides the model's shape{has}; "
                     f"remove model.{key} from the config")
-    if model.get("block_size") is not None and model["block_size"] > source["block_size"]:
+    if model.get("block_size") is not None and model["block_size"] > source["block_size"] \
+            and source["arch"] == "gpt2":  # rotary positions extend to a longer context, learned ones end
         return (f"model.block_size {model['block_size']} is beyond the context of train.init_from {init_from} "
-                f"({source['block_size']} tokens); use at most that, or null")
+                f"({source['block_size']} tokens), whose positions are learned one by one (gpt2); use at most "
+                "that, or null")
     vocab_default = schema["properties"]["train_bpe"]["properties"]["vocab_size"].get("default")
     vocab = config["train_bpe"]["vocab_size"]
     if vocab != vocab_default and vocab != source["vocab_size"]:
