@@ -144,13 +144,14 @@ def speed(args) -> list[dict]:
     for shape in args.shapes:
         for mode in args.modes:
             peer = None
-            for impl in IMPLEMENTATIONS[mode]:
+            for impl in [i for i in IMPLEMENTATIONS[mode] if not args.impls or i in args.impls]:
                 env = {**os.environ, "PYTHONPATH": str(ROOT)}
                 cmd = [sys.executable, __file__, "_step", json.dumps([shape, mode, impl, args.batch, args.seq,
                                                                       args.steps, args.threads])]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode:
-                    print(f"{shape:<14} {mode:<5} {impl:<14} failed: {out.stderr.strip().splitlines()[-1]}")
+                    why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+                    print(f"{shape:<14} {mode:<5} {impl:<14} failed: {why}")
                     continue
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
@@ -297,6 +298,8 @@ def main() -> None:
     s.add_argument("--seq", type=int, default=256)
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    s.add_argument("--impls", nargs="+", choices=sorted({i for v in IMPLEMENTATIONS.values() for i in v}),
+                   help="only these implementations (default: all of the mode's)")
     i = sub.add_parser("interleaved", help="tokens/s only, ours and the peer alternating in one process")
     i.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     i.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])

@@ -12,10 +12,11 @@ import torch
 from builders import killed_and_resumed
 from test_train import metrics, run_dirs, write_token_dir
 from tinygpt.common import TinyGPTError
-from tinygpt.model.checkpoint import load_checkpoint, load_model
+from tinygpt.model.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tinygpt.model.gpt import GPT, GPTConfig
 from tinygpt.model.lora import LoRALinear, adapter_state, apply_lora, merge_lora
-from tinygpt.model.train import main
+from tinygpt.model.hardware import Ranks
+from tinygpt.model.train import Trainer, TrainConfig, build_parser, main
 
 TINY = dict(vocab_size=320, n_layer=2, n_head=2, n_embd=32, block_size=16)
 
@@ -132,6 +133,22 @@ def test_lora_trains_adapters_only_and_the_final_checkpoint_holds_merged_weights
     model, _ = load_model(tmp_path / "best.pt")
     assert [m["val_loss"] for m in metrics(run_dir) if m["step"] == final["step"]] == [final["val_loss"]]
     assert model.config.n_layer == 2
+
+
+def test_a_bf16_start_is_widened_exactly_and_not_kept_beside_the_model(data_dir, base, tmp_path):
+    """The source's bf16 tensors become the model's float32 weights exactly, the head stays the embedding, and the
+    trainer keeps no copy of the source's state dict for the run (it would hold half the model's memory again)."""
+    ckpt = load_checkpoint(base)
+    ckpt["model"] = {name: t.bfloat16() for name, t in ckpt["model"].items()}
+    save_checkpoint(tmp_path / "bf16.pt", ckpt)
+    flags = args(data_dir, tmp_path, "--init_from", str(tmp_path / "bf16.pt"), *LORA)
+    trainer = Trainer(TrainConfig(**vars(build_parser().parse_args(flags))), Ranks(), torch.device("cpu"))
+    assert trainer.start.state == {}
+    model = trainer.model
+    assert model.lm_head.weight is model.tok_emb.weight
+    weights = model.state_dict()
+    for name, tensor in ckpt["model"].items():
+        assert weights[name].dtype is torch.float32 and torch.equal(weights[name], tensor.float()), name
 
 
 @pytest.mark.slow
