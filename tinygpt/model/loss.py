@@ -51,11 +51,14 @@ def chunked_loss_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torch
         part = slice(start, start + rows)
         xs, ts, weights = x[part], safe_targets[part], counted[part].float()
         logits = F.linear(xs, weight).float()  # computed in autocast's dtype under autocast
-        lse = torch.logsumexp(logits, dim=-1)
-        total += ((lse - logits.gather(1, ts[:, None]).squeeze(1)) * weights).sum()
+        picked = logits.gather(1, ts[:, None]).squeeze(1)
+        peak = logits.amax(dim=-1, keepdim=True)
+        exps = logits.sub_(peak).exp_()  # in place: one (rows, vocabulary) tensor a chunk, no logsumexp temporaries
+        sums = exps.sum(dim=-1)
+        total += ((sums.log() + peak.squeeze(1) - picked) * weights).sum()
         if not (want_x or want_weight):
             continue
-        grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        grad = exps.div_(sums[:, None])  # the softmax
         grad[torch.arange(grad.size(0), device=grad.device), ts] -= 1.0
         grad.mul_((weights * scale)[:, None])
         if want_x:  # the matmuls in autocast's dtype under autocast, as the plain form's backward
