@@ -170,7 +170,7 @@ class ChatTokens:
                 or starts[-1] + padded_for + 1 > len(tokens):
             raise TinyGPTError(f"{starts_path} is not a list of increasing int64 conversation starts, each with "
                                f"{padded_for} + 1 tokens after it in {tokens.path}; {CHAT_HINT}")
-        # the end padding is <|endoftext|>, which no conversation holds: the last one ends where it begins
+        # the end padding is <|endoftext|>, which no conversation holds: the last one ends after its last other token
         pad_id = read_meta(data_dir)["eot_id"]
         tail = np.memmap(tokens.path, dtype=dtype, mode="r")[starts[-1]:]
         last = len(tail) - int(np.argmax(tail[::-1] != pad_id)) if np.any(tail != pad_id) else len(tail)
