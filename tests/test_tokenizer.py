@@ -275,3 +275,89 @@ def test_fast_paths_match_tiktoken(tok, tiktoken_enc, text):
     assert fresh.encode_ordinary(text) == expected
     assert fresh.encode_ordinary(text) == expected  # warm caches
     assert tok.encode_ordinary(text) == expected
+
+
+# ---- BPE of many unseen chunks at once (numpy) against one chunk at a time ---------------------------------------
+
+@pytest.fixture(scope="module")
+def runs_tok() -> Tokenizer:
+    """Merges of repeated bytes (x x x: overlapping occurrences of the pair (x, x)) besides ordinary text."""
+    text = ["a" * 64 + " " + "ab" * 40, "    " * 20 + "\n\n\n\n", "=" * 50, "aaa bbb aaaa" * 5] + TRAINING_TEXT
+    return train_bpe(text * 3, vocab_size=400, show_progress=False)
+
+
+chunk_bytes = st.binary(min_size=1, max_size=40) | tricky_text.filter(bool).map(str.encode) \
+    | st.sampled_from([b"a" * 300, b"aaa", b"ab" * 7 + b"a", b" " * 33, b"=" * 17, b"\n" * 5])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(chunk_bytes, min_size=1, max_size=60))
+def test_batch_merge_matches_one_at_a_time(tok, runs_tok, chunks):
+    for t in (tok, runs_tok):
+        assert t._batch_merge is not None  # train_bpe's merges are ordered so that the batch may merge
+        assert t._batch_merge.merge(chunks) == [t._merge_chunk(c) for c in chunks]
+
+
+def test_batch_path_matches_tiktoken(tok, tiktoken_enc):
+    """Texts long enough for their unseen chunks to go through BPE together, from cold caches."""
+    fresh = Tokenizer(tok.merges)
+    computed_alone = []
+    real = fresh._chunk_cache._compute
+    fresh._chunk_cache._compute = lambda chunk: computed_alone.append(chunk) or real(chunk)
+    text = "\n".join(SAMPLES + TRAINING_TEXT + [t.upper() for t in SAMPLES])
+    assert len(pretokenize(text)) >= tokenizer_module.BATCH_MIN
+    assert fresh.encode_ordinary(text) == tiktoken_enc.encode_ordinary(text)
+    assert not computed_alone  # every chunk came from the batch
+
+
+def test_batch_merge_refuses_merges_out_of_order(tok):
+    """A merge that uses a token made by a later merge: pairs holding a new id may then rank before the merge
+    that made it, so the batch (all occurrences of a pair per round) would differ; one at a time it is."""
+    vocab = {BYTE_TO_UNICODE[b]: b for b in range(256)}
+    spec = json.loads(tok.to_json_str())
+    spec["model"]["vocab"] = {**vocab, "ab": 256, "abc": 257, "bc": 258}
+    spec["model"]["merges"] = ["ab c", "a b", "b c"]
+    spec["added_tokens"] = [{**t, "id": 259} for t in spec["added_tokens"] if t["content"] == EOT]
+    spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    out_of_order = Tokenizer.from_json_str(json.dumps(spec))
+    assert out_of_order._batch_merge is None
+    hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    text = "abc ab bc abcabc " * 20
+    assert out_of_order.encode_ordinary(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+# ---- known pipelines: text cut around characters beyond U+FFFF, SmolLM's fused regex -------------------------------
+
+def reference_pieces(key, text: str) -> list[str]:
+    """The pieces of a known pipeline by `regex` alone, step by step (Digits: each digit a piece)."""
+    _normalizer, steps = key
+    pieces = [text] if text else []
+    for step in steps:
+        if step.kind == "digits":
+            pieces = [p for piece in pieces for p in regex.split(r"(\p{N})", piece) if p]
+        else:
+            pieces = [p for piece in pieces for p in regex.findall(step.pattern, piece)]
+    return pieces
+
+
+family_text = st.lists(st.sampled_from(TRICKY + ["x\n", "):\n", "  12 ", "3.5", "a\t", "\r\n"]), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(family_text.map("".join))
+def test_known_pipelines_match_regex_step_by_step(text):
+    from tinygpt.tokenizer.pipeline import KNOWN, Pipeline
+    for key, known in KNOWN.items():
+        assert Pipeline(*key).pretokenize(text) == reference_pieces(key, text), known.gguf_pre
+
+
+@pytest.mark.parametrize("family", ["gpt2", "smollm", "llama3", "qwen2"])
+def test_batch_path_matches_hf_for_each_family(family):
+    """Each family's tokenizer (foreign id order; Llama 3's ignore_merges) through the batch path, cold caches."""
+    from test_hf_tokenizers import HELD_OUT, TRAINING_TEXT as FAMILY_TEXT, build, hf_ids
+    hf = build(family)
+    ours = Tokenizer.from_json_str(hf.to_str())
+    assert ours._batch_merge is not None
+    text = "\n".join(HELD_OUT + FAMILY_TEXT + [t.upper() for t in FAMILY_TEXT] + SAMPLES)
+    assert len(ours.pipeline.pretokenize(text)) >= tokenizer_module.BATCH_MIN
+    assert ours.encode_ordinary(text) == hf_ids(hf, text, special=False)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from functools import lru_cache
-from itertools import chain, islice
+from functools import cached_property, lru_cache
+from itertools import chain, filterfalse, islice
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import regex
 
 from tinygpt.common import EOT, TinyGPTError, atomic_open, require_file
@@ -47,6 +48,9 @@ _BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 # (so that pretraining and chat share one vocabulary), then <|endoftext|> last, at vocab_size - 1.
 RESERVED_SPECIALS = (IM_START, IM_END, EOT)
 CACHE_SIZE = 100_000  # entries per encode cache; a cache is emptied when full, which bounds memory
+# Unseen chunks in one text from which they go through BPE together (`_BatchMerge`): below it, one at a time is
+# quicker than the batch's fixed cost (a few dozen numpy calls a round).
+BATCH_MIN = 64
 
 
 @lru_cache(maxsize=None)
@@ -150,6 +154,92 @@ class _BoundedCache(dict):
             self.clear()
         self[key] = ids
         return ids
+
+    def add(self, new: dict[str, list[int]]) -> None:
+        """Store entries computed beforehand, with the same turnover as a miss."""
+        for key, ids in new.items():
+            if len(self) >= CACHE_SIZE:
+                self.previous = self.copy()
+                self.clear()
+            self[key] = ids
+
+
+_NO_RANK = np.iinfo(np.int64).max
+
+
+class _BatchMerge:
+    """BPE of many chunks at once with numpy: each round merges, in every chunk, all occurrences of its
+    lowest-ranked pair (left to right, without overlaps: x x x with the pair (x, x) merges its first two).
+
+    That equals merging one occurrence at a time (`Tokenizer._merge_chunk`, Hugging Face's order) when each
+    merge's two parts are bytes or made by earlier merges: then a pair that holds the new id ranks after the
+    merge that made it, so the chunk's next lowest pair is the same pair's next occurrence. `usable` checks that
+    order (train_bpe's and Hugging Face's trainer's merges have it). A Python loop over a chunk's merges costs
+    about a microsecond each, 10-25 us for a chunk of code; here the cost is per round, shared by all chunks.
+    """
+
+    def __init__(self, pair_rank: dict[int, int], merged: list[int], byte_id: list[int],
+                 byte_pair_rank: list[int]) -> None:
+        keys = np.fromiter(pair_rank.keys(), np.int64, len(pair_rank))
+        ranks = np.fromiter(pair_rank.values(), np.int64, len(pair_rank))
+        order = np.argsort(keys)
+        self.keys, self.ranks = keys[order], ranks[order]
+        self.merged = np.asarray(merged, np.int64)
+        self.byte_id = np.asarray(byte_id, np.int64)
+        self.byte_pair_rank = np.asarray(byte_pair_rank, np.int64)
+        self.byte_pair_rank[self.byte_pair_rank == len(merged)] = _NO_RANK
+        left, right = keys >> 32, keys & 0xFFFFFFFF
+        made_by = np.full(int(max(left.max(initial=0), right.max(initial=0), self.merged.max(initial=0))) + 1, -1)
+        np.maximum.at(made_by, self.merged[ranks], ranks)  # the last rank that makes each id (-1: none)
+        self.usable = bool(np.all(ranks > made_by[left]) and np.all(ranks > made_by[right]))
+
+    def _ranks(self, ids: np.ndarray, chunk: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The rank of the pair that starts at each position `at` (none for a chunk's last id)."""
+        ranks = np.full(len(at), _NO_RANK)
+        inner = np.flatnonzero(at + 1 < len(ids))
+        inner = inner[chunk[at[inner] + 1] == chunk[at[inner]]]
+        pairs = ids[at[inner]] << 32 | ids[at[inner] + 1]
+        found = np.searchsorted(self.keys, pairs)
+        found[found == len(self.keys)] = 0
+        hit = self.keys[found] == pairs
+        ranks[inner[hit]] = self.ranks[found[hit]]
+        return ranks
+
+    def merge(self, chunks: list[bytes]) -> list[list[int]]:
+        lengths = np.fromiter(map(len, chunks), np.int64, len(chunks))
+        data = np.frombuffer(b"".join(chunks), np.uint8)
+        ids = self.byte_id[data]
+        chunk = np.repeat(np.arange(len(chunks)), lengths)  # each id's chunk
+        rank = np.full(len(ids), _NO_RANK)  # rank of the pair each id starts (a chunk's last id: none)
+        rank[:-1] = np.where(chunk[1:] == chunk[:-1], self.byte_pair_rank[data[:-1].astype(np.int64) << 8 | data[1:]],
+                             _NO_RANK)
+        done_ids, done_chunk = [], []
+        while len(ids):
+            first = np.empty(len(ids), bool)  # each chunk's first id
+            first[0] = True
+            np.not_equal(chunk[1:], chunk[:-1], out=first[1:])
+            slot = np.cumsum(first) - 1  # each id's chunk among those still merging
+            lowest = np.minimum.reduceat(rank, np.flatnonzero(first))
+            finished = (lowest == _NO_RANK)[slot]
+            if finished.any():
+                done_ids.append(ids[finished])
+                done_chunk.append(chunk[finished])
+            candidate = (rank == lowest[slot]) & ~finished
+            position = np.arange(len(ids))
+            run_start = np.maximum.accumulate(np.where(candidate & ~np.r_[False, candidate[:-1]], position, 0))
+            chosen = np.flatnonzero(candidate & ((position - run_start) % 2 == 0))
+            ids[chosen] = self.merged[rank[chosen]]
+            keep = ~finished
+            keep[chosen + 1] = False
+            chosen = np.cumsum(keep)[chosen] - 1  # where the new ids are once the rest is dropped
+            ids, chunk, rank = ids[keep], chunk[keep], rank[keep]
+            changed = np.concatenate([chosen, chosen[chosen > 0] - 1])  # the pairs on both sides of a new id
+            rank[changed] = self._ranks(ids, chunk, changed)
+        ids, chunk = np.concatenate(done_ids), np.concatenate(done_chunk)
+        order = np.argsort(chunk, kind="stable")  # a chunk's ids finish in one round, in order
+        flat = ids[order].tolist()
+        ends = np.cumsum(np.bincount(chunk, minlength=len(chunks))).tolist()
+        return [flat[start:end] for start, end in zip([0] + ends, ends)]
 
 
 _OWN_PIPELINE = Pipeline(None, (Step("split", GPT2_PATTERN),))  # what train_bpe writes
@@ -301,10 +391,41 @@ class Tokenizer:
         """Ids of " " + word, where word is text between two spaces of a text the space-split path may take."""
         return self._encode_chunks(" " + word)
 
+    @cached_property
+    def _batch_merge(self) -> _BatchMerge | None:
+        batch = _BatchMerge(self._pair_rank, self._merged, self._byte_id, self._byte_pair_rank)
+        return batch if batch.usable else None
+
+    def prepare_encoding(self) -> None:
+        """Build what encoding builds on first use (call before forking workers, so they share it)."""
+        prepare_pretokenizer()
+        self._batch_merge
+
+    def _add_unseen(self, chunks: list[str]) -> None:
+        """Encode the chunks not in the cache together (see _BatchMerge), if there are enough of them."""
+        cache = self._chunk_cache
+        unseen = list(dict.fromkeys(filterfalse(cache.previous.__contains__, filterfalse(cache.__contains__, chunks))))
+        if len(unseen) < BATCH_MIN or self._batch_merge is None:
+            return  # left to the cache's __missing__, one at a time
+        new: dict[str, list[int]] = {}
+        if self.ignore_merges:  # a piece that is a token is that token (see _encode_chunk)
+            id_of = self._id_of_bytes.get
+            for chunk in unseen:
+                found = id_of(chunk.encode("utf-8"))
+                if found is not None:
+                    new[chunk] = [found]
+            unseen = [chunk for chunk in unseen if chunk not in new]
+        if unseen:
+            new.update(zip(unseen, self._batch_merge.merge([chunk.encode("utf-8") for chunk in unseen])))
+        cache.add(new)
+
     def _encode_chunks(self, text: str) -> list[int]:
         """The general path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
+        chunks = self._pretokenize(text)
+        if len(chunks) >= BATCH_MIN:
+            self._add_unseen(chunks)
         # Cache hits run entirely in C (dict lookup, chain); only unseen chunks reach _BoundedCache.__missing__.
-        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, self._pretokenize(text))))
+        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, chunks)))
 
     def _encode_normalized(self, text: str) -> list[int]:
         """Encode normalized text without added tokens."""

@@ -19,7 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Iterator
 
 import regex
 
@@ -31,6 +31,9 @@ LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# SmolLM's Digits (each digit alone) then GPT-2's regex, as one regex with the same pieces: a digit is a piece,
+# and a whitespace run before a digit ends its piece (as the end of the text does for the regex after Digits).
+SMOLLM_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 SUPPORTED = ("byte-level BPE tokenizers as GPT-2, SmolLM/SmolLM2, Llama 3.x, Qwen2/2.5 and tinygpt's train_bpe "
              "configure them")
@@ -59,6 +62,8 @@ class Known:
     # with whitespace before it and whitespace or the end after it (the regex's whitespace rules join it to its
     # left), or with Digits first, a digit after it (the digit ends the piece the space is in).
     space_split_breaker: str = r"\s (?:\s|\Z)"
+    # One regex that gives the pieces of all the steps, when they are more than one (one pass instead of two).
+    fused: str | None = None
 
 
 ASCII_SPACE_BYTES = rb"\t\n\x0b\x0c\r "
@@ -68,7 +73,7 @@ _LLAMA_SAFE = rb"[A-Za-z0-9]"  # " ?[^\s\p{L}\p{N}]+[\r\n]*" keeps newlines afte
 KNOWN: dict[tuple[str | None, tuple[Step, ...]], Known] = {
     (None, (Step("split", GPT2_PATTERN),)): _GPT2,
     (None, (Step("digits"), Step("split", GPT2_PATTERN))): Known("smollm", False, _GPT2.safe_before,
-                                                                 r"\s (?:[\s\p{N}]|\Z)"),
+                                                                 r"\s (?:[\s\p{N}]|\Z)", SMOLLM_PATTERN),
     (None, (Step("split", LLAMA3_PATTERN),)): Known("llama-bpe", True, _LLAMA_SAFE),
     ("NFC", (Step("split", QWEN2_PATTERN),)): Known("qwen2", False, _LLAMA_SAFE),
 }
@@ -181,8 +186,8 @@ class Splitter:
         translated = bmp_translation(pattern)
         self.bmp = re.compile(translated) if translated is not None else None
         self.remove, self.invert = remove, invert
-        # GPT-2's, Llama 3's and Qwen2's regexes match every character: findall gives the isolated pieces.
-        self.total = pattern in (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN)
+        # These regexes (GPT-2's, Llama 3's, Qwen2's, SmolLM's) match every character: findall gives the pieces.
+        self.total = pattern in (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, SMOLLM_PATTERN)
 
     def compiled(self, text: str):
         return self.bmp if self.bmp is not None and not _BEYOND_BMP.search(text) else self.full
@@ -211,7 +216,11 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self.known: Known | None = KNOWN.get((self.normalizer, self.steps))
-        self._cut: list[Callable[[str], list[str]]] = [_step_function(s) for s in self.steps]
+        if self.known is not None and self.known.fused is not None:
+            self._cut: list[Callable[[str], list[str]]] = [Splitter(self.known.fused)]
+        else:
+            self._cut = [_step_function(s) for s in self.steps]
+        self._safe = None if self.known is None else safe_points_in_text(self.known.safe_before)
 
     def normalize(self, text: str) -> str:
         if self.normalizer is None or unicodedata.is_normalized(self.normalizer, text):
@@ -220,10 +229,57 @@ class Pipeline:
 
     def pretokenize(self, text: str) -> list[str]:
         """The pieces of (normalized) text that BPE merges within."""
+        if self._safe is None or not _BEYOND_BMP.search(text):
+            return self._pretokenize_whole(text)
+        return [p for stretch in split_beyond_bmp(text, self._safe) for p in self._pretokenize_whole(stretch)]
+
+    def _pretokenize_whole(self, text: str) -> list[str]:
         pieces = [text] if text else []
         for cut in self._cut:
             pieces = [p for piece in pieces for p in cut(piece)]
         return pieces
+
+
+def split_beyond_bmp(text: str, safe: re.Pattern) -> Iterator[str]:
+    """text as consecutive stretches cut at safe points (where its pieces do not change), each character beyond
+    U+FFFF in a stretch as short as the safe points allow.
+
+    Such a character sends its whole text to `regex` (see Splitter), at a third of `re`'s speed; cut out, only
+    the stretches around them go to `regex`, the rest to `re`.
+    """
+    pos = 0
+    beyond = _BEYOND_BMP.search(text)
+    while beyond is not None:
+        start = _last_safe_point(safe, text, pos, beyond.start())
+        match = safe.search(text, beyond.end())
+        end = len(text) if match is None else match.end()
+        if start > pos:
+            yield text[pos:start]
+        yield text[start:end]
+        pos = end
+        beyond = _BEYOND_BMP.search(text, pos)
+    if pos < len(text):
+        yield text[pos:]
+
+
+@lru_cache(maxsize=None)
+def safe_points_in_text(safe_before: bytes) -> re.Pattern:
+    """A known pipeline's safe points (see Known.safe_before) in str text: each match ends at one."""
+    ascii_class = safe_before.decode("latin-1")  # an ASCII character of the class, before ASCII whitespace
+    return re.compile(r"(?=[\x00-\x7f])" + ascii_class + "(?=[" + ASCII_SPACE_BYTES.decode() + "])")
+
+
+def _last_safe_point(safe: re.Pattern, text: str, lo: int, hi: int) -> int:
+    """The last safe point p with lo < p < hi, or lo if there is none (looking back from hi, window by window)."""
+    window = 256
+    while True:
+        start = max(lo, hi - window)
+        found = lo
+        for match in safe.finditer(text, start, hi):
+            found = match.end()
+        if found > lo or start == lo:
+            return found
+        window *= 16
 
 
 def _step_function(step: Step) -> Callable[[str], list[str]]:
