@@ -11,8 +11,9 @@ transformers configurations written out here (no download). Each (shape, mode, i
 process, ours and the peer's one after the other; peak memory is the process's peak resident memory during the
 training steps (Linux's VmHWM, reset after the model is built); the step is forward, backward and a fused AdamW step on the trainable parameters, float32 (what
 `amp: auto` chooses on a CPU whose bf16 matmuls are not faster), the same batch of random tokens for both.
-LoRA: rank 8, alpha 16, on q, k, v, o, gate, up, down, for us and for peft. `ours-bf16base` is our LoRA with the
-frozen base held in bf16 (what training does when it computes in bf16).
+LoRA: rank 8, alpha 16, on q, k, v, o, gate, up, down, for us and for peft. Both models released in these shapes
+ship bf16 weights, so our LoRA starts from weights bf16 holds exactly and, as training does, keeps the frozen ones in
+bf16 and computes in float32; `ours-f32source` starts from float32 weights, which stay float32.
 
 `adapt`: the built-in pretrained toy model (the default pipeline's recipe on the generated stories, trained
 for --pretrain seconds) fine-tuned on the Python documentation of bench_quality.py, beside the default recipe
@@ -49,7 +50,7 @@ SHAPES = {
 }  # fmt: skip
 LORA = {"rank": 8, "alpha": 16, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMPLEMENTATIONS = {"full": ["ours", "transformers"], "lora": ["ours", "peft", "ours-bf16base"]}
+IMPLEMENTATIONS = {"full": ["ours", "transformers"], "lora": ["ours", "peft", "ours-f32source"]}
 
 
 def hf_config(shape: str):
@@ -82,8 +83,10 @@ def build(shape: str, mode: str, impl: str):
 
         model = our_model(shape)
         if mode == "lora":
-            dtype = torch.bfloat16 if impl == "ours-bf16base" else torch.float32
-            apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], targets=LORA["targets"], base_dtype=dtype)
+            if impl != "ours-f32source":  # the released weights: bf16, widened to float32 as training loads them
+                for weight in model.parameters():
+                    weight.data = weight.data.bfloat16().float()
+            apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], targets=LORA["targets"])
         return model, lambda x, y: model(x, y)[1]
     import transformers
 

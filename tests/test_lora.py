@@ -67,15 +67,30 @@ def test_merged_model_is_a_plain_gpt_with_the_adapted_logits(arch):
     torch.testing.assert_close(fresh(idx)[0], adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_a_bf16_base_is_the_bf16_rounded_weight_plus_the_update():
+def test_a_bf16_base_is_the_bf16_rounded_weight_computed_in_float32():
     torch.manual_seed(0)
     model = GPT(GPTConfig(arch="llama", **TINY))
     weight = model.blocks[0].attn.q.weight.detach().clone()
     apply_lora(model, rank=2, alpha=2.0, targets=["q"], base_dtype=torch.bfloat16)
     layer = model.blocks[0].attn.q
     assert layer.weight.dtype is torch.bfloat16 and layer.lora_a.dtype is torch.float32
-    x = torch.randn(3, 32)
-    torch.testing.assert_close(layer(x), (x.bfloat16() @ weight.bfloat16().T).float())
+    x = torch.randn(2, 3, 32, requires_grad=True)  # (batch, time, channels), as blocks call it
+    rounded = weight.bfloat16().float()
+    out = layer(x)  # B is zero: the base alone, the float32 product with the rounded weight
+    torch.testing.assert_close(out, x @ rounded.T, atol=1e-6, rtol=1e-6)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, (2 * out.detach()) @ rounded, atol=1e-5, rtol=1e-5)
+    assert layer.weight.grad is None and layer.lora_b.grad is not None
+
+
+def test_frozen_weights_are_held_in_bf16_only_where_that_is_exact():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="llama", **TINY))
+    model.blocks[0].attn.q.weight.data = model.blocks[0].attn.q.weight.data.bfloat16().float()  # a bf16 source
+    kept = model.blocks[0].attn.v.weight.detach().clone()
+    apply_lora(model, rank=2, alpha=2.0, targets=["q", "v"])
+    assert model.blocks[0].attn.q.weight.dtype is torch.bfloat16
+    assert model.blocks[0].attn.v.weight.dtype is torch.float32 and torch.equal(model.blocks[0].attn.v.weight, kept)
 
 
 def test_unknown_targets_are_a_clear_error():
@@ -147,8 +162,10 @@ def test_a_bf16_start_is_widened_exactly_and_not_kept_beside_the_model(data_dir,
     model = trainer.model
     assert model.lm_head.weight is model.tok_emb.weight
     weights = model.state_dict()
-    for name, tensor in ckpt["model"].items():
-        assert weights[name].dtype is torch.float32 and torch.equal(weights[name], tensor.float()), name
+    adapted = {f"blocks.{i}.{p}.weight" for i in range(2) for p in ("attn.q", "attn.v", "mlp.proj")}
+    for name, tensor in ckpt["model"].items():  # the adapted layers' frozen weights stay in bf16, which is exact
+        assert weights[name].dtype is (torch.bfloat16 if name in adapted else torch.float32), name
+        assert torch.equal(weights[name].float(), tensor.float()), name
 
 
 @pytest.mark.slow

@@ -27,9 +27,27 @@ TARGET_LAYERS["qwen2"] = TARGET_LAYERS["llama"]  # llama's layers, its q, k, v w
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+class _WidenedLinear(torch.autograd.Function):
+    """x @ W.T + b with a frozen W (and b) stored narrower than x: widened to x's dtype for the product in the
+    forward and again in the backward, one layer at a time, so the model holds the narrow copy only (half the
+    memory of float32) and computes in float32 (a CPU without fast bf16 matmuls runs them at a fraction of
+    float32's speed). A bf16 weight widens exactly, so the result is x's product with the very weight stored."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None  # the frozen weight and bias get no gradient
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update. The base weight may be held in a narrower dtype
-    (bf16) than the adapters: it is only read, so it needs no fp32 master copy."""
+    (bf16) than the adapters: it is only read, so it needs no fp32 master copy. Outside autocast the product
+    is still computed in the input's dtype (`_WidenedLinear`); under autocast, autocast chooses."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -48,7 +66,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            base = F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x.dtype)
+            # on rows: F.linear of a 3-d input returns a view, which the in-place update below may not modify
+            # when a custom Function made it
+            rows = _WidenedLinear.apply(x.reshape(-1, self.in_features), w, self.bias)
+            base = rows.view(*x.shape[:-1], self.out_features)
         else:
             base = F.linear(x, w, self.bias)
         down = F.linear(self.dropout(x), self.lora_a)
@@ -69,10 +90,19 @@ class LoRALinear(nn.Module):
         return layer
 
 
+def held_exactly(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as bf16 if bf16 holds it exactly (a source stored in bf16, as most released models are), else
+    unchanged: a frozen weight then costs half the memory, and training and the merged export see the same
+    values as before."""
+    narrow = weight.bfloat16()
+    return narrow if torch.equal(narrow.to(weight.dtype), weight) else weight
+
+
 def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str] | tuple[str, ...],
-               dropout: float = 0.0, base_dtype: torch.dtype = torch.float32) -> list[str]:
+               dropout: float = 0.0, base_dtype: torch.dtype | None = None) -> list[str]:
     """Freeze every parameter of `model` (a GPT) and wrap the `targets` layers of each block with adapters;
-    return the wrapped layers' names. Targets an architecture lacks (gpt2 has no gate) are skipped."""
+    return the wrapped layers' names. Targets an architecture lacks (gpt2 has no gate) are skipped.
+    The wrapped layers' weights become `base_dtype`, or with None, bf16 wherever that is exact."""
     if rank < 1:
         raise TinyGPTError(f"train.lora.rank={rank} must be at least 1")
     unknown = sorted(set(targets) - set(TARGETS))
@@ -90,7 +120,8 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str] 
             parent_name, name = path.split(".")
             parent = getattr(block, parent_name)
             base = getattr(parent, name)
-            base.weight.data = base.weight.data.to(base_dtype)
+            weight = base.weight.data
+            base.weight.data = held_exactly(weight) if base_dtype is None else weight.to(base_dtype)
             setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
             wrapped.append(f"blocks.{i}.{path}")
     return wrapped

@@ -167,7 +167,7 @@ class Trainer:
 
     def _build_model(self) -> GPT:
         """The model at step 0: initialised, or the starting model's weights; with LoRA, frozen and adapted
-        (its base weights in bf16 when training computes in bf16, where they then need no fp32 copy)."""
+        (its base weights in bf16 when training computes in bf16, or where bf16 holds them exactly)."""
         if self.start is None:
             return GPT(self.model_config)
         with torch.device("meta"):  # no random initialisation of weights that are replaced next
@@ -182,13 +182,15 @@ class Trainer:
             state[name] = widened[id(tensor)]
         del widened
         model.load_state_dict(state, assign=True)
+        del state  # the model holds the tensors now: LoRA's narrowing below then frees each float32 weight
         if model.rotary is not None:  # a buffer computed from the config, not stored: compute it for real
             model.rotary = Rotary(self.model_config)
         if self.model_config.tie_embeddings:  # assigned one by one, the two names became two parameters
             model.lm_head.weight = model.tok_emb.weight
         model.float()  # train in float32 whatever the source stored (autocast narrows where it is fast)
         if self.cfg.lora_rank:
-            base_dtype = torch.bfloat16 if self.amp_dtype is torch.bfloat16 else torch.float32
+            # computing in bf16, its rounding is accepted; in float32, bf16 holds only the weights it holds exactly
+            base_dtype = torch.bfloat16 if self.amp_dtype is torch.bfloat16 else None
             apply_lora(model, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha,
                        targets=self.cfg.lora_targets.split(","), dropout=self.cfg.lora_dropout, base_dtype=base_dtype)
         return model
