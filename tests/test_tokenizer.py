@@ -194,7 +194,7 @@ def test_cache_keeps_what_is_still_in_use(tok, monkeypatch):
     real = fresh._chunk_cache._compute
     fresh._chunk_cache._compute = lambda chunk: computed.append(chunk) or real(chunk)
     for chunk in ["a", "b", "c", "a", "d", "a"]:  # "a" is found in the previous generation, never recomputed
-        assert fresh._chunk_cache[chunk] == tok.encode(chunk)
+        assert fresh._chunk_cache[chunk] == fresh.pack(tok.encode(chunk))
     assert computed == ["a", "b", "c", "d"]
 
 
@@ -295,7 +295,7 @@ chunk_bytes = st.binary(min_size=1, max_size=40) | tricky_text.filter(bool).map(
 def test_batch_merge_matches_one_at_a_time(tok, runs_tok, chunks):
     for t in (tok, runs_tok):
         assert t._batch_merge is not None  # train_bpe's merges are ordered so that the batch may merge
-        assert t._batch_merge.merge(chunks) == [t._merge_chunk(c) for c in chunks]
+        assert t._batch_merge.merge(chunks, t.dtype) == [t.pack(t._merge_chunk(c)) for c in chunks]
 
 
 def test_batch_path_matches_tiktoken(tok, tiktoken_enc):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from array import array
 from functools import cached_property, lru_cache
 from itertools import chain, filterfalse, islice
 from typing import Callable, Iterable, Sequence
@@ -136,16 +137,16 @@ def pretokenize(text: str) -> list[str]:
 
 
 class _BoundedCache(dict):
-    """text -> ids; a miss calls `compute`. At most 2 * CACHE_SIZE entries: when full, the entries become the
+    """text -> packed ids; a miss calls `compute`. At most 2 * CACHE_SIZE entries: when full, the entries become the
     previous generation (and the one before is dropped); a miss looks there before computing, so what is still
     in use survives the turnover (varied text has more distinct chunks than one generation holds)."""
 
-    def __init__(self, compute: Callable[[str], list[int]]) -> None:
+    def __init__(self, compute: Callable[[str], bytes]) -> None:
         super().__init__()
         self._compute = compute
-        self.previous: dict[str, list[int]] = {}
+        self.previous: dict[str, bytes] = {}
 
-    def __missing__(self, key: str) -> list[int]:
+    def __missing__(self, key: str) -> bytes:
         ids = self.previous.get(key)
         if ids is None:
             ids = self._compute(key)
@@ -155,7 +156,7 @@ class _BoundedCache(dict):
         self[key] = ids
         return ids
 
-    def add(self, new: dict[str, list[int]]) -> None:
+    def add(self, new: dict[str, bytes]) -> None:
         """Store entries computed beforehand, with the same turnover as a miss."""
         for key, ids in new.items():
             if len(self) >= CACHE_SIZE:
@@ -205,7 +206,8 @@ class _BatchMerge:
         ranks[inner[hit]] = self.ranks[found[hit]]
         return ranks
 
-    def merge(self, chunks: list[bytes]) -> list[list[int]]:
+    def merge(self, chunks: list[bytes], dtype: np.dtype) -> list[bytes]:
+        """Each chunk's ids, packed as bytes of dtype."""
         lengths = np.fromiter(map(len, chunks), np.int64, len(chunks))
         data = np.frombuffer(b"".join(chunks), np.uint8)
         ids = self.byte_id[data]
@@ -237,9 +239,9 @@ class _BatchMerge:
             rank[changed] = self._ranks(ids, chunk, changed)
         ids, chunk = np.concatenate(done_ids), np.concatenate(done_chunk)
         order = np.argsort(chunk, kind="stable")  # a chunk's ids finish in one round, in order
-        flat = ids[order].tolist()
-        ends = np.cumsum(np.bincount(chunk, minlength=len(chunks))).tolist()
-        return [flat[start:end] for start, end in zip([0] + ends, ends)]
+        packed = ids[order].astype(dtype).tobytes()
+        ends = (np.cumsum(np.bincount(chunk, minlength=len(chunks))) * dtype.itemsize).tolist()
+        return [packed[start:end] for start, end in zip([0] + ends, ends)]
 
 
 _OWN_PIPELINE = Pipeline(None, (Step("split", GPT2_PATTERN),))  # what train_bpe writes
@@ -322,6 +324,9 @@ class Tokenizer:
         self._space_split = pipeline.known is not None
         self._breaker = (_SPACE_SPLIT_BREAKER if fast_gpt2 or not self._space_split
                          else regex.compile(pipeline.known.space_split_breaker))
+        self.dtype = np.dtype(np.uint16 if self.vocab_size <= 65536 else np.uint32)  # of token files and packed ids
+        self._typecode = {2: "H", 4: "I"}[self.dtype.itemsize]
+        assert array(self._typecode).itemsize == self.dtype.itemsize
         self._chunk_cache = _BoundedCache(self._encode_chunk)
         self._word_cache = _BoundedCache(self._encode_word)  # for the space-split fast path
 
@@ -379,15 +384,22 @@ class Tokenizer:
                 ranks[i] = rank_of(new << 32 | ids[i + 1], missing)
         return ids
 
-    def _encode_chunk(self, chunk: str) -> list[int]:
+    # Inside, a text's ids are packed: bytes of `dtype` (2 bytes an id up to 65,536 ids, else 4), the caches'
+    # values too, so that a text's ids are one bytes.join of cache hits, all in C: as lists, chaining them and
+    # then making the encode stage's array took more time than the lookups themselves.
+
+    def pack(self, ids: Sequence[int]) -> bytes:
+        return array(self._typecode, ids).tobytes()
+
+    def _encode_chunk(self, chunk: str) -> bytes:
         data = chunk.encode("utf-8")
         if self.ignore_merges:  # a piece that is a token is that token, whatever the merges would make of it
             found = self._id_of_bytes.get(data)
             if found is not None:
-                return [found]
-        return self._merge_chunk(data)
+                return self.pack((found,))
+        return self.pack(self._merge_chunk(data))
 
-    def _encode_word(self, word: str) -> list[int]:
+    def _encode_word(self, word: str) -> bytes:
         """Ids of " " + word, where word is text between two spaces of a text the space-split path may take."""
         return self._encode_chunks(" " + word)
 
@@ -407,50 +419,51 @@ class Tokenizer:
         unseen = list(dict.fromkeys(filterfalse(cache.previous.__contains__, filterfalse(cache.__contains__, chunks))))
         if len(unseen) < BATCH_MIN or self._batch_merge is None:
             return  # left to the cache's __missing__, one at a time
-        new: dict[str, list[int]] = {}
+        new: dict[str, bytes] = {}
         if self.ignore_merges:  # a piece that is a token is that token (see _encode_chunk)
             id_of = self._id_of_bytes.get
             for chunk in unseen:
                 found = id_of(chunk.encode("utf-8"))
                 if found is not None:
-                    new[chunk] = [found]
+                    new[chunk] = self.pack((found,))
             unseen = [chunk for chunk in unseen if chunk not in new]
         if unseen:
-            new.update(zip(unseen, self._batch_merge.merge([chunk.encode("utf-8") for chunk in unseen])))
+            merged = self._batch_merge.merge([chunk.encode("utf-8") for chunk in unseen], self.dtype)
+            new.update(zip(unseen, merged))
         cache.add(new)
 
-    def _encode_chunks(self, text: str) -> list[int]:
+    def _encode_chunks(self, text: str) -> bytes:
         """The general path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
         chunks = self._pretokenize(text)
         if len(chunks) >= BATCH_MIN:
             self._add_unseen(chunks)
-        # Cache hits run entirely in C (dict lookup, chain); only unseen chunks reach _BoundedCache.__missing__.
-        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, chunks)))
+        # Cache hits run entirely in C (dict lookup, join); only unseen chunks reach _BoundedCache.__missing__.
+        return b"".join(map(self._chunk_cache.__getitem__, chunks))
 
-    def _encode_normalized(self, text: str) -> list[int]:
+    def _encode_normalized(self, text: str) -> bytes:
         """Encode normalized text without added tokens."""
         if not self._space_split or self._breaker.search(text):
             return self._encode_chunks(text)
         # Fast path: str.split and one dict hit per word replace the regex for all but unseen words.
         words = text.split(" ")
-        rest = chain.from_iterable(map(self._word_cache.__getitem__, islice(words, 1, None)))
-        return list(chain(self._encode_chunks(words[0]), rest))
+        rest = map(self._word_cache.__getitem__, islice(words, 1, None))
+        return b"".join(chain((self._encode_chunks(words[0]),), rest))
 
-    def _encode_with(self, text: str, special_too: bool) -> list[int]:
+    def _encode_with(self, text: str, special_too: bool) -> bytes:
         """Normalize and encode text; the added tokens found in it (special ones only if special_too) are kept
         whole, found in the raw text or, if their `normalized` flag says so, in the normalized text."""
         raw, normalized = self._patterns[special_too]
-        ids: list[int] = []
+        parts: list[bytes] = []
         for i, part in enumerate(self._split_on(raw, text)):
             if i % 2:  # split() with a capture group puts the separators at odd positions
-                ids.append(self._added_id(part))
+                parts.append(self.pack((self._added_id(part),)))
                 continue
             for j, piece in enumerate(self._split_on(normalized, self.pipeline.normalize(part) if part else part)):
                 if j % 2:
-                    ids.append(self._added_id(piece))
+                    parts.append(self.pack((self._added_id(piece),)))
                 elif piece:
-                    ids += self._encode_normalized(piece)
-        return ids
+                    parts.append(self._encode_normalized(piece))
+        return b"".join(parts)
 
     @staticmethod
     def _split_on(pattern, text: str) -> list[str]:
@@ -460,18 +473,22 @@ class Tokenizer:
         found = self._added_ids.get(match)
         return self._added_ids[match.strip()] if found is None and self._strip else found
 
-    def encode_ordinary(self, text: str) -> list[int]:
-        """Encode text, treating special-token text like any other text (non-special added tokens stay tokens:
-        Hugging Face's encode with split_special_tokens and no post-processor)."""
+    def encode_ordinary_packed(self, text: str) -> bytes:
+        """encode_ordinary's ids packed as bytes of `dtype` (what the encode stage writes)."""
         if self._patterns[False] == (None, None) and self.pipeline.normalizer is None:
             return self._encode_normalized(text)
         return self._encode_with(text, special_too=False)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text, treating special-token text like any other text (non-special added tokens stay tokens:
+        Hugging Face's encode with split_special_tokens and no post-processor)."""
+        return np.frombuffer(self.encode_ordinary_packed(text), self.dtype).tolist()
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Encode text; each literal added token (e.g. <|endoftext|>) becomes its single id. With bos=True the
         post-processor's beginning-of-sequence token comes first, if it has one (Hugging Face's encode with
         add_special_tokens); without it, as Hugging Face's add_special_tokens=False."""
-        ids = self._encode_with(text, special_too=True)
+        ids = np.frombuffer(self._encode_with(text, special_too=True), self.dtype).tolist()
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

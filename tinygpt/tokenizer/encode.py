@@ -216,18 +216,20 @@ def _encode_batch(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
 
 def _encode_pieces(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
     tok = _tokenizer
-    splits: tuple[list[int], list[int]] = ([], [])
+    splits: tuple[list[bytes], list[bytes]] = ([], [])  # packed ids (Tokenizer.pack), joined once at the end
+    bos = None if tok.bos_id is None else tok.pack((tok.bos_id,))
+    eot = tok.pack((tok.eot_id,))
     n_bytes = 0
     for data, ends_document, is_val, starts_document in batch:
-        ids = splits[is_val]
-        if starts_document and tok.bos_id is not None:  # as the post-processor adds it (Llama 3)
-            ids.append(tok.bos_id)
-        ids += tok.encode_ordinary(data.decode("utf-8", errors="replace"))  # pieces end at ASCII bytes
+        parts = splits[is_val]
+        if starts_document and bos is not None:  # as the post-processor adds it (Llama 3)
+            parts.append(bos)
+        parts.append(tok.encode_ordinary_packed(data.decode("utf-8", errors="replace")))  # pieces end at ASCII
         if ends_document:
-            ids.append(tok.eot_id)
+            parts.append(eot)
         n_bytes += len(data)
-    dtype = token_dtype(tok.vocab_size)
-    return EncodedBatch(np.array(splits[0], dtype=dtype), np.array(splits[1], dtype=dtype), n_bytes)
+    assert tok.dtype == token_dtype(tok.vocab_size)
+    return EncodedBatch(*(np.frombuffer(b"".join(parts), tok.dtype) for parts in splits), n_bytes)
 
 
 def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes, bool, bool, bool]]]:
