@@ -416,7 +416,8 @@ class Tokenizer:
     def _add_unseen(self, chunks: list[str]) -> None:
         """Encode the chunks not in the cache together (see _BatchMerge), if there are enough of them."""
         cache = self._chunk_cache
-        unseen = list(dict.fromkeys(filterfalse(cache.previous.__contains__, filterfalse(cache.__contains__, chunks))))
+        # (a set first: a text repeats its chunks, about five times each in code, and lookups cost more)
+        unseen = list(filterfalse(cache.previous.__contains__, filterfalse(cache.__contains__, set(chunks))))
         if len(unseen) < BATCH_MIN or self._batch_merge is None:
             return  # left to the cache's __missing__, one at a time
         new: dict[str, bytes] = {}
