@@ -80,7 +80,9 @@ def build(shape: str, mode: str, impl: str):
 
     if impl.startswith("ours"):
         from tinygpt.model.lora import apply_lora
+        from tinygpt.model.train import hand_back_freed_memory
 
+        hand_back_freed_memory()  # as training does when it starts from a model on a CPU
         model = our_model(shape)
         if mode == "lora":
             if impl != "ours-f32source":  # the released weights: bf16, widened to float32 as training loads them

@@ -16,13 +16,14 @@ activation), the `quantize_row_*_impl` path llama-quantize --imatrix runs. Q8_0 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from tinygpt.common import set_malloc
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
@@ -798,13 +799,8 @@ def _keep_freed_memory() -> None:
     of the heap above twice the largest freed block (and maps big blocks afresh each time), so every chunk
     faulted its working set in again, zero-filled page by page: on a VM that cost about as much CPU time as the
     arithmetic (Q4_0 file: 36,000 page faults and 0.49 s of CPU; with this, 300 and 0.23 s). The process keeps
-    up to the thresholds below of freed memory. No-op where the C library has no mallopt (macOS, Windows)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):
-        return
-    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) come from the heap
-    mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep up to 128 MiB of free heap top
+    up to 128 MiB of free heap top; blocks up to 32 MiB (glibc's maximum) come from the heap."""
+    set_malloc(mmap_threshold=32 << 20, trim_threshold=128 << 20)
 
 
 def _quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, threads: int, qw: Weights) -> np.ndarray:

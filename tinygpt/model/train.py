@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli
+from tinygpt.common import TinyGPTError, atomic_open, progress, require_file, run_cli, set_malloc
 from tinygpt.model.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.model.batches import (IGNORE, ChatTokens, RandomBatches, TokenFile, fixed_batches, is_chat, mean_bytes,
                                    read_meta, token_dtype)
@@ -137,6 +137,14 @@ class TrainConfig:
                                "give --init_from, or set lora rank 0")
 
 
+def hand_back_freed_memory() -> None:
+    """For fine-tuning a released model on a CPU, where memory is the limit: by default glibc keeps the freed
+    activations of each step in a heap that fragments (the Qwen2.5-0.5B shape's LoRA step, 2 x 256 tokens, grew
+    to a 4.76 GB peak over five steps); with blocks of 1 MiB and more mapped on their own and handed back when
+    freed, 3.2 GB and stable, for 10-15% more CPU time (the kernel zero-fills those pages again each step)."""
+    set_malloc(mmap_threshold=1 << 20)
+
+
 class Trainer:
     """One training run: built from the settings and data, then `run()` to max_steps and `write_final()`."""
 
@@ -170,6 +178,8 @@ class Trainer:
         (its base weights in bf16 when training computes in bf16, or where bf16 holds them exactly)."""
         if self.start is None:
             return GPT(self.model_config)
+        if self.device.type == "cpu":
+            hand_back_freed_memory()
         with torch.device("meta"):  # no random initialisation of weights that are replaced next
             model = GPT(self.model_config)
         # float32 tensor by tensor, each source (bf16) tensor let go once widened, and the source's state not kept
