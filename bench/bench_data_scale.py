@@ -240,8 +240,8 @@ def report_families(row: dict, args) -> None:
         mb_s, tt_mb_s = row["clean_bytes"] / MB / s, row["clean_bytes"] / MB / ts
         check = "= tiktoken's" if count == expected else f"differ from tiktoken's by {count - expected:+,}"
         print(f"  {family:7} vocab {vocab:,}: {s:6.1f} s {m:6.0f} MB | tiktoken {ts:6.1f} s {tm:6.0f} MB | "
-              f"{mb_s:.2f} vs {tt_mb_s:.2f} MB/s = {mb_s / tt_mb_s:.2f}x tiktoken; CPU s {cpu:.1f} vs {tt_cpu:.1f}; "
-              f"{count:,} tokens {check}")
+              f"{mb_s:.2f} vs {tt_mb_s:.2f} MB/s = {mb_s / tt_mb_s:.2f}x tiktoken; CPU s {cpu:.1f} vs {tt_cpu:.1f} "
+              f"({tt_cpu / cpu:.2f}x per core); {count:,} tokens {check}")
 
 
 # ---- one size ----------------------------------------------------------------------------------------------------
