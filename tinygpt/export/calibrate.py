@@ -6,8 +6,10 @@
 Calibration text is training text: the validation tokens measure what the quantization costs, so they must not
 also steer it (llama.cpp's authors warn against calibrating on the test set). As llama-imatrix does, the tokens
 are cut into chunks of `--ctx` tokens (default: the model's context), each run from position 0 without the
-previous chunk's context, and every position of every chunk counts. The file format lives in
-tinygpt.export.imatrix, which the quantizer reads without running a model.
+previous chunk's context, and every position of every chunk counts. A `--text` reads special-token text
+(<|endoftext|>) as its one token, as the training tokens hold it; llama-imatrix does so only with
+--parse-special (by default it tokenizes the tag's characters), so compare against it with that flag. The file
+format lives in tinygpt.export.imatrix, which the quantizer reads without running a model.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> ImatrixData:
     model_source.add_argument("--checkpoint", help="a tinygpt checkpoint (e.g. checkpoints/best.pt)")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--tokens", help="training tokens written by tinygpt encode (data/tokens/train.bin)")
-    data.add_argument("--text", help="a UTF-8 calibration text (training text, not validation text)")
+    data.add_argument("--text", help="a UTF-8 calibration text (training text, not validation text); "
+                      "<|endoftext|> in it is one token, as llama-imatrix --parse-special reads it")
     parser.add_argument("--out", required=True, help="importance matrix to write (GGUF, as llama-imatrix writes)")
     parser.add_argument("--ctx", type=int, default=None, help="chunk length in tokens (default: the model's context)")
     parser.add_argument("--chunks", type=int, default=None, help="use only the first N chunks (default: all)")
