@@ -140,10 +140,11 @@ class TrainConfig:
 def hand_back_freed_memory() -> None:
     """For fine-tuning a released model on a CPU, where memory is the limit: by default glibc keeps the freed
     activations of each step in a heap that fragments (the Qwen2.5-0.5B shape's LoRA step, 2 x 256 tokens, grew
-    to a 4.76 GB peak over five steps); with blocks of 4 MiB and more mapped on their own and handed back when
-    freed, 3.2 GB and stable. The kernel zero-fills those pages again each step: at 1 MiB that cost 10-18% of
-    the step, at 4 MiB (the big activations and widened weights only) it was lost in the noise."""
-    set_malloc(mmap_threshold=4 << 20)
+    to a 4.76 GB peak over five steps); with blocks of 1 MiB and more mapped on their own and handed back when
+    freed, 3.2 GB and stable, on one thread or two. The kernel zero-fills those pages again each step, which
+    costs 10-15% of the step. (At 4 MiB the cost was lost in the noise, but on two threads the peak grew again:
+    3.32, 3.52, 3.74 GB over three steps.)"""
+    set_malloc(mmap_threshold=1 << 20)
 
 
 class Trainer:
