@@ -177,19 +177,18 @@ def capped_threads(requested: int | None) -> int:
     return max(1, min(requested or usable_cpus(), usable_cpus()))
 
 
-def set_malloc(*, mmap_threshold: int, trim_threshold: int | None = None) -> bool:
+def set_malloc(*, mmap_threshold: int, trim_threshold: int | None = None) -> None:
     """Fix glibc malloc's thresholds for the whole process: blocks of `mmap_threshold` bytes and more are mapped
     on their own (and handed back to the kernel when freed), and a free heap top beyond `trim_threshold` is
-    handed back. Fixing them also stops glibc from raising them as it goes. False (nothing changed) where the
-    C library has no mallopt (macOS, Windows, musl)."""
+    handed back. Fixing them also stops glibc from raising them as it goes. No-op where the C library has no
+    mallopt (macOS, Windows, musl)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):
-        return False
+        return
     mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
     if trim_threshold is not None:
         mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
-    return True
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
