@@ -83,6 +83,35 @@ def test_a_bf16_base_is_the_bf16_rounded_weight_computed_in_float32():
     assert layer.weight.grad is None and layer.lora_b.grad is not None
 
 
+def test_layers_sharing_one_widening_buffer_train_as_float32_layers_would():
+    """Every bf16-held layer of a shape widens into the same buffer: the adapters' gradients over the whole model
+    must equal those of a float32 model holding the rounded weights (a buffer read after another layer had
+    overwritten it would change them)."""
+    torch.manual_seed(0)
+    config = GPTConfig(arch="llama", n_kv_head=1, **TINY)  # grouped-query: k and v have a shape of their own
+    model = GPT(config)
+    for weight in model.parameters():
+        weight.data = weight.data.bfloat16().float()
+    reference = GPT(config)
+    reference.load_state_dict(model.state_dict())
+    targets = ["q", "k", "v", "o", "gate", "up", "down"]
+    apply_lora(model, rank=2, alpha=4.0, targets=targets)
+    apply_lora(reference, rank=2, alpha=4.0, targets=targets, base_dtype=torch.float32)
+    randomized_adapters(model)
+    reference.load_state_dict(model.state_dict())  # the same adapters; bf16 weights widen exactly on loading
+    widen = model.blocks[0].attn.q.widen
+    assert all(m.widen is widen for m in model.modules() if isinstance(m, LoRALinear))
+    assert model.blocks[1].mlp.up.weight.dtype is torch.bfloat16
+    idx = torch.randint(0, 320, (2, 16))
+    model(idx, idx)[1].backward()
+    reference(idx, idx)[1].backward()
+    assert len(widen.buffers) == 4  # (C, C), (C, kv), (ffn, C), (C, ffn): one buffer per shape, not per layer
+    grads, expected = adapter_state(model), adapter_state(reference)
+    for name in grads:
+        got = dict(model.named_parameters())[name].grad
+        torch.testing.assert_close(got, dict(reference.named_parameters())[name].grad, atol=1e-6, rtol=1e-5)
+
+
 def test_frozen_weights_are_held_in_bf16_only_where_that_is_exact():
     torch.manual_seed(0)
     model = GPT(GPTConfig(arch="llama", **TINY))

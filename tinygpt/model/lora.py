@@ -27,6 +27,22 @@ TARGET_LAYERS["qwen2"] = TARGET_LAYERS["llama"]  # llama's layers, its q, k, v w
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+class Widener:
+    """Frozen narrow weights widened for a product, into one buffer per shape that every layer of the shape
+    reuses: the widened copy lives only for one product (it is not saved for the backward), and a fresh
+    float32 copy per layer and pass would be gigabytes a step for the allocator (and, with memory handed back
+    to the kernel as `train.hand_back_freed_memory` asks, page-zeroing) on a 0.5B model."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (weight.shape, dtype, weight.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        return self.buffers[key].copy_(weight)
+
+
 class _WidenedLinear(torch.autograd.Function):
     """x @ W.T + b with a frozen W (and b) stored narrower than x: widened to x's dtype for the product in the
     forward and again in the backward, one layer at a time, so the model holds the narrow copy only (half the
@@ -34,14 +50,15 @@ class _WidenedLinear(torch.autograd.Function):
     float32's speed). A bf16 weight widens exactly, so the result is x's product with the very weight stored."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, widen: Widener) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.widen = widen
+        return F.linear(x, widen(weight, x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None, None  # the frozen weight and bias get no gradient
+        return grad @ ctx.widen(weight, grad.dtype), None, None, None  # the frozen weight and bias get no gradient
 
 
 class LoRALinear(nn.Module):
@@ -49,8 +66,10 @@ class LoRALinear(nn.Module):
     (bf16) than the adapters: it is only read, so it needs no fp32 master copy. Outside autocast the product
     is still computed in the input's dtype (`_WidenedLinear`); under autocast, autocast chooses."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 widen: Widener | None = None) -> None:
         super().__init__()
+        self.widen = widen or Widener()  # apply_lora gives every layer of a model the same one
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
@@ -68,7 +87,7 @@ class LoRALinear(nn.Module):
         if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             # on rows: F.linear of a 3-d input returns a view, which the in-place update below may not modify
             # when a custom Function made it
-            rows = _WidenedLinear.apply(x.reshape(-1, self.in_features), w, self.bias)
+            rows = _WidenedLinear.apply(x.reshape(-1, self.in_features), w, self.bias, self.widen)
             base = rows.view(*x.shape[:-1], self.out_features)
         else:
             base = F.linear(x, w, self.bias)
@@ -114,7 +133,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str] 
         raise TinyGPTError(f"train.lora.targets {list(targets)} name no layer of a {model.config.arch} model; "
                            f"it has {', '.join(sorted(layers))}")
     model.requires_grad_(False)
-    wrapped = []
+    wrapped, widen = [], Widener()
     for i, block in enumerate(model.blocks):
         for path in paths:
             parent_name, name = path.split(".")
@@ -122,7 +141,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str] 
             base = getattr(parent, name)
             weight = base.weight.data
             base.weight.data = held_exactly(weight) if base_dtype is None else weight.to(base_dtype)
-            setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
+            setattr(parent, name, LoRALinear(base, rank, alpha, dropout, widen))
             wrapped.append(f"blocks.{i}.{path}")
     return wrapped
 
