@@ -12,6 +12,14 @@
    file's chat template), and the base model given the same words, as plain text and in ChatML: the peer.
 3. The context: the chat model works in chat.block_size tokens, the base is trained at model.block_size. The cost
    of training the base at the chat context instead: a toy training step at each context, same tokens per step.
+
+    python bench/bench_chat.py --induction 1500                  # only: when does the toy shape learn to copy?
+
+4. Induction (alone, with --induction STEPS): both chat tasks are copying, which needs induction heads. The toy
+   shape is trained from scratch on nothing but copying (random sequences over --symbols symbols, each shown twice)
+   at the base model's batch and context; the loss on second showings falls from ln(symbols) towards 0 once it
+   copies. Beside it, the step at which Aoyama et al. (2025, "Predicting the formation of induction heads") predict
+   induction heads to form: 10^5.7 * sqrt(batch * context) tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,13 +105,64 @@ def step_seconds(block_size: int, batch_size: int, steps: int = 6) -> float:
     return min(times[1:])
 
 
+def induction(steps: int, symbols: int, batch: int = 16, context: int = 128, every: int = 100) -> None:
+    """Train the toy llama from scratch on sequences shown twice; print the mean loss on first and second
+    showings over each `every` steps."""
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("toy", 4096, arch="llama", block_size=context))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+
+    def row() -> tuple[list[int], list[bool]]:
+        ids, second = [], []
+        while len(ids) <= context:
+            length = int(torch.randint(8, context // 2 + 1, (1,), generator=gen))
+            seq = torch.randint(symbols, (length,), generator=gen).tolist()
+            ids, second = ids + seq + seq, second + [False] * length + [True] * length
+        return ids[: context + 1], second[1 : context + 1]
+
+    predicted = 10**5.7 * (batch * context) ** 0.5
+    print(f"induction: toy llama from scratch, {symbols} symbols, {batch} x {context} tokens a step; Aoyama et al.'s "
+          f"law puts induction heads at {predicted / 1e6:.0f}M tokens, step {predicted / (batch * context):,.0f}")
+    sums = torch.zeros(2)
+    counts = torch.zeros(2)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        rows = [row() for _ in range(batch)]
+        x = torch.tensor([r[0] for r in rows])
+        second = torch.tensor([r[1] for r in rows])
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * min(1.0, step / 20)
+        logits, _ = model(x[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        nll.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for i, mask in enumerate((~second, second)):
+            sums[i] += nll.detach()[mask].sum()
+            counts[i] += mask.sum()
+        if step % every == 0 or step == steps:
+            first, again = (sums / counts).tolist()
+            print(f"  step {step:6d}: loss {first:.2f} nats on first showings, {again:.2f} on second "
+                  f"(ln {symbols} = {math.log(symbols):.2f}; copying: 0)   {time.perf_counter() - start:5.0f} s",
+                  flush=True)
+            sums.zero_()
+            counts.zero_()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_chat"), help="the clone to build in (reused)")
     parser.add_argument("--count", type=int, default=200, help="evaluation prompts per row")
     parser.add_argument("--skip_llama_cpp", action="store_true", help="leave out the llama.cpp row")
+    parser.add_argument("--induction", type=int, metavar="STEPS", help="only the induction probe, this many steps")
+    parser.add_argument("--symbols", type=int, default=64, help="the induction probe's alphabet")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.induction:
+        induction(args.induction, args.symbols)
+        return
 
     wall = build(args.work)
     work = args.work
