@@ -105,12 +105,13 @@ def step_seconds(block_size: int, batch_size: int, steps: int = 6) -> float:
     return min(times[1:])
 
 
-def induction(steps: int, symbols: int, batch: int = 16, context: int = 128, every: int = 100) -> None:
+def induction(steps: int, symbols: int, lr: float = 1e-3, batch: int = 16, context: int = 128,
+              every: int = 100) -> None:
     """Train the toy llama from scratch on sequences shown twice; print the mean loss on first and second
     showings over each `every` steps."""
     torch.manual_seed(0)
     model = GPT(config_from_preset("toy", 4096, arch="llama", block_size=context))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
 
     def row() -> tuple[list[int], list[bool]]:
@@ -132,7 +133,7 @@ def induction(steps: int, symbols: int, batch: int = 16, context: int = 128, eve
         x = torch.tensor([r[0] for r in rows])
         second = torch.tensor([r[1] for r in rows])
         for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * min(1.0, step / 20)
+            group["lr"] = lr * min(1.0, step / 20)
         logits, _ = model(x[:, :-1])
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
         nll.mean().backward()
@@ -158,10 +159,12 @@ def main() -> None:
     parser.add_argument("--skip_llama_cpp", action="store_true", help="leave out the llama.cpp row")
     parser.add_argument("--induction", type=int, metavar="STEPS", help="only the induction probe, this many steps")
     parser.add_argument("--symbols", type=int, default=64, help="the induction probe's alphabet")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the induction probe's peak learning rate")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     if args.induction:
-        induction(args.induction, args.symbols)
+        induction(args.induction, args.symbols, args.lr)
         return
 
     wall = build(args.work)
