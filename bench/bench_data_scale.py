@@ -330,7 +330,7 @@ def main() -> None:
     parser.add_argument("--split", default="auto", help="clean --split (auto: documents end at <|endoftext|>, as "
                                                           "the joined site-packages sources have; a text without one "
                                                           "is one document)")
-    parser.add_argument("--work_dir", help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--work_dir", help="the disk to work on (default: the system temporary folder; made if missing)")
     parser.add_argument("--families", nargs="*", default=[], choices=sorted(FAMILY_SPECIALS),
                         help="also encode with these families' tokenizers (see the module docstring)")
     parser.add_argument("--family_vocab", type=int, default=128_256, help="ids of the families' tokenizers "
@@ -350,6 +350,8 @@ def main() -> None:
     total = sum(p.stat().st_size for p in paths) / MB
     print(f"{len(paths)} .py files under 2 MB in site-packages, {total:.0f} MB; sizes {args.mb} MB")
     rows = []
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         for n_mb in args.mb:
             if n_mb * 1.1 > total:

@@ -219,6 +219,24 @@ def test_unsupported_tokenizers_stop_with_one_message():
         Tokenizer.from_json_str(json.dumps(no_eot))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+def test_merges_read_in_either_layout_and_bad_ones_are_named(family):
+    spec = json.loads(build(family).to_str())
+    as_lists = [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
+    text = "def f(x):\n    return x + 12345  # naïve ünïcode\n"
+    expected = Tokenizer.from_json_str(json.dumps(spec)).encode(text)
+    for merges in (as_lists, [" ".join(m) for m in as_lists]):  # newer files write lists, older "left right"
+        spec["model"]["merges"] = merges
+        assert Tokenizer.from_json_str(json.dumps(spec)).encode(text) == expected
+    for bad, message in (([*as_lists[:5], ["a", "b", "c"]], r"merge 5 \['a', 'b', 'c'\] is not two tokens"),
+                         ([*as_lists[:3], "ab"], "merge 3 'ab' is not two tokens"),
+                         ([*as_lists[:2], ["a", 7]], r"merge 2 \['a', 7\] is not two tokens"),
+                         ([*as_lists[:4], ["a", "\u2603"]], "merge 4 .*'\u2603'.* not in the vocabulary")):
+        spec["model"]["merges"] = bad
+        with pytest.raises(TinyGPTError, match=message):
+            Tokenizer.from_json_str(json.dumps(spec))
+
+
 def test_other_split_settings_equal_hf():
     """Settings the families do not use but tokenizer.json allows: Removed, invert, add_prefix_space, non-
     individual digits, NFKC, lstrip/rstrip and normalized added tokens, merges as [a, b] lists."""

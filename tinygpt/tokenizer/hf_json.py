@@ -13,6 +13,7 @@ one, else the first of EOT_NAMES among the special tokens (each family's base-mo
 from __future__ import annotations
 
 import json
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from tinygpt.common import EOT, TinyGPTError
@@ -54,11 +55,16 @@ def _check_model(model: dict, source: str) -> None:
         raise TinyGPTError(f"{source}: model.dropout {model['dropout']} makes encoding random; set it to null")
 
 
-def _merge_pair(merge, rank: int, source: str) -> tuple[str, str]:
-    parts = merge.split(" ") if isinstance(merge, str) else list(merge)
-    if len(parts) != 2 or not all(isinstance(p, str) for p in parts):
-        raise TinyGPTError(f"{source}: merge {rank} {merge!r} is not two tokens")
-    return parts[0], parts[1]
+def _merge_pairs(merges: list, source: str) -> list[list[str]]:
+    """Each merge ("left right", or [left, right] as newer files write them) as [left, right]."""
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
+    # (checked in bulk, without a Python call per merge: a 128k vocabulary has as many merges)
+    if set(map(type, pairs)) <= {list} and set(map(len, pairs)) <= {2} and \
+            set(map(type, chain.from_iterable(pairs))) <= {str}:
+        return pairs
+    rank = next(r for r, p in enumerate(pairs)
+                if not isinstance(p, list) or len(p) != 2 or not all(isinstance(t, str) for t in p))
+    raise TinyGPTError(f"{source}: merge {rank} {merges[rank]!r} is not two tokens")
 
 
 def _bos(post: dict | None, source: str) -> str | None:
@@ -91,7 +97,7 @@ def parse_tokenizer_json(cls: type[Tokenizer], text: str, source: str, eot_token
         vocab = {str(t): int(i) for t, i in model["vocab"].items()}
         added = [a for a in spec.get("added_tokens") or []]
         added_by_id = {int(a["id"]): str(a["content"]) for a in added}
-        merges = [_merge_pair(m, rank, source) for rank, m in enumerate(model["merges"])]
+        merges = _merge_pairs(model["merges"], source)
         post = spec.get("post_processor")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise _invalid(source, e) from None
@@ -109,14 +115,13 @@ def parse_tokenizer_json(cls: type[Tokenizer], text: str, source: str, eot_token
                            f"use the tokenizer.json that came with the model")
     ordinary = token_strings_to_bytes([by_id[i] for i in range(n) if i not in added_by_id])[::-1]
     token_bytes = [by_id[i].encode("utf-8") if i in added_by_id else ordinary.pop() for i in range(n)]
-    pairs, merged = [], []
-    for rank, (left, right) in enumerate(merges):
-        a, b, new = vocab.get(left), vocab.get(right), vocab.get(left + right)
-        if a is None or b is None or new is None:
-            raise TinyGPTError(f"{source}: merge {rank} ({left!r}, {right!r}) uses or makes a token not in the "
-                               "vocabulary")
-        pairs.append((a, b))
-        merged.append(new)
+    lefts, rights = [m[0] for m in merges], [m[1] for m in merges]
+    ids = [list(map(vocab.get, tokens)) for tokens in (lefts, rights, map(str.__add__, lefts, rights))]
+    if any(None in column for column in ids):
+        rank = next(r for r, found in enumerate(zip(*ids)) if None in found)
+        raise TinyGPTError(f"{source}: merge {rank} ({lefts[rank]!r}, {rights[rank]!r}) uses or makes a token not "
+                           "in the vocabulary")
+    pairs, merged = list(zip(ids[0], ids[1])), ids[2]
     added_ids = {a["content"]: int(a["id"]) for a in added}
     special = {a["content"] for a in added if a.get("special")}
     eot = eot_token or next((t for t in EOT_NAMES if t in special), None)

@@ -189,11 +189,14 @@ class Splitter:
         # These regexes (GPT-2's, Llama 3's, Qwen2's, SmolLM's) match every character: findall gives the pieces.
         self.total = pattern in (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, SMOLLM_PATTERN)
 
-    def compiled(self, text: str):
-        return self.bmp if self.bmp is not None and not _BEYOND_BMP.search(text) else self.full
+    def compiled(self, text: str, bmp: bool | None = None):
+        """The regex for `text`; bmp: whether the caller knows it holds no character beyond U+FFFF (None: look)."""
+        if bmp is None:
+            bmp = not _BEYOND_BMP.search(text)
+        return self.bmp if self.bmp is not None and bmp else self.full
 
-    def __call__(self, text: str) -> list[str]:
-        compiled = self.compiled(text)
+    def __call__(self, text: str, bmp: bool | None = None) -> list[str]:
+        compiled = self.compiled(text, bmp)
         if self.total and not self.remove:
             return compiled.findall(text)
         pieces, pos = [], 0
@@ -217,7 +220,7 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.known: Known | None = KNOWN.get((self.normalizer, self.steps))
         if self.known is not None and self.known.fused is not None:
-            self._cut: list[Callable[[str], list[str]]] = [Splitter(self.known.fused)]
+            self._cut: list[Callable[..., list[str]]] = [Splitter(self.known.fused)]
         else:
             self._cut = [_step_function(s) for s in self.steps]
         self._safe = None if self.known is None else safe_points_in_text(self.known.safe_before)
@@ -229,14 +232,19 @@ class Pipeline:
 
     def pretokenize(self, text: str) -> list[str]:
         """The pieces of (normalized) text that BPE merges within."""
-        if self._safe is None or not _BEYOND_BMP.search(text):
-            return self._pretokenize_whole(text)
+        if not _BEYOND_BMP.search(text):  # looked for once here, not again by each step
+            return self._pretokenize_whole(text, bmp=True)
+        if self._safe is None:
+            return self._pretokenize_whole(text, bmp=False)
         return [p for stretch in split_beyond_bmp(text, self._safe) for p in self._pretokenize_whole(stretch)]
 
-    def _pretokenize_whole(self, text: str) -> list[str]:
-        pieces = [text] if text else []
-        for cut in self._cut:
-            pieces = [p for piece in pieces for p in cut(piece)]
+    def _pretokenize_whole(self, text: str, bmp: bool | None = None) -> list[str]:
+        if not text or not self._cut:
+            return [text] if text else []
+        first, *rest = self._cut
+        pieces = first(text, bmp)  # (the known pipelines have one step: no copy of a list of a million pieces)
+        for cut in rest:
+            pieces = [p for piece in pieces for p in cut(piece, bmp or None)]  # (False: some pieces are BMP)
         return pieces
 
 
@@ -287,7 +295,7 @@ def _step_function(step: Step) -> Callable[[str], list[str]]:
         return Splitter(step.pattern, step.remove, step.invert)
     if step.kind == "digits":
         return Splitter(r"\p{N}" if step.individual else r"\p{N}+")
-    return lambda text: [text if text.startswith(" ") else " " + text]  # prefix_space
+    return lambda text, bmp=None: [text if text.startswith(" ") else " " + text]  # prefix_space
 
 
 # ---- tokenizer.json -> Pipeline ---------------------------------------------------------------------------------
