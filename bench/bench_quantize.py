@@ -68,11 +68,12 @@ def child_cpu() -> float:
 
 
 def run_ours(folder: Path, file_type: str, threads: int, imatrix: bool) -> tuple[float, float]:
-    """(wall, CPU) seconds of one quantize_gguf run, in `folder` (the importance matrix by its relative name)."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    """(wall, CPU) seconds of one quantize_gguf run, in `folder` (the importance matrix by its relative name);
+    CPU time includes its worker processes'."""
+    wall, cpu = time.perf_counter(), time.process_time() + child_cpu()
     quantize_gguf(folder / "model-f16.gguf", folder / "ours.gguf", file_type, threads,
                   imatrix=IMATRIX if imatrix else None)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, time.process_time() + child_cpu() - cpu
 
 
 def run_theirs(tool: Path, folder: Path, file_type: str, threads: int, imatrix: bool) -> tuple[float, float]:

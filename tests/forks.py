@@ -48,10 +48,13 @@ def started_processes(monkeypatch) -> list[str]:
 
 def progress_bars_on(monkeypatch, monitor: bool) -> None:
     """Progress bars shown, as in a real run (the tests hide them); with or without tqdm's monitor thread,
-    which starts with the first bar and then lives as long as the process."""
+    which tinygpt switches off (tinygpt.common) but another library may switch on: it starts with the next
+    bar and then lives as long as the process."""
     monkeypatch.setenv("TINYGPT_NO_PROGRESS", "0")
     if monitor:
+        monkeypatch.setattr(tqdm, "monitor_interval", 10)  # tqdm's default
         tqdm(total=1, file=io.StringIO()).close()
+        assert tqdm.monitor is not None and tqdm.monitor.is_alive()
     elif tqdm.monitor is not None:
         tqdm.monitor.exit()
         tqdm.monitor = None

@@ -169,3 +169,22 @@ def test_atomic_folder_makes_a_new_folder_and_refuses_one_that_holds_folders(tmp
     with pytest.raises(TinyGPTError, match="is a file"):
         with atomic_folder(tmp_path / "a" / "tokens" / "meta.json"):
             pass
+
+
+def test_progress_bars_start_no_thread():
+    """tqdm's monitor thread would keep stages from forking their workers (worker_context): our bars start none."""
+    import io
+    import threading
+
+    from tqdm import tqdm
+
+    from tinygpt.common import progress
+
+    if tqdm.monitor is not None:  # one another test started on purpose (tests/forks.py)
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    before = threading.active_count()
+    bar = progress(total=3, disable=False, file=io.StringIO())
+    bar.update(3)
+    bar.close()
+    assert tqdm.monitor is None and threading.active_count() == before

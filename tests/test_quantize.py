@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
 from tinygpt.common import TinyGPTError
+from tinygpt.export import quantize
 from tinygpt.export.quantize import FILE_TYPES, main, plan_tensor_types, quantize_gguf, use_more_bits
 
 ROOT = Path(__file__).parents[1]
@@ -155,6 +157,29 @@ def test_failed_conversion_leaves_no_file(model_files, tmp_path):
     with pytest.raises(TinyGPTError, match="already Q8_0"):
         quantize_gguf(q8, out, "q4_k_m")
     assert sorted(os.listdir(tmp_path)) == ["q8.gguf"]
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_worker_processes_write_llama_quantizes_file(model_files, tmp_path, monkeypatch):
+    """With threads, whole tensors are converted in forked worker processes (each on one thread): the same file,
+    and a tensor's error reaches the caller as it would from one process, leaving no file."""
+    monkeypatch.setattr(quantize, "worker_context", lambda: multiprocessing.get_context("fork"))
+    convert = quantize._convert
+
+    def in_a_worker(t, qtype, threads, importance):
+        assert threads == 1, "converted by the caller's threads, not by worker processes"
+        return convert(t, qtype, threads, importance)
+
+    monkeypatch.setattr(quantize, "_convert", in_a_worker)  # before the fork: the workers inherit it
+    for file_type in ("q4_k_m", "q5_0", "q6_k"):
+        out = tmp_path / f"{file_type}.gguf"
+        quantize_gguf(model_files["w96"], out, file_type, threads=2)
+        assert make_golden.file_sha256(out) == GOLDEN["models"]["w96"]["types"][file_type]["file_sha256"]
+    q8 = tmp_path / "q8_0.gguf"
+    quantize_gguf(model_files["w96"], q8, "q8_0", threads=1)
+    with pytest.raises(TinyGPTError, match="already Q8_0"):
+        quantize_gguf(q8, tmp_path / "again.gguf", "q4_k_m", threads=2)
+    assert not (tmp_path / "again.gguf").exists()
 
 
 def test_missing_input_and_same_output(tmp_path, model_files):

@@ -17,6 +17,10 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
+# No monitor thread behind progress bars (it only retunes a bar's refresh): with it alive, worker processes
+# could not be forked safely (see worker_context). tqdm's class attribute: bars of other libraries too.
+tqdm.monitor_interval = 0
+
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it; done once, at import, before any threads
@@ -194,8 +198,8 @@ def set_malloc(*, mmap_threshold: int, trim_threshold: int | None = None) -> Non
 def worker_context() -> multiprocessing.context.BaseContext:
     """How to start worker processes: fork (fast: workers inherit what is loaded) when this process runs no
     other thread, else spawn. A fork copies every lock as it is at that instant, so a lock that another thread
-    holds (tqdm's monitor thread, which lives on once a progress bar was shown) stays locked in the worker
-    forever. Stages start their pools before their first progress bar, so a stage run alone forks."""
+    holds stays locked in the worker forever. tqdm's monitor thread, which would live on once a progress bar
+    was shown, is switched off (below), so a process that ran one stage can fork for the next."""
     alone = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if alone else "spawn")
 
