@@ -231,7 +231,7 @@ def _converted_by_workers(job: tuple, indices: list[int], threads: int) -> Itera
     each at a time; None where that cannot be (no fork) or is not worth it (one thread or one tensor).
 
     Processes, not threads over a tensor's rows: the quantizers are many short numpy calls, between which
-    threads take turns at Python's interpreter lock (two threads cost 1.6-1.9x one thread's CPU time, and the
+    threads take turns at Python's interpreter lock (two threads cost 1.4-1.6x one thread's CPU time, and the
     wall time hardly fell); processes share nothing but the input file's pages."""
     global _JOB
     context = worker_context()
