@@ -215,7 +215,12 @@ def _tensor_importance(values: Mapping[str, np.ndarray] | None, info: TensorInfo
 
 # ------------------------------------------------------------------------------------------------ the stage
 
-_JOB: tuple | None = None  # (tensors by name, infos, plan, importance): what forked workers inherit, not pickled
+_JOB: tuple | None = None  # in a worker: (tensors by name, infos, plan, importance)
+
+
+def _init_worker(job: tuple) -> None:
+    global _JOB
+    _JOB = job  # inherited through the fork, not pickled: the tensors are the input file's mapped pages
 
 
 def _convert_tensor(i: int) -> np.ndarray:
@@ -233,17 +238,12 @@ def _converted_by_workers(job: tuple, indices: list[int], threads: int) -> Itera
     Processes, not threads over a tensor's rows: the quantizers are many short numpy calls, between which
     threads take turns at Python's interpreter lock (two threads cost 1.4-1.6x one thread's CPU time, and the
     wall time hardly fell); processes share nothing but the input file's pages."""
-    global _JOB
     context = worker_context()
     if threads < 2 or len(indices) < 2 or context.get_start_method() != "fork":
         yield None
         return
-    _JOB = job
-    try:
-        with context.Pool(min(threads, len(indices))) as pool:
-            yield pool.imap(_convert_tensor, indices)
-    finally:
-        _JOB = None
+    with context.Pool(min(threads, len(indices)), _init_worker, (job,)) as pool:
+        yield pool.imap(_convert_tensor, indices)
 
 
 def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, file_type: str = "q4_k_m",

@@ -290,7 +290,7 @@ def _last_safe_point(safe: re.Pattern, text: str, lo: int, hi: int) -> int:
         window *= 16
 
 
-def _step_function(step: Step) -> Callable[[str], list[str]]:
+def _step_function(step: Step) -> Callable[..., list[str]]:
     if step.kind == "split":
         return Splitter(step.pattern, step.remove, step.invert)
     if step.kind == "digits":
