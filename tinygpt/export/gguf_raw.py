@@ -1,5 +1,5 @@
 """GGUF files as the quantizer needs them: metadata kept as raw bytes, tensors as memory-mapped bytes, and a
-writer that streams tensors out one at a time in llama.cpp's layout.
+writer that streams tensors out one at a time, or puts each at its offset, in llama.cpp's layout.
 
 gguf-py's reader decodes every metadata value into numpy views (a vocabulary of 50k tokens is 50k small
 arrays), which costs as much as quantizing a small model to Q8_0; the quantize stage only copies those values.
@@ -100,10 +100,17 @@ def tensor_nbytes(ne: Iterable[int], qtype: GGMLQuantizationType) -> int:
     return rows * (ne[0] // block) * size
 
 
-def write_raw_gguf(path: Path, metadata: dict[str, bytes], tensors: list[tuple[str, tuple[int, ...],
-                   GGMLQuantizationType]], tensor_bytes: Callable[[int], np.ndarray | bytes]) -> None:
-    """Write a GGUF file: `metadata` (encoded values, in order), then the tensor infos of `tensors` (name, ne,
-    type), then tensor i's bytes as `tensor_bytes(i)` returns them, called in order, one at a time."""
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of a GGUF file goes: the header (padded to the alignment), then each tensor at its offset."""
+    header: bytes
+    offsets: list[int]  # tensor i's data starts here, counted from the start of the file
+    sizes: list[int]  # tensor i's bytes, without its padding
+    end: int  # the file's size: the last tensor padded to the alignment
+
+
+def gguf_layout(metadata: dict[str, bytes], tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> Layout:
+    """The layout of a GGUF file with `metadata` (encoded values, in order) and `tensors` (name, ne, type)."""
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
         alignment = RawGGUF(metadata, []).value("general.alignment")
@@ -113,20 +120,45 @@ def write_raw_gguf(path: Path, metadata: dict[str, bytes], tensors: list[tuple[s
         name = key.encode()
         head += [struct.pack("<Q", len(name)), name, value]
     offset = 0
-    sizes = []
+    offsets, sizes = [], []
     for name, ne, qtype in tensors:
         encoded = name.encode()
         head += [struct.pack("<Q", len(encoded)), encoded, struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, qtype, offset)]
+        offsets.append(offset)
         sizes.append(tensor_nbytes(ne, qtype))
         offset += pad(sizes[-1])
     header = b"".join(head)
+    header += bytes(pad(len(header)) - len(header))
+    return Layout(header, [len(header) + o for o in offsets], sizes, len(header) + offset)
+
+
+def tensor_view(layout: Layout, i: int, name: str, data: np.ndarray | bytes) -> memoryview:
+    """Tensor i's bytes as one flat view, checked against the size its type and shape need."""
+    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if isinstance(data, np.ndarray) \
+        else memoryview(data)
+    if view.nbytes != layout.sizes[i]:
+        raise ValueError(f"tensor {name}: {view.nbytes} bytes for the {layout.sizes[i]} its type and shape need")
+    return view
+
+
+def write_tensor_at(fd: int, layout: Layout, i: int, name: str, data: np.ndarray | bytes) -> None:
+    """Write tensor i's bytes at its offset in a file already `layout.end` bytes long (its padding stays zero).
+    Positioned writes: processes sharing the file descriptor write their tensors in any order."""
+    view = tensor_view(layout, i, name, data)
+    offset = layout.offsets[i]
+    while view.nbytes:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def write_raw_gguf(path: Path, metadata: dict[str, bytes], tensors: list[tuple[str, tuple[int, ...],
+                   GGMLQuantizationType]], tensor_bytes: Callable[[int], np.ndarray | bytes]) -> None:
+    """Write a GGUF file: `metadata` (encoded values, in order), then the tensor infos of `tensors` (name, ne,
+    type), then tensor i's bytes as `tensor_bytes(i)` returns them, called in order, one at a time."""
+    layout = gguf_layout(metadata, tensors)
     with open(path, "wb") as f:
-        f.write(header + bytes(pad(len(header)) - len(header)))
-        for i, size in enumerate(sizes):
-            data = tensor_bytes(i)
-            view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if isinstance(data, np.ndarray) \
-                else memoryview(data)
-            if view.nbytes != size:
-                raise ValueError(f"tensor {tensors[i][0]}: {view.nbytes} bytes for the {size} its type and shape need")
-            f.write(view)
-            f.write(bytes(pad(size) - size))
+        f.write(layout.header)
+        for i, (name, _, _) in enumerate(tensors):
+            f.write(tensor_view(layout, i, name, tensor_bytes(i)))
+            end = layout.offsets[i + 1] if i + 1 < len(tensors) else layout.end
+            f.write(bytes(end - layout.offsets[i] - layout.sizes[i]))
