@@ -8,6 +8,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,25 @@ def test_worker_processes_write_llama_quantizes_file(model_files, tmp_path, monk
     with pytest.raises(TinyGPTError, match="already Q8_0"):
         quantize_gguf(q8, tmp_path / "again.gguf", "q4_k_m", threads=2)
     assert not (tmp_path / "again.gguf").exists()
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_worker_that_dies_is_one_clear_error_and_leaves_no_file(model_files, tmp_path, monkeypatch):
+    """A worker killed mid-tensor (as the out-of-memory killer would) stops the stage with one message instead of
+    leaving it waiting forever for that tensor, as multiprocessing.Pool would."""
+    monkeypatch.setattr(quantize, "worker_context", lambda: multiprocessing.get_context("fork"))
+    caller, convert = os.getpid(), quantize._convert
+
+    def killed_in_a_worker(t, qtype, threads, importance):
+        if os.getpid() != caller and t.name == "blk.1.ffn_up.weight":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return convert(t, qtype, threads, importance)
+
+    monkeypatch.setattr(quantize, "_convert", killed_in_a_worker)
+    out = tmp_path / "q4_k_m.gguf"
+    with pytest.raises(TinyGPTError, match="worker process of quantize died"):
+        quantize_gguf(model_files["w96"], out, "q4_k_m", threads=2)
+    assert os.listdir(tmp_path) == []
 
 
 def test_missing_input_and_same_output(tmp_path, model_files):

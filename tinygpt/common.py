@@ -12,6 +12,8 @@ import shutil
 import sys
 import tempfile
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -202,6 +204,23 @@ def worker_context() -> multiprocessing.context.BaseContext:
     was shown, is switched off (below), so a process that ran one stage can fork for the next."""
     alone = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if alone else "spawn")
+
+
+@contextlib.contextmanager
+def worker_pool(processes: int, initializer: Callable, initargs: tuple, stage: str) -> Iterator[ProcessPoolExecutor]:
+    """Worker processes for `stage`, started (by fork where that is safe: see worker_context) at the first submit.
+
+    Not multiprocessing.Pool: it replaces a worker that dies (the out-of-memory killer's SIGKILL, say) and then
+    waits forever for the task that worker held. Here a dead worker is one TinyGPTError at the next result, and
+    on any error the tasks not yet started are dropped instead of finished."""
+    pool = ProcessPoolExecutor(processes, mp_context=worker_context(), initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    except BrokenProcessPool:
+        raise TinyGPTError(f"a worker process of {stage} died before it finished (killed by the system, perhaps for "
+                           "want of memory); its output was not written: run it again with fewer threads") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

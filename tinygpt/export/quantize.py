@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from concurrent.futures import as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from tinygpt.common import (TinyGPTError, atomic_path, capped_threads, progress, require_file, run_cli,
-                            worker_context)
+                            worker_context, worker_pool)
 from tinygpt.export.gguf_raw import (Layout, RawTensor, encode_value, gguf_layout, read_raw_gguf, write_raw_gguf,
                                      write_tensor_at)
 from tinygpt.export.imatrix import imatrix_values, load_imatrix
@@ -264,14 +265,15 @@ def _write_by_workers(path: Path, job: _Job, converting: list[int], threads: int
         f.truncate(job.layout.end)
         f.flush()
         job = replace(job, fd=f.fileno())
-        with worker_context().Pool(min(threads, len(order)), _init_worker, (job,)) as pool:
+        with worker_pool(min(threads, len(order)), _init_worker, (job,), "quantize") as pool:
+            converted = [pool.submit(_write_converted, i) for i in order]  # the workers start at the first submit
             bar = progress(total=len(job.infos), desc=desc, unit="tensor")  # after the fork: see worker_context
-            converted = pool.imap_unordered(_write_converted, order)
             for i in copied:  # meanwhile, as stored
                 name = job.infos[i].name
                 write_tensor_at(job.fd, job.layout, i, name, job.by_name[name].data)
                 bar.update()
-            for _ in converted:
+            for done in as_completed(converted):
+                done.result()  # a worker's error, raised here
                 bar.update()
             bar.close()
 
