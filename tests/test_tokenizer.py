@@ -181,10 +181,10 @@ def test_load_errors(tok, tmp_path):
 def test_cache_is_bounded_and_transparent(tok, monkeypatch):
     fresh = Tokenizer(tok.merges)
     monkeypatch.setattr(tokenizer_module, "CACHE_SIZE", 3)
-    text = " ".join(TRAINING_TEXT)
-    assert fresh.encode(text) == tok.encode(text)
-    for cache in (fresh._chunk_cache, fresh._word_cache):
-        assert len(cache) <= 3 and len(cache.previous) <= 3
+    for text in TRAINING_TEXT * 2:
+        assert fresh.encode(text) == tok.encode(text)
+        for cache in (fresh._chunk_cache, fresh._word_cache):  # a generation: CACHE_SIZE, and one text's keys
+            assert len(cache.current) < 3 + len(text) and len(cache.previous) < 3 + max(map(len, TRAINING_TEXT))
 
 
 def test_cache_keeps_what_is_still_in_use(tok, monkeypatch):
@@ -192,10 +192,12 @@ def test_cache_keeps_what_is_still_in_use(tok, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "CACHE_SIZE", 2)
     computed = []
     real = fresh._chunk_cache._compute
-    fresh._chunk_cache._compute = lambda chunk: computed.append(chunk) or real(chunk)
+    fresh._chunk_cache._compute = lambda chunks: computed.extend(chunks) or real(chunks)
     for chunk in ["a", "b", "c", "a", "d", "a"]:  # "a" is found in the previous generation, never recomputed
-        assert fresh._chunk_cache[chunk] == fresh.pack(tok.encode(chunk))
+        assert fresh._chunk_cache.join([chunk]) == fresh.pack(tok.encode(chunk))
     assert computed == ["a", "b", "c", "d"]
+    assert fresh._chunk_cache.join(["d", "a", "e", "a"]) == fresh.pack([*map(ord, "daea")])  # one text, turned over
+    assert computed == ["a", "b", "c", "d", "e"]
 
 
 # ---- fast paths against the reference pre-tokenization (the `regex` module with GPT2_PATTERN) -----------------
@@ -302,8 +304,8 @@ def test_batch_path_matches_tiktoken(tok, tiktoken_enc):
     """Texts long enough for their unseen chunks to go through BPE together, from cold caches."""
     fresh = Tokenizer(tok.merges)
     computed_alone = []
-    real = fresh._chunk_cache._compute
-    fresh._chunk_cache._compute = lambda chunk: computed_alone.append(chunk) or real(chunk)
+    real = fresh._encode_chunk
+    fresh._encode_chunk = lambda chunk: computed_alone.append(chunk) or real(chunk)
     text = "\n".join(SAMPLES + TRAINING_TEXT + [t.upper() for t in SAMPLES])
     assert len(pretokenize(text)) >= tokenizer_module.BATCH_MIN
     assert fresh.encode_ordinary(text) == tiktoken_enc.encode_ordinary(text)

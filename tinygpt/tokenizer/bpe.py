@@ -22,7 +22,6 @@ import os
 import re
 from array import array
 from functools import cached_property, lru_cache
-from itertools import chain, filterfalse, islice
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -48,7 +47,7 @@ _BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 # The special tokens of every tokenizer train_bpe writes, in id order after the merges: the chat format's two
 # (so that pretraining and chat share one vocabulary), then <|endoftext|> last, at vocab_size - 1.
 RESERVED_SPECIALS = (IM_START, IM_END, EOT)
-CACHE_SIZE = 100_000  # entries per encode cache; a cache is emptied when full, which bounds memory
+CACHE_SIZE = 100_000  # entries per generation of an encode cache (see _Cache), which bounds memory
 # Unseen chunks in one text from which they go through BPE together (`_BatchMerge`): below it, one at a time is
 # quicker than the batch's fixed cost (a few dozen numpy calls a round).
 BATCH_MIN = 64
@@ -136,33 +135,35 @@ def pretokenize(text: str) -> list[str]:
     return chunks
 
 
-class _BoundedCache(dict):
-    """text -> packed ids; a miss calls `compute`. At most 2 * CACHE_SIZE entries: when full, the entries become the
-    previous generation (and the one before is dropped); a miss looks there before computing, so what is still
-    in use survives the turnover (varied text has more distinct chunks than one generation holds)."""
+class _Cache:
+    """text -> packed ids, in two plain dicts: `current`, and `previous`, the generation before. When current holds
+    CACHE_SIZE entries it becomes previous (the one before is dropped), which bounds memory to about
+    2 * CACHE_SIZE entries plus one text's; an entry still in use moves back from previous when next looked up, so
+    it survives the turnover (varied text has more distinct chunks than one generation holds). `compute` makes
+    the entries of keys found in neither, all of a text's in one call (see Tokenizer._encode_unseen)."""
 
-    def __init__(self, compute: Callable[[str], bytes]) -> None:
-        super().__init__()
-        self._compute = compute
+    def __init__(self, compute: Callable[[list[str]], list[bytes]]) -> None:
+        self.current: dict[str, bytes] = {}
         self.previous: dict[str, bytes] = {}
+        self._compute = compute
 
-    def __missing__(self, key: str) -> bytes:
-        ids = self.previous.get(key)
-        if ids is None:
-            ids = self._compute(key)
-        if len(self) >= CACHE_SIZE:
-            self.previous = self.copy()
-            self.clear()
-        self[key] = ids
-        return ids
-
-    def add(self, new: dict[str, bytes]) -> None:
-        """Store entries computed beforehand, with the same turnover as a miss."""
-        for key, ids in new.items():
-            if len(self) >= CACHE_SIZE:
-                self.previous = self.copy()
-                self.clear()
-            self[key] = ids
+    def join(self, keys: list[str]) -> bytes:
+        """The entries of `keys`, joined in order."""
+        if len(self.current) >= CACHE_SIZE:
+            self.previous, self.current = self.current, {}
+        current = self.current
+        # A set first (a text repeats its chunks, about five times each in code), and then a set difference with
+        # the plain dict, which runs in C without a call per key; the strings keep the hashes it computes for the
+        # lookups of the join, which then all hit and run in C too.
+        missing = set(keys).difference(current)
+        if missing:
+            unseen = list(missing.difference(self.previous))
+            if len(unseen) < len(missing):
+                kept = missing.difference(unseen)
+                current.update(zip(kept, map(self.previous.__getitem__, kept)))
+            if unseen:
+                current.update(zip(unseen, self._compute(unseen)))
+        return b"".join(map(current.__getitem__, keys))
 
 
 _NO_RANK = np.iinfo(np.int64).max
@@ -330,8 +331,8 @@ class Tokenizer:
         self.dtype = np.dtype(np.uint16 if self.vocab_size <= 65536 else np.uint32)  # of token files and packed ids
         self._typecode = {2: "H", 4: "I"}[self.dtype.itemsize]
         assert array(self._typecode).itemsize == self.dtype.itemsize
-        self._chunk_cache = _BoundedCache(self._encode_chunk)
-        self._word_cache = _BoundedCache(self._encode_word)  # for the space-split fast path
+        self._chunk_cache = _Cache(self._encode_unseen)
+        self._word_cache = _Cache(self._encode_words)  # for the space-split fast path
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, eot_id={self.eot_id})"
@@ -402,9 +403,9 @@ class Tokenizer:
                 return self.pack((found,))
         return self.pack(self._merge_chunk(data))
 
-    def _encode_word(self, word: str) -> bytes:
-        """Ids of " " + word, where word is text between two spaces of a text the space-split path may take."""
-        return self._encode_chunks(" " + word)
+    def _encode_words(self, words: list[str]) -> list[bytes]:
+        """Ids of " " + word for each word: text between two spaces of a text the space-split path may take."""
+        return [self._encode_chunks(" " + word) for word in words]
 
     @cached_property
     def _batch_merge(self) -> _BatchMerge | None:
@@ -416,42 +417,29 @@ class Tokenizer:
         prepare_pretokenizer()
         self._batch_merge
 
-    def _add_unseen(self, chunks: list[str]) -> None:
-        """Encode the chunks not in the cache together (see _BatchMerge), if there are enough of them."""
-        cache = self._chunk_cache
-        # (a set first: a text repeats its chunks, about five times each in code, and lookups cost more)
-        unseen = list(filterfalse(cache.previous.__contains__, filterfalse(cache.__contains__, set(chunks))))
-        if len(unseen) < BATCH_MIN or self._batch_merge is None:
-            return  # left to the cache's __missing__, one at a time
-        new: dict[str, bytes] = {}
-        if self.ignore_merges:  # a piece that is a token is that token (see _encode_chunk)
-            id_of = self._id_of_bytes.get
-            for chunk in unseen:
-                found = id_of(chunk.encode("utf-8"))
-                if found is not None:
-                    new[chunk] = self.pack((found,))
-            unseen = [chunk for chunk in unseen if chunk not in new]
-        if unseen:
-            merged = self._batch_merge.merge([chunk.encode("utf-8") for chunk in unseen], self.dtype)
-            new.update(zip(unseen, merged))
-        cache.add(new)
+    def _encode_unseen(self, chunks: list[str]) -> list[bytes]:
+        """The ids of chunks not in the cache: together through BPE (see _BatchMerge) if there are enough of them."""
+        if len(chunks) < BATCH_MIN or self._batch_merge is None:
+            return list(map(self._encode_chunk, chunks))
+        data = [chunk.encode("utf-8") for chunk in chunks]
+        if not self.ignore_merges:
+            return self._batch_merge.merge(data, self.dtype)
+        found = list(map(self._id_of_bytes.get, data))  # a piece that is a token is that token (see _encode_chunk)
+        rest = [d for d, i in zip(data, found) if i is None]
+        merged = iter(self._batch_merge.merge(rest, self.dtype) if rest else ())
+        return [next(merged) if i is None else self.pack((i,)) for i in found]
 
     def _encode_chunks(self, text: str) -> bytes:
         """The general path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
-        chunks = self._pretokenize(text)
-        if len(chunks) >= BATCH_MIN:
-            self._add_unseen(chunks)
-        # Cache hits run entirely in C (dict lookup, join); only unseen chunks reach _BoundedCache.__missing__.
-        return b"".join(map(self._chunk_cache.__getitem__, chunks))
+        return self._chunk_cache.join(self._pretokenize(text))
 
     def _encode_normalized(self, text: str) -> bytes:
         """Encode normalized text without added tokens."""
         if not self._space_split or self._breaker.search(text):
             return self._encode_chunks(text)
         # Fast path: str.split and one dict hit per word replace the regex for all but unseen words.
-        words = text.split(" ")
-        rest = map(self._word_cache.__getitem__, islice(words, 1, None))
-        return b"".join(chain((self._encode_chunks(words[0]),), rest))
+        first, *words = text.split(" ")
+        return self._encode_chunks(first) + self._word_cache.join(words)
 
     def _encode_with(self, text: str, special_too: bool) -> bytes:
         """Normalize and encode text; the added tokens found in it (special ones only if special_too) are kept

@@ -236,7 +236,7 @@ class Pipeline:
             return self._pretokenize_whole(text, bmp=True)
         if self._safe is None:
             return self._pretokenize_whole(text, bmp=False)
-        return [p for stretch in split_beyond_bmp(text, self._safe) for p in self._pretokenize_whole(stretch)]
+        return [p for stretch, bmp in split_beyond_bmp(text, self._safe) for p in self._pretokenize_whole(stretch, bmp)]
 
     def _pretokenize_whole(self, text: str, bmp: bool | None = None) -> list[str]:
         if not text or not self._cut:
@@ -248,9 +248,10 @@ class Pipeline:
         return pieces
 
 
-def split_beyond_bmp(text: str, safe: re.Pattern) -> Iterator[str]:
+def split_beyond_bmp(text: str, safe: re.Pattern) -> Iterator[tuple[str, bool]]:
     """text as consecutive stretches cut at safe points (where its pieces do not change), each character beyond
-    U+FFFF in a stretch as short as the safe points allow.
+    U+FFFF in a stretch as short as the safe points allow; with each, whether it is within the BMP (so that the
+    regexes need not look again).
 
     Such a character sends its whole text to `regex` (see Splitter), at a third of `re`'s speed; cut out, only
     the stretches around them go to `regex`, the rest to `re`.
@@ -262,12 +263,12 @@ def split_beyond_bmp(text: str, safe: re.Pattern) -> Iterator[str]:
         match = safe.search(text, beyond.end())
         end = len(text) if match is None else match.end()
         if start > pos:
-            yield text[pos:start]
-        yield text[start:end]
+            yield text[pos:start], True
+        yield text[start:end], False
         pos = end
         beyond = _BEYOND_BMP.search(text, pos)
     if pos < len(text):
-        yield text[pos:]
+        yield text[pos:], True
 
 
 @lru_cache(maxsize=None)
