@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -313,6 +316,7 @@ def test_workers_never_fork_beside_a_thread_nor_exceed_the_usable_cpus(tmp_path,
 
     progress_bars_on(monkeypatch, monitor)
     monkeypatch.setattr(common, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(encode_module, "BATCH_BYTES", 64)  # many tasks: spawned workers start as tasks wait
     started = started_processes(monkeypatch)
     corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
     with watched_forks() as forks:
@@ -321,6 +325,28 @@ def test_workers_never_fork_beside_a_thread_nor_exceed_the_usable_cpus(tmp_path,
     assert started == ["spawn" if monitor else "fork"] * 2, "one worker per usable CPU"
     assert forks == ([] if monitor else [[], []]), "no other thread alive at a fork"
     assert (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_worker_that_dies_is_one_clear_error_and_leaves_no_outputs(tmp_path, tokenizer_path, monkeypatch):
+    """A worker killed mid-batch (as the out-of-memory killer would) stops the stage with one message, where
+    multiprocessing.Pool would wait forever for its batch; nothing is written."""
+    import tinygpt.common as common
+
+    monkeypatch.setattr(common, "worker_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(encode_module, "BATCH_BYTES", 300)
+    caller, encode_pieces = os.getpid(), encode_module._encode_pieces
+
+    def killed_in_a_worker(batch):
+        if os.getpid() != caller:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode_pieces(batch)
+
+    monkeypatch.setattr(encode_module, "_encode_pieces", killed_in_a_worker)  # before the fork: inherited
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
+    with pytest.raises(TinyGPTError, match="worker process of encode died"):
+        encode_corpus(corpus, tokenizer_path, tmp_path / "out", threads=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
 
 
 def test_chat_token_text_in_the_corpus_stays_text(tmp_path, tokenizer_path, tok):

@@ -207,14 +207,18 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 @contextlib.contextmanager
-def worker_pool(processes: int, initializer: Callable, initargs: tuple, stage: str) -> Iterator[ProcessPoolExecutor]:
-    """Worker processes for `stage`, started (by fork where that is safe: see worker_context) at the first submit.
+def worker_pool(processes: int, initializer: Callable, initargs: tuple, stage: str,
+                context: multiprocessing.context.BaseContext | None = None) -> Iterator[ProcessPoolExecutor]:
+    """Worker processes for `stage`, started here (by fork where that is safe, all of them: see worker_context;
+    or by `context`), before the caller opens a progress bar; under spawn more start as tasks wait.
 
     Not multiprocessing.Pool: it replaces a worker that dies (the out-of-memory killer's SIGKILL, say) and then
     waits forever for the task that worker held. Here a dead worker is one TinyGPTError at the next result, and
     on any error the tasks not yet started are dropped instead of finished."""
-    pool = ProcessPoolExecutor(processes, mp_context=worker_context(), initializer=initializer, initargs=initargs)
+    pool = ProcessPoolExecutor(processes, mp_context=context or worker_context(), initializer=initializer,
+                               initargs=initargs)
     try:
+        pool.submit(int).result()  # a first task starts the workers now, not at the caller's first task
         yield pool
     except BrokenProcessPool:
         raise TinyGPTError(f"a worker process of {stage} died before it finished (killed by the system, perhaps for "

@@ -13,6 +13,7 @@ weighted quantizers, and the `quantize.imatrix.*` keys llama-quantize adds follo
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 from concurrent.futures import as_completed
@@ -244,13 +245,15 @@ def _write_converted(i: int) -> int:
     return i
 
 
-def _can_fork(threads: int, n_converted: int) -> bool:
-    """Whether to convert in worker processes: worth it from two threads and two tensors, and only by fork (a
-    spawned worker would read the model again and could not share the output file's descriptor)."""
-    return threads >= 2 and n_converted >= 2 and worker_context().get_start_method() == "fork"
+def _forking(threads: int, n_converted: int) -> multiprocessing.context.BaseContext | None:
+    """How to start the worker processes that convert: by fork, from two threads and two tensors; else None, no
+    workers (a spawned worker would read the model again and could not share the output file's descriptor)."""
+    context = worker_context()
+    return context if threads >= 2 and n_converted >= 2 and context.get_start_method() == "fork" else None
 
 
-def _write_by_workers(path: Path, job: _Job, converting: list[int], threads: int, desc: str) -> None:
+def _write_by_workers(path: Path, job: _Job, converting: list[int], threads: int, desc: str,
+                      context: multiprocessing.context.BaseContext) -> None:
     """Write the quantized file with forked worker processes converting whole tensors, each on one thread, and
     writing them straight at their offsets; the biggest tensors first, so no big one is left for last.
 
@@ -265,8 +268,8 @@ def _write_by_workers(path: Path, job: _Job, converting: list[int], threads: int
         f.truncate(job.layout.end)
         f.flush()
         job = replace(job, fd=f.fileno())
-        with worker_pool(min(threads, len(order)), _init_worker, (job,), "quantize") as pool:
-            converted = [pool.submit(_write_converted, i) for i in order]  # the workers start at the first submit
+        with worker_pool(min(threads, len(order)), _init_worker, (job,), "quantize", context) as pool:
+            converted = [pool.submit(_write_converted, i) for i in order]
             bar = progress(total=len(job.infos), desc=desc, unit="tensor")  # after the fork: see worker_context
             for i in copied:  # meanwhile, as stored
                 name = job.infos[i].name
@@ -323,9 +326,9 @@ def quantize_gguf(input_path: str | os.PathLike, out_path: str | os.PathLike, fi
     converting = [i for i, info in enumerate(infos) if plan[info.name] != by_name[info.name].type]
     desc = f"quantize {file_type}"
     with atomic_path(out_path) as tmp:
-        if _can_fork(threads, len(converting)):
+        if forking := _forking(threads, len(converting)):
             job = _Job(by_name, infos, plan, importance, gguf_layout(metadata, tensors), fd=-1)
-            _write_by_workers(tmp, job, converting, threads, desc)
+            _write_by_workers(tmp, job, converting, threads, desc, forking)
         else:
             bar = progress(total=len(infos), desc=desc, unit="tensor")
 

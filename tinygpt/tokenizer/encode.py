@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from tinygpt.common import (TinyGPTError, atomic_folder, capped_threads, progress, require_file, run_cli, sha256_file,
-                            worker_context)
+                            worker_context, worker_pool)
 from tinygpt.tokenizer.bpe import EOT, Tokenizer
 from tinygpt.tokenizer.pieces import PIECE_BYTES, Piece, iter_pieces, safe_point_pattern, safe_points
 
@@ -254,17 +254,16 @@ def _batch_encoder(tokenizer: Tokenizer, threads: int) -> Iterator[Callable[[Ite
         yield lambda batches: map(_encode_batch, batches)
         return
     tokenizer.prepare_encoding()  # once, here: forked workers inherit it
-    context = worker_context()
-    shared = tokenizer if context.get_start_method() == "fork" else tokenizer.to_json_str()
-    with context.Pool(threads, _init_worker, (shared,)) as pool:
+    shared = tokenizer if worker_context().get_start_method() == "fork" else tokenizer.to_json_str()
+    with worker_pool(threads, _init_worker, (shared,), "encode") as pool:
         def encoded(batches: Iterator[list]) -> Iterator[EncodedBatch]:
             in_flight: deque = deque()
             for batch in batches:
-                in_flight.append(pool.apply_async(_encode_batch, (batch,)))
+                in_flight.append(pool.submit(_encode_batch, batch))
                 if len(in_flight) >= 2 * threads:
-                    yield in_flight.popleft().get()
+                    yield in_flight.popleft().result()
             while in_flight:
-                yield in_flight.popleft().get()
+                yield in_flight.popleft().result()
 
         yield encoded
 
