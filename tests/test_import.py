@@ -201,6 +201,29 @@ def test_q4_k_m_is_byte_identical_to_llama_quantize(family):
     assert (tmp / "ours-q4_k_m.gguf").read_bytes() == (tmp / "llama-q4_k_m.gguf").read_bytes()
 
 
+def test_imatrix_quantization_is_byte_identical_to_llama_quantize(family):
+    """With our importance matrix of the family's f16 file, the weighted K-quant and legacy paths write what
+    `llama-quantize --imatrix` writes (qwen2's biases and llama3's rope_freqs pass through unweighted)."""
+    from tinygpt.export.calibrate import main as imatrix_main
+    from tinygpt.export.quantize import quantize_gguf
+
+    tool = llama_tool("llama-quantize")
+    src, tmp = family["gguf"]["f16"], family["tmp"]
+    (tmp / "calibration.txt").write_text(" ".join(corpus(4)), encoding="utf-8")
+    imatrix = str(tmp / "imatrix.gguf")  # recorded in the file as given, by both
+    imatrix_main(["--gguf", str(src), "--text", str(tmp / "calibration.txt"), "--out", imatrix, "--ctx", "32"])
+    for file_type in ("q4_k_m", "q4_0"):
+        ours, theirs = tmp / f"ours-imatrix-{file_type}.gguf", tmp / f"llama-imatrix-{file_type}.gguf"
+        quantize_gguf(src, ours, file_type, threads=1, imatrix=imatrix)
+        subprocess.run([str(tool), "--imatrix", imatrix, str(src), str(theirs), file_type.upper(), "1"], check=True,
+                       capture_output=True)
+        assert ours.read_bytes() == theirs.read_bytes(), file_type
+        plain = tmp / f"ours-plain-{file_type}.gguf"
+        quantize_gguf(src, plain, file_type, threads=1)
+        weighted = {t.name: bytes(t.data) for t in gguf.GGUFReader(ours).tensors}
+        assert any(bytes(t.data) != weighted[t.name] for t in gguf.GGUFReader(plain).tensors), "the matrix was used"
+
+
 def test_a_llama3_scaling_of_other_settings_reads_back_from_its_rope_freqs(tmp_path):
     """llama.cpp keeps only the divisors (rope_freqs.weight): settings other than Llama 3's own are fitted back."""
     from builders import random_gpt
