@@ -55,8 +55,8 @@ def test_killed_cuda_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path,
     assert difference == 0.0, f"resumed weights differ by up to {difference:.3g}"
     assert [m["step"] for m in metrics(run_dir)] == [m["step"] for m in metrics(whole_run)]
     scaler = load_checkpoint(run_dir / "last.pt")["scaler"]
-    if amp == "fp16":  # the scaler ran: its scale moved off the initial 65536 as steps overflowed or grew it
-        assert 0 < scaler["scale"] < float("inf") and scaler["_growth_tracker"] >= 0
+    if amp == "fp16":  # the scaler's state is in last.pt (the equal weights above say it was restored)
+        assert 0 < scaler["scale"] < float("inf")
     assert json.loads((run_dir / "config.json").read_text())["amp_chosen"] == amp
 
 
