@@ -331,9 +331,7 @@ def test_workers_never_fork_beside_a_thread_nor_exceed_the_usable_cpus(tmp_path,
 def test_a_worker_that_dies_is_one_clear_error_and_leaves_no_outputs(tmp_path, tokenizer_path, monkeypatch):
     """A worker killed mid-batch (as the out-of-memory killer would) stops the stage with one message, where
     multiprocessing.Pool would wait forever for its batch; nothing is written."""
-    import tinygpt.common as common
-
-    monkeypatch.setattr(common, "worker_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(encode_module, "worker_context", lambda: multiprocessing.get_context("fork"))
     monkeypatch.setattr(encode_module, "BATCH_BYTES", 300)
     caller, encode_pieces = os.getpid(), encode_module._encode_pieces
 

@@ -8,7 +8,6 @@ imported from a Hugging Face folder. Skipped where torch sees no CUDA device (CI
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 
 from builders import killed_and_resumed, tiny_tokenizer
 from test_train import metrics, run_dirs, write_token_dir
-from tinygpt.data.stories.generator import story
 from tinygpt.model.checkpoint import load_checkpoint, load_model
 from tinygpt.model.train import main
 
@@ -82,14 +80,8 @@ def test_lora_on_a_hugging_face_model_trains_on_the_gpu_and_exports_its_logits(t
     from tinygpt.export.hf import export_hf
 
     folder = save_folder(hf_model("qwen2"), tmp_path / "hf")
-    data = tmp_path / "tokens"  # stories in the model's own tokenizer
-    data.mkdir()
     tokenizer = tiny_tokenizer()
-    tokenizer.save(data / "tokenizer.json")
-    ids = np.array([i for k in range(120) for i in tokenizer.encode(story(random.Random(k)) + "\n")], np.uint16)
-    ids[: len(ids) * 9 // 10].tofile(data / "train.bin")
-    ids[len(ids) * 9 // 10:].tofile(data / "val.bin")
-    (data / "meta.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size, "dtype": "uint16"}))
+    data = write_token_dir(tmp_path / "tokens", tokenizer=tokenizer)  # stories in the model's own tokenizer
 
     main(args(data, tmp_path, "--init_from", str(folder), "--lora_rank", "4", "--lora_alpha", "8", "--lr", "1e-2",
               "--warmup_steps", "2", "--max_steps", "12", "--eval_interval", "6", "--amp", "bf16", "--block_size", "32"))

@@ -26,16 +26,19 @@ from tinygpt.data.stories.generator import story
 from tinygpt.model.hardware import autocast_dtype
 from tinygpt.model.optim import configure_optimizers, cosine_lr
 from tinygpt.model.train import main
+from tinygpt.tokenizer.bpe import Tokenizer
 from tinygpt.tokenizer.train_bpe import train_bpe
 
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16"]
 
 
-def write_token_dir(path: Path, n_stories: int = 120, vocab_size: int = 320) -> Path:
-    """A tiny encoded data folder in the encode stage's format: tokenizer.json, train.bin, val.bin, meta.json."""
+def write_token_dir(path: Path, n_stories: int = 120, vocab_size: int = 320,
+                    tokenizer: Tokenizer | None = None) -> Path:
+    """A tiny encoded data folder in the encode stage's format: tokenizer.json, train.bin, val.bin, meta.json; the
+    stories in `tokenizer`, or in one of `vocab_size` learned from them."""
     path.mkdir(parents=True, exist_ok=True)
     docs = [story(random.Random(i)) for i in range(n_stories)]
-    tokenizer = train_bpe(docs, vocab_size, show_progress=False)
+    tokenizer = tokenizer or train_bpe(docs, vocab_size, show_progress=False)
     tokenizer.save(path / "tokenizer.json")
     ids = np.array([i for doc in docs for i in tokenizer.encode(doc + "\n<|endoftext|>\n")], dtype=np.uint16)
     split = int(0.9 * len(ids))

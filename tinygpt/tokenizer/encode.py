@@ -254,8 +254,9 @@ def _batch_encoder(tokenizer: Tokenizer, threads: int) -> Iterator[Callable[[Ite
         yield lambda batches: map(_encode_batch, batches)
         return
     tokenizer.prepare_encoding()  # once, here: forked workers inherit it
-    shared = tokenizer if worker_context().get_start_method() == "fork" else tokenizer.to_json_str()
-    with worker_pool(threads, _init_worker, (shared,), "encode") as pool:
+    context = worker_context()  # one decision: what the workers get depends on how they start
+    shared = tokenizer if context.get_start_method() == "fork" else tokenizer.to_json_str()
+    with worker_pool(threads, _init_worker, (shared,), "encode", context) as pool:
         def encoded(batches: Iterator[list]) -> Iterator[EncodedBatch]:
             in_flight: deque = deque()
             for batch in batches:
