@@ -5,9 +5,11 @@
 
 The corpus: the .py files of this Python's site-packages (sorted paths, files under 2 MB), concatenated until
 --mb megabytes; the next tenth of that size is held out to measure compression. Each stage runs as its own child
-process (`python -m tinygpt <stage>`); its time is wall-clock and its memory is the peak, sampled every 20 ms, of
-the proportional set size (PSS: shared pages split among the processes sharing them) summed over the child and
-all its worker processes, so forked workers count once. Peers, in the same kind of child process:
+process (`python -m tinygpt <stage>`), twice: once timed (wall-clock), and once sampled for memory: the peak,
+read every 20 ms, of the proportional set size (PSS: shared pages split among the processes sharing them) summed
+over the child and all its worker processes, so forked workers count once. (Sampling costs this script about a
+quarter of a core; in the timed run it would slow whoever keeps both cores busy, and not a one-thread peer.)
+Peers, in the same kind of child process:
   train_bpe  Hugging Face tokenizers' BpeTrainer, same vocab_size, same GPT-2 split regex + ByteLevel, the same
              number of threads (RAYON_NUM_THREADS), fed the same documents in <= 1 MB pieces cut where the regex
              splits anyway (so it counts exactly our chunks; fed whole 100 MB documents it needs over 10 GB).
@@ -18,7 +20,8 @@ all its worker processes, so forked workers count once. Peers, in the same kind 
              ids (128,256: Llama 3's size) that Hugging Face's BpeTrainer learns from the corpus (quicker than ours
              at that size), in a foreign id order like the families', written as each family's tokenizer.json (its
              normalizer, pre-tokenizer regex, special tokens, BOS, ignore_merges), beside tiktoken built on the same
-             ranks (ids, which follow the merge order) with the family's regex. The two run alternately, --repeats times each; the best time of each is shown.
+             ranks (ids, which follow the merge order) with the family's regex. The two run alternately, --repeats
+             times each; the best time of each is shown.
              tiktoken has no Digits step nor NFC: for SmolLM it gets one regex that isolates digits (so a few
              whitespace pieces before digits differ), for Qwen2 the text is taken as it is (the sources are NFC).
 The last lines extrapolate time and memory linearly from the two largest sizes to a 2 GB corpus, against 8 GB RAM.
@@ -101,27 +104,49 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, str, float]:
-    """Run a command; return (seconds, peak PSS of its process tree in MB, stdout, CPU seconds of the tree)."""
+def _run(args: list[str], env: dict | None, sample: bool) -> tuple[float, float, str, float]:
     cpu_before = _cpu_seconds()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TINYGPT_NO_PROGRESS": "1", **(env or {})})
     peak = [0]
 
-    def sample() -> None:
+    def sample_memory() -> None:
         while proc.poll() is None:
             peak[0] = max(peak[0], sum(_pss_kb(p) for p in _tree(proc.pid)))
             time.sleep(0.02)
 
     start = time.perf_counter()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    if sample:
+        sampler.start()
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
-    sampler.join()
+    if sample:
+        sampler.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(args)} failed:\n{err[-3000:]}")
     return seconds, peak[0] / 1000, out, _cpu_seconds() - cpu_before
+
+
+def run_timed(args: list[str], env: dict | None = None) -> tuple[float, str, float]:
+    """Run a command; return (seconds, stdout, CPU seconds of its process tree)."""
+    seconds, _, out, cpu = _run(args, env, sample=False)
+    return seconds, out, cpu
+
+
+def peak_memory(args: list[str], env: dict | None = None) -> float:
+    """Run a command again, sampling its memory: the peak PSS of its process tree in MB.
+
+    Reading smaps_rollup every 20 ms costs this process about a quarter of a core, which on two cores would slow a
+    command that keeps both busy (ours, HF's trainer) and not one that uses a single thread (tiktoken): so the
+    time is never taken from a sampled run."""
+    return _run(args, env, sample=True)[1]
+
+
+def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, str, float]:
+    """Run a command twice: timed, then sampled; return (seconds, peak PSS in MB, stdout, CPU seconds)."""
+    seconds, out, cpu = run_timed(args, env)
+    return seconds, peak_memory(args, env), out, cpu
 
 
 # ---- the peers (run as child processes of this script: `--peer hf|tiktoken`) ----------------------------------
@@ -217,16 +242,19 @@ def run_families(clean: Path, work: Path, args) -> dict:
     for family in args.families:
         tok = work / f"{family}.json"
         family_json(big, family, tok)
+        ours_cmd = py + ["encode", "--corpus", str(clean), "--tokenizer", str(tok), "--out_dir",
+                         str(work / f"{family}_tokens")] + threads
+        peer_cmd = me + ["--peer", "tiktoken", "--family", family, "--corpus", str(clean), "--tokenizer", str(tok)]
         ours, peer = [], []
         for _ in range(args.repeats):
-            ours.append(run_measured(py + ["encode", "--corpus", str(clean), "--tokenizer", str(tok), "--out_dir",
-                                           str(work / f"{family}_tokens")] + threads))
-            peer.append(run_measured(me + ["--peer", "tiktoken", "--family", family, "--corpus", str(clean),
-                                           "--tokenizer", str(tok)]))
+            ours.append(run_timed(ours_cmd))
+            peer.append(run_timed(peer_cmd))
+        (s, out, cpu), (ts, tt_out, tt_cpu) = min(ours), min(peer)
         meta = json.loads((work / f"{family}_tokens" / "meta.json").read_text())
-        tiktoken_tokens, n_documents = map(int, peer[0][2].split())
+        tiktoken_tokens, n_documents = map(int, tt_out.split())
         per_document = 2 if family == "llama3" else 1  # <|begin_of_text|> and the end-of-text token
-        results[family] = (min(ours), min(peer), tiktoken_tokens + per_document * n_documents,
+        results[family] = ((s, peak_memory(ours_cmd), out, cpu), (ts, peak_memory(peer_cmd), tt_out, tt_cpu),
+                           tiktoken_tokens + per_document * n_documents,
                            meta["tokens"]["train"] + meta["tokens"]["val"], meta["vocab_size"])
     return results
 
