@@ -30,6 +30,7 @@ import regex
 from tinygpt.common import EOT, TinyGPTError, atomic_open, require_file
 from tinygpt.tokenizer.chat import IM_END, IM_START
 from tinygpt.tokenizer.hf_json import parse_tokenizer_json
+from tinygpt.tokenizer.llama_runs import LlamaRuns, class_table
 from tinygpt.tokenizer.pipeline import (  # noqa: F401 - the byte map and GPT2_PATTERN are part of this API
     BYTE_TO_UNICODE, GPT2_PATTERN, UNICODE_TO_BYTE, Pipeline, Step, bmp_classes, bytes_to_token_string,
     token_string_to_bytes)
@@ -51,6 +52,9 @@ CACHE_SIZE = 100_000  # entries per generation of an encode cache (see _Cache), 
 # Unseen chunks in one text from which they go through BPE together (`_BatchMerge`): below it, one at a time is
 # quicker than the batch's fixed cost (a few dozen numpy calls a round).
 BATCH_MIN = 64
+# Characters from which a Llama 3 or Qwen2 text is split by numpy (`llama_runs`) rather than by `re`: below it,
+# the few dozen array operations cost more than the matches.
+RUNS_MIN = 4096
 
 
 @lru_cache(maxsize=None)
@@ -333,6 +337,10 @@ class Tokenizer:
         assert array(self._typecode).itemsize == self.dtype.itemsize
         self._chunk_cache = _Cache(self._encode_unseen)
         self._word_cache = _Cache(self._encode_words)  # for the space-split fast path
+        # Llama 3's and Qwen2's pieces of a long text come from numpy (see llama_runs), as UTF-8 bytes.
+        known_runs = 0 if pipeline.known is None else pipeline.known.runs
+        self._runs = LlamaRuns(known_runs) if known_runs else None
+        self._piece_cache = _Cache(self._encode_unseen_pieces)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, eot_id={self.eot_id})"
@@ -396,7 +404,9 @@ class Tokenizer:
         return array(self._typecode, ids).tobytes()
 
     def _encode_chunk(self, chunk: str) -> bytes:
-        data = chunk.encode("utf-8")
+        return self._encode_piece(chunk.encode("utf-8"))
+
+    def _encode_piece(self, data: bytes) -> bytes:
         if self.ignore_merges:  # a piece that is a token is that token, whatever the merges would make of it
             found = self._id_of_bytes.get(data)
             if found is not None:
@@ -416,12 +426,17 @@ class Tokenizer:
         """Build what encoding builds on first use (call before forking workers, so they share it)."""
         prepare_pretokenizer()
         self._batch_merge
+        if self._runs is not None:
+            class_table()
 
     def _encode_unseen(self, chunks: list[str]) -> list[bytes]:
-        """The ids of chunks not in the cache: together through BPE (see _BatchMerge) if there are enough of them."""
-        if len(chunks) < BATCH_MIN or self._batch_merge is None:
-            return list(map(self._encode_chunk, chunks))
-        data = [chunk.encode("utf-8") for chunk in chunks]
+        return self._encode_unseen_pieces([chunk.encode("utf-8") for chunk in chunks])
+
+    def _encode_unseen_pieces(self, data: list[bytes]) -> list[bytes]:
+        """The ids of chunks (UTF-8) not in the cache: together through BPE (see _BatchMerge) if there are enough
+        of them."""
+        if len(data) < BATCH_MIN or self._batch_merge is None:
+            return list(map(self._encode_piece, data))
         if not self.ignore_merges:
             return self._batch_merge.merge(data, self.dtype)
         found = list(map(self._id_of_bytes.get, data))  # a piece that is a token is that token (see _encode_chunk)
@@ -431,6 +446,10 @@ class Tokenizer:
 
     def _encode_chunks(self, text: str) -> bytes:
         """The general path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
+        if self._runs is not None and len(text) >= RUNS_MIN:
+            pieces = self._runs(text)
+            if pieces is not None:
+                return self._piece_cache.join(pieces)
         return self._chunk_cache.join(self._pretokenize(text))
 
     def _encode_normalized(self, text: str) -> bytes:
