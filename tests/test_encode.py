@@ -224,7 +224,7 @@ def test_long_documents_stream_in_pieces_with_identical_ids(tmp_path, tokenizer_
     real = encode_module._encode_batch
     monkeypatch.setattr(encode_module, "_encode_batch", lambda batch: seen.extend(batch) or real(batch))
     meta = encode_corpus(corpus, tokenizer_path, tmp_path / "out", 0.2, threads=1)
-    assert max(len(data) for data, *_ in seen) <= 50 * 2 and len(seen) > 5 * len(docs)
+    assert max(length for _, length, *_ in seen) <= 50 * 2 and len(seen) > 5 * len(docs)
     train, val = read_split(tmp_path / "out", "train", meta), read_split(tmp_path / "out", "val", meta)
     assert train.tolist() + val.tolist() == expected_ids(tok, docs)
 

@@ -31,7 +31,7 @@ import os
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -190,18 +190,25 @@ class EncodedBatch(NamedTuple):
 
 
 _tokenizer: Tokenizer | None = None  # one per worker process, loaded once by _init_worker
+_corpus: BinaryIO | None = None  # the worker's own handle on the corpus: it reads its pieces itself
 
 
-def _init_worker(tokenizer: Tokenizer | str) -> None:
+def _init_worker(tokenizer: Tokenizer | str, corpus: str) -> None:
     """The worker's tokenizer: the parent's object, inherited by fork (parsing a 128k vocabulary's JSON again
-    in every worker costs seconds), or under spawn its JSON."""
-    global _tokenizer
+    in every worker costs seconds), or under spawn its JSON; and the corpus, opened for reading.
+
+    The parent sends where each piece is, not its bytes: sending them through the pool's pipe cost the parent as
+    much CPU time again as reading the corpus, on cores the workers need."""
+    global _tokenizer, _corpus
     _tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_json_str(tokenizer)
+    if _corpus is not None:
+        _corpus.close()
+    _corpus = open(corpus, "rb")
 
 
-def _encode_batch(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
-    """Encode (text, ends its document, is validation, starts its document) pieces in order into the two splits'
-    tokens."""
+def _encode_batch(batch: list[tuple[int, int, bool, bool, bool]]) -> EncodedBatch:
+    """Encode (file offset, length, ends its document, is validation, starts its document) pieces of the corpus
+    in order into the two splits' tokens."""
     # Encoding makes no reference cycles, but its allocations would start collections that walk every list in
     # the tokenizer's caches (hundreds of thousands): 10-20% of the time on varied text. Collections run again
     # between batches, so rarely.
@@ -214,13 +221,16 @@ def _encode_batch(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
             gc.enable()
 
 
-def _encode_pieces(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
+def _encode_pieces(batch: list[tuple[int, int, bool, bool, bool]]) -> EncodedBatch:
     tok = _tokenizer
     splits: tuple[list[bytes], list[bytes]] = ([], [])  # packed ids (Tokenizer.pack), joined once at the end
     bos = None if tok.bos_id is None else tok.pack((tok.bos_id,))
     eot = tok.pack((tok.eot_id,))
     n_bytes = 0
-    for data, ends_document, is_val, starts_document in batch:
+    for offset, length, ends_document, is_val, starts_document in batch:
+        data = os.pread(_corpus.fileno(), length, offset)
+        if len(data) != length:
+            raise TinyGPTError(f"{_corpus.name} became shorter while encode read it; run encode again")
         parts = splits[is_val]
         if starts_document and bos is not None:  # as the post-processor adds it (Llama 3)
             parts.append(bos)
@@ -232,10 +242,10 @@ def _encode_pieces(batch: list[tuple[bytes, bool, bool, bool]]) -> EncodedBatch:
     return EncodedBatch(*(np.frombuffer(b"".join(parts), tok.dtype) for parts in splits), n_bytes)
 
 
-def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes, bool, bool, bool]]]:
+def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[int, int, bool, bool, bool]]]:
     batch, size, starts = [], 0, True
     for piece, is_val in pieces:
-        batch.append((piece.data, piece.ends_document, is_val, starts))
+        batch.append((piece.offset, len(piece.data), piece.ends_document, is_val, starts))
         starts = piece.ends_document  # the next piece starts a document
         size += len(piece.data)
         if size >= BATCH_BYTES:
@@ -246,17 +256,24 @@ def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[bytes,
 
 
 @contextlib.contextmanager
-def _batch_encoder(tokenizer: Tokenizer, threads: int) -> Iterator[Callable[[Iterator[list]], Iterator[EncodedBatch]]]:
-    """A function that encodes batches in corpus order, with at most 2 * threads batches in flight (bounded
-    memory). Its worker processes start here, before the caller opens a progress bar (see `worker_context`)."""
+def _batch_encoder(tokenizer: Tokenizer, corpus: Path,
+                   threads: int) -> Iterator[Callable[[Iterator[list]], Iterator[EncodedBatch]]]:
+    """A function that encodes batches of `corpus` in corpus order, with at most 2 * threads batches in flight
+    (bounded memory). Its worker processes start here, before the caller opens a progress bar (see
+    `worker_context`)."""
+    global _corpus
     if threads <= 1:
-        _init_worker(tokenizer)
-        yield lambda batches: map(_encode_batch, batches)
+        _init_worker(tokenizer, str(corpus))
+        try:
+            yield lambda batches: map(_encode_batch, batches)
+        finally:
+            _corpus.close()
+            _corpus = None
         return
     tokenizer.prepare_encoding()  # once, here: forked workers inherit it
     context = worker_context()  # one decision: what the workers get depends on how they start
     shared = tokenizer if context.get_start_method() == "fork" else tokenizer.to_json_str()
-    with worker_pool(threads, _init_worker, (shared,), "encode", context) as pool:
+    with worker_pool(threads, _init_worker, (shared, str(corpus)), "encode", context) as pool:
         def encoded(batches: Iterator[list]) -> Iterator[EncodedBatch]:
             in_flight: deque = deque()
             for batch in batches:
@@ -297,7 +314,7 @@ def encode_corpus(corpus: str | os.PathLike, tokenizer_path: str | os.PathLike, 
                     n_docs[is_val] += 1
                 yield part, is_val
 
-    with _batch_encoder(tok, threads) as encode_batches, atomic_folder(out_dir) as out, \
+    with _batch_encoder(tok, corpus, threads) as encode_batches, atomic_folder(out_dir) as out, \
             progress(total=corpus.stat().st_size, desc="encode", unit="B", unit_scale=True) as bar:
         with open(corpus, "rb") as f, open(out / "train.bin", "wb") as train_f, open(out / "val.bin", "wb") as val_f:
             for encoded in encode_batches(_batches(assigned(f))):
