@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import multiprocessing
 import os
 import signal
@@ -229,6 +230,42 @@ def test_long_documents_stream_in_pieces_with_identical_ids(tmp_path, tokenizer_
     assert train.tolist() + val.tolist() == expected_ids(tok, docs)
 
 
+def test_a_batch_that_fits_its_slot_is_left_there(tmp_path, tokenizer_path, tok, monkeypatch):
+    """A worker leaves a batch's tokens (train, then val) in its shared slot; too many come back as arrays."""
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS[:3])
+    size = corpus.stat().st_size
+    batch = [(0, size // 2, False, False, True), (size // 2, size - size // 2, True, True, False)]  # (cut anywhere)
+    slots = mmap.mmap(-1, 2 * encode_module.SLOT_BYTES)
+    monkeypatch.setattr(encode_module, "_slots", None)
+    monkeypatch.setattr(encode_module, "_corpus", None)
+    encode_module._init_worker(tok, str(corpus), slots)
+    try:
+        piped = encode_module._encode_batch(batch)
+        in_slot = encode_module._encode_batch(batch, 1)
+        assert isinstance(piped, encode_module.EncodedBatch) and isinstance(in_slot, encode_module._InSlot)
+        assert (in_slot.slot, in_slot.n_train, in_slot.n_val, in_slot.n_bytes) == (1, len(piped.train),
+                                                                                  len(piped.val), size)
+        tokens = np.frombuffer(slots, tok.dtype, in_slot.n_train + in_slot.n_val, encode_module.SLOT_BYTES)
+        assert tokens.tolist() == piped.train.tolist() + piped.val.tolist()
+        monkeypatch.setattr(encode_module, "SLOT_BYTES", 2 * (len(piped.train) + len(piped.val)) - 1)
+        assert isinstance(encode_module._encode_batch(batch, 0), encode_module.EncodedBatch)
+    finally:
+        encode_module._corpus.close()
+
+
+def test_results_too_large_for_a_slot_come_through_the_pipe(tmp_path, tokenizer_path, monkeypatch):
+    """Forked workers leave a batch's tokens in shared memory where they fit, else send them; in order."""
+    monkeypatch.setattr(encode_module, "worker_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(encode_module, "BATCH_BYTES", 200)
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
+    encode_corpus(corpus, tokenizer_path, tmp_path / "single", 0.1, threads=1)
+    for slot_bytes in (1 << 20, 100):  # every batch fits; some do (a batch of 200 bytes: ~60 tokens of 2 bytes)
+        monkeypatch.setattr(encode_module, "SLOT_BYTES", slot_bytes)
+        encode_corpus(corpus, tokenizer_path, tmp_path / f"slots{slot_bytes}", 0.1, threads=2)
+        for name in ("train.bin", "val.bin"):
+            assert (tmp_path / "single" / name).read_bytes() == (tmp_path / f"slots{slot_bytes}" / name).read_bytes()
+
+
 def test_threads_and_reruns_give_identical_files(tmp_path, tokenizer_path):
     corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)
     for split in ("tail", "random"):
@@ -335,10 +372,10 @@ def test_a_worker_that_dies_is_one_clear_error_and_leaves_no_outputs(tmp_path, t
     monkeypatch.setattr(encode_module, "BATCH_BYTES", 300)
     caller, encode_pieces = os.getpid(), encode_module._encode_pieces
 
-    def killed_in_a_worker(batch):
+    def killed_in_a_worker(batch, slot):
         if os.getpid() != caller:
             os.kill(os.getpid(), signal.SIGKILL)
-        return encode_pieces(batch)
+        return encode_pieces(batch, slot)
 
     monkeypatch.setattr(encode_module, "_encode_pieces", killed_in_a_worker)  # before the fork: inherited
     corpus = write_corpus(tmp_path / "corpus.txt", DOCUMENTS)

@@ -27,6 +27,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import mmap
 import os
 import sys
 from collections import deque
@@ -191,37 +192,49 @@ class EncodedBatch(NamedTuple):
 
 _tokenizer: Tokenizer | None = None  # one per worker process, loaded once by _init_worker
 _corpus: BinaryIO | None = None  # the worker's own handle on the corpus: it reads its pieces itself
+_slots: mmap.mmap | None = None  # forked workers: memory shared with the parent, where they leave their tokens
+SLOT_BYTES = 8 << 20  # a batch's tokens that fit in a slot go there (1 MB of text: ~1M tokens at most of 4 bytes)
 
 
-def _init_worker(tokenizer: Tokenizer | str, corpus: str) -> None:
+class _InSlot(NamedTuple):
+    """A batch's tokens left in shared slot `slot` (train first, then val), counted in tokens."""
+    slot: int
+    n_train: int
+    n_val: int
+    n_bytes: int
+
+
+def _init_worker(tokenizer: Tokenizer | str, corpus: str, slots: mmap.mmap | None = None) -> None:
     """The worker's tokenizer: the parent's object, inherited by fork (parsing a 128k vocabulary's JSON again
-    in every worker costs seconds), or under spawn its JSON; and the corpus, opened for reading.
+    in every worker costs seconds), or under spawn its JSON; the corpus, opened for reading; and under fork the
+    shared slots for its results.
 
-    The parent sends where each piece is, not its bytes: sending them through the pool's pipe cost the parent as
-    much CPU time again as reading the corpus, on cores the workers need."""
-    global _tokenizer, _corpus
+    The parent sends where each piece is, not its bytes, and reads the tokens from shared memory: sending both
+    through the pool's pipes cost the parent half a core-second per 100 MB, on cores the workers need."""
+    global _tokenizer, _corpus, _slots
+    _slots = slots
     _tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_json_str(tokenizer)
     if _corpus is not None:
         _corpus.close()
     _corpus = open(corpus, "rb")
 
 
-def _encode_batch(batch: list[tuple[int, int, bool, bool, bool]]) -> EncodedBatch:
+def _encode_batch(batch: list[tuple[int, int, bool, bool, bool]], slot: int | None = None) -> EncodedBatch | _InSlot:
     """Encode (file offset, length, ends its document, is validation, starts its document) pieces of the corpus
-    in order into the two splits' tokens."""
+    in order into the two splits' tokens; left in shared slot `slot` if given and they fit."""
     # Encoding makes no reference cycles, but its allocations would start collections that walk every list in
     # the tokenizer's caches (hundreds of thousands): 10-20% of the time on varied text. Collections run again
     # between batches, so rarely.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _encode_pieces(batch)
+        return _encode_pieces(batch, slot)
     finally:
         if collecting:
             gc.enable()
 
 
-def _encode_pieces(batch: list[tuple[int, int, bool, bool, bool]]) -> EncodedBatch:
+def _encode_pieces(batch: list[tuple[int, int, bool, bool, bool]], slot: int | None) -> EncodedBatch | _InSlot:
     tok = _tokenizer
     splits: tuple[list[bytes], list[bytes]] = ([], [])  # packed ids (Tokenizer.pack), joined once at the end
     bos = None if tok.bos_id is None else tok.pack((tok.bos_id,))
@@ -239,7 +252,13 @@ def _encode_pieces(batch: list[tuple[int, int, bool, bool, bool]]) -> EncodedBat
             parts.append(eot)
         n_bytes += len(data)
     assert tok.dtype == token_dtype(tok.vocab_size)
-    return EncodedBatch(*(np.frombuffer(b"".join(parts), tok.dtype) for parts in splits), n_bytes)
+    train, val = (b"".join(parts) for parts in splits)
+    if slot is not None and len(train) + len(val) <= SLOT_BYTES:
+        start = slot * SLOT_BYTES
+        _slots[start:start + len(train)] = train
+        _slots[start + len(train):start + len(train) + len(val)] = val
+        return _InSlot(slot, len(train) // tok.dtype.itemsize, len(val) // tok.dtype.itemsize, n_bytes)
+    return EncodedBatch(np.frombuffer(train, tok.dtype), np.frombuffer(val, tok.dtype), n_bytes)
 
 
 def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[list[tuple[int, int, bool, bool, bool]]]:
@@ -272,16 +291,34 @@ def _batch_encoder(tokenizer: Tokenizer, corpus: Path,
         return
     tokenizer.prepare_encoding()  # once, here: forked workers inherit it
     context = worker_context()  # one decision: what the workers get depends on how they start
-    shared = tokenizer if context.get_start_method() == "fork" else tokenizer.to_json_str()
-    with worker_pool(threads, _init_worker, (shared, str(corpus)), "encode", context) as pool:
+    forked = context.get_start_method() == "fork"
+    shared = tokenizer if forked else tokenizer.to_json_str()
+    in_flight_max = 2 * threads
+    # Anonymous shared memory is inherited by fork only; spawned workers send their tokens through the pipe.
+    slots = mmap.mmap(-1, in_flight_max * SLOT_BYTES) if forked else None
+    with worker_pool(threads, _init_worker, (shared, str(corpus), slots), "encode", context) as pool:
         def encoded(batches: Iterator[list]) -> Iterator[EncodedBatch]:
-            in_flight: deque = deque()
+            in_flight: deque = deque()  # (future, its slot or None)
+            free = list(range(in_flight_max)) if slots is not None else []
+
+            def finished() -> tuple[EncodedBatch, int | None]:
+                future, slot = in_flight.popleft()
+                result = future.result()
+                if isinstance(result, _InSlot):
+                    view = np.frombuffer(slots, tokenizer.dtype, result.n_train + result.n_val, slot * SLOT_BYTES)
+                    result = EncodedBatch(view[:result.n_train], view[result.n_train:], result.n_bytes)
+                return result, slot
+
             for batch in batches:
-                in_flight.append(pool.submit(_encode_batch, batch))
-                if len(in_flight) >= 2 * threads:
-                    yield in_flight.popleft().result()
+                slot = free.pop() if free else None
+                in_flight.append((pool.submit(_encode_batch, batch, slot), slot))
+                if len(in_flight) >= in_flight_max:
+                    result, slot = finished()
+                    yield result  # the caller has written it when it asks for the next: the slot is free again
+                    if slot is not None:
+                        free.append(slot)
             while in_flight:
-                yield in_flight.popleft().result()
+                yield finished()[0]
 
         yield encoded
 
