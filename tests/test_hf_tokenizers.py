@@ -13,9 +13,9 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 from tinygpt.common import TinyGPTError
-from tinygpt.tokenizer.bpe import RUNS_MIN, Tokenizer
-from tinygpt.tokenizer.llama_runs import LlamaRuns
-from tinygpt.tokenizer.pipeline import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, Splitter
+from tinygpt.tokenizer.bpe import RULES_MIN, Tokenizer
+from tinygpt.tokenizer.class_rules import ClassRules
+from tinygpt.tokenizer.pipeline import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, SMOLLM_PATTERN, Splitter
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import (AddedToken, Regex, decoders, models, normalizers, pre_tokenizers,  # noqa: E402
@@ -169,24 +169,24 @@ def test_re_translation_matches_regex_on_every_bmp_character(pattern):
         assert splitter.bmp.findall(text) == regex.findall(pattern, text)
 
 
-RUNS_FAMILIES = {"llama3": (LLAMA3_PATTERN, 3), "qwen2": (QWEN2_PATTERN, 1)}
+RULES_PATTERNS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
 
-RUNS_EDGES = [".\n \nx", ".\n\n  \n  y", "x.\n  z", "(a 'b\t(c", "it's 'S 'sa\u3000x ſ'ſ", "\n  \n", "1234567 x12",
+RULES_EDGES = ["x  1 \n 2\t's", ".\n \nx", ".\n\n  \n  y", "x.\n  z", "(a 'b\t(c", "it's 'S 'sa\u3000x ſ'ſ", "\n  \n", "1234567 x12",
               "a  \n", " \t", "x 'll 're'VE", "\r\n\t\x0b \x85y", "..\n\n", "a\n", "\u3000'd"]
 
 
-@pytest.mark.parametrize("name", sorted(RUNS_FAMILIES))
+@pytest.mark.parametrize("name", FAMILIES)
 @settings(max_examples=300, deadline=None)
-@given(text=tricky_text | assigned_text | st.lists(st.sampled_from(RUNS_EDGES), max_size=4).map("".join))
-@example(text="".join(RUNS_EDGES))
+@given(text=tricky_text | assigned_text | st.lists(st.sampled_from(RULES_EDGES), max_size=4).map("".join))
+@example(text="".join(RULES_EDGES))
 def test_numpy_pieces_equal_the_regex(name, text):
-    """llama_runs' rules give exactly the pieces of Llama 3's and Qwen2's regexes, as `regex` finds them."""
-    pattern, digits = RUNS_FAMILIES[name]
-    assert LlamaRuns(digits)(text) == [piece.encode() for piece in regex.findall(pattern, text)]
+    """class_rules gives exactly the pieces of each family's regex (SmolLM's: Digits and GPT-2's in one), as
+    `regex` finds them."""
+    assert ClassRules(name)(text) == [piece.encode() for piece in regex.findall(RULES_PATTERNS[name], text)]
 
 
-def long_text(seed: int, size: int = 3 * RUNS_MIN) -> str:
+def long_text(seed: int, size: int = 3 * RULES_MIN) -> str:
     rng = np.random.default_rng(seed)
     plain = [p for p in PIECES + TRAINING_TEXT + HELD_OUT if not any(t in p for t in SPECIAL_TEXT)]  # one text
     parts = [str(p) for p in rng.choice(np.array(plain, dtype=object), size // 4)]
@@ -195,17 +195,15 @@ def long_text(seed: int, size: int = 3 * RUNS_MIN) -> str:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_long_texts_split_by_numpy_equal_hf(family, seed):
-    """Texts of RUNS_MIN characters and more take the numpy path (Llama 3, Qwen2), with its own cache of UTF-8
-    pieces; every family's ids still equal Hugging Face's, on a text that holds every marker byte too."""
+    """Texts of RULES_MIN characters and more take the numpy path, with its own cache of UTF-8 pieces; the ids
+    still equal Hugging Face's, and on a text that holds every marker byte too (which `re` splits)."""
     name, hf, ours = family
     text = long_text(seed)
-    assert (ours._runs is not None) == (name in RUNS_FAMILIES)
     assert_same_ids(family, text)
-    if ours._runs is not None:
-        assert ours._piece_cache.current  # the numpy path encoded it
-        every_marker = text + "".join(map(chr, (*range(0, 9), *range(14, 32), 127)))
-        assert ours._runs(every_marker) is None  # no byte left to mark pieces with: `re` splits it
-        assert_same_ids(family, every_marker)
+    assert ours._piece_cache.current  # the numpy path encoded it
+    every_marker = text + "".join(map(chr, (*range(0, 9), *range(14, 32), 127)))
+    assert ours._rules(every_marker) is None
+    assert_same_ids(family, every_marker)
 
 
 def space_split_pieces(tok: Tokenizer, text: str) -> list[str]:

@@ -30,7 +30,7 @@ import regex
 from tinygpt.common import EOT, TinyGPTError, atomic_open, require_file
 from tinygpt.tokenizer.chat import IM_END, IM_START
 from tinygpt.tokenizer.hf_json import parse_tokenizer_json
-from tinygpt.tokenizer.llama_runs import LlamaRuns, class_table
+from tinygpt.tokenizer.class_rules import ClassRules, class_table
 from tinygpt.tokenizer.pipeline import (  # noqa: F401 - the byte map and GPT2_PATTERN are part of this API
     BYTE_TO_UNICODE, GPT2_PATTERN, UNICODE_TO_BYTE, Pipeline, Step, bmp_classes, bytes_to_token_string,
     token_string_to_bytes)
@@ -52,9 +52,9 @@ CACHE_SIZE = 100_000  # entries per generation of an encode cache (see _Cache), 
 # Unseen chunks in one text from which they go through BPE together (`_BatchMerge`): below it, one at a time is
 # quicker than the batch's fixed cost (a few dozen numpy calls a round).
 BATCH_MIN = 64
-# Characters from which a Llama 3 or Qwen2 text is split by numpy (`llama_runs`) rather than by `re`: below it,
-# the few dozen array operations cost more than the matches.
-RUNS_MIN = 4096
+# Characters from which a text is split by numpy rules (`class_rules`) rather than by `re`: below it, the few
+# dozen array operations cost more than the matches.
+RULES_MIN = 4096
 
 
 @lru_cache(maxsize=None)
@@ -337,9 +337,8 @@ class Tokenizer:
         assert array(self._typecode).itemsize == self.dtype.itemsize
         self._chunk_cache = _Cache(self._encode_unseen)
         self._word_cache = _Cache(self._encode_words)  # for the space-split fast path
-        # Llama 3's and Qwen2's pieces of a long text come from numpy (see llama_runs), as UTF-8 bytes.
-        known_runs = 0 if pipeline.known is None else pipeline.known.runs
-        self._runs = LlamaRuns(known_runs) if known_runs else None
+        # The pieces of a long text come from numpy rules (see class_rules), as UTF-8 bytes.
+        self._rules = ClassRules(pipeline.known.rules) if pipeline.known is not None else None
         self._piece_cache = _Cache(self._encode_unseen_pieces)
 
     def __repr__(self) -> str:
@@ -426,7 +425,7 @@ class Tokenizer:
         """Build what encoding builds on first use (call before forking workers, so they share it)."""
         prepare_pretokenizer()
         self._batch_merge
-        if self._runs is not None:
+        if self._rules is not None:
             class_table()
 
     def _encode_unseen(self, chunks: list[str]) -> list[bytes]:
@@ -446,8 +445,8 @@ class Tokenizer:
 
     def _encode_chunks(self, text: str) -> bytes:
         """The general path: pre-tokenize, then look each chunk up (unseen chunks go through BPE)."""
-        if self._runs is not None and len(text) >= RUNS_MIN:
-            pieces = self._runs(text)
+        if self._rules is not None and len(text) >= RULES_MIN:
+            pieces = self._rules(text)
             if pieces is not None:
                 return self._piece_cache.join(pieces)
         return self._chunk_cache.join(self._pretokenize(text))

@@ -64,20 +64,20 @@ class Known:
     space_split_breaker: str = r"\s (?:\s|\Z)"
     # One regex that gives the pieces of all the steps, when they are more than one (one pass instead of two).
     fused: str | None = None
-    # Llama 3's and Qwen2's regexes: the digits of a number piece (see llama_runs); 0: not such a regex.
-    runs: int = 0
+    # Its name in class_rules, which splits long texts by numpy rules equal to its regex.
+    rules: str = ""
 
 
 ASCII_SPACE_BYTES = rb"\t\n\x0b\x0c\r "
 GPT2_SAFE_BEFORE = rb"[^" + ASCII_SPACE_BYTES + rb"\x80-\xff]"  # any ASCII byte but whitespace
-_GPT2 = Known("gpt-2", False, GPT2_SAFE_BEFORE)
+_GPT2 = Known("gpt-2", False, GPT2_SAFE_BEFORE, rules="gpt2")
 _LLAMA_SAFE = rb"[A-Za-z0-9]"  # " ?[^\s\p{L}\p{N}]+[\r\n]*" keeps newlines after punctuation: cut after alnum only
 KNOWN: dict[tuple[str | None, tuple[Step, ...]], Known] = {
     (None, (Step("split", GPT2_PATTERN),)): _GPT2,
     (None, (Step("digits"), Step("split", GPT2_PATTERN))): Known("smollm", False, _GPT2.safe_before,
-                                                                 r"\s (?:[\s\p{N}]|\Z)", SMOLLM_PATTERN),
-    (None, (Step("split", LLAMA3_PATTERN),)): Known("llama-bpe", True, _LLAMA_SAFE, runs=3),
-    ("NFC", (Step("split", QWEN2_PATTERN),)): Known("qwen2", False, _LLAMA_SAFE, runs=1),
+                                                                 r"\s (?:[\s\p{N}]|\Z)", SMOLLM_PATTERN, "smollm"),
+    (None, (Step("split", LLAMA3_PATTERN),)): Known("llama-bpe", True, _LLAMA_SAFE, rules="llama3"),
+    ("NFC", (Step("split", QWEN2_PATTERN),)): Known("qwen2", False, _LLAMA_SAFE, rules="qwen2"),
 }
 
 
